@@ -1,0 +1,161 @@
+"""The Python API: ``compress.apply(model, recipe)`` and the recipe runner behind ``compress apply``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from compress.calibration.data import CalibrationSet, calibration_set, pack
+from compress.calibration.engine import BlockWork, StepWork, run_stage
+from compress.errors import UsageError
+from compress.formats import CompressedLinear
+from compress.hf import CompressQuantizationConfig
+from compress.methods import Needs
+from compress.model import find_blocks, load_model, load_tokenizer, meta_model, resolve_device
+from compress.plan import Plan, PlannedStep, plan
+from compress.recipe import Recipe, read_recipe_file, validate_recipe
+
+log = logging.getLogger(__name__)
+
+RecipeLike = str | Path | dict | Recipe | Sequence[dict]
+CalibLike = CalibrationSet | str | Sequence[str] | torch.Tensor | None
+
+
+def recipe_dict(recipe: RecipeLike) -> tuple[dict, str]:
+    """A recipe given as a file path, a dict, a Recipe or a list of steps, as (dict, source name)."""
+    if isinstance(recipe, (str, Path)):
+        return read_recipe_file(recipe), str(recipe)
+    if isinstance(recipe, Recipe):
+        return recipe.to_dict(), "recipe"
+    if isinstance(recipe, dict):
+        return dict(recipe), "recipe"
+    if isinstance(recipe, Sequence):
+        return {"steps": list(recipe)}, "steps"
+    raise TypeError(f"recipe must be a path, a dict, a Recipe or a list of step dicts, got {type(recipe).__name__}")
+
+
+def _calibration(plan_: Plan, calib: CalibLike, tokenizer) -> CalibrationSet | None:
+    if not plan_.needs_calibration():
+        return None
+    if isinstance(calib, CalibrationSet):
+        return calib
+    if isinstance(calib, torch.Tensor):
+        return CalibrationSet(calib.long(), "tensor")
+    spec = plan_.recipe.calibration
+    samples, seed = (spec.samples, spec.seed) if spec else (128, 0)
+    seq_len = plan_.seq_len or 2048
+    if tokenizer is None:
+        raise UsageError("calibration text needs a tokenizer: pass tokenizer=... (or token ids as calib)")
+    if isinstance(calib, str):
+        return calibration_set(tokenizer, calib, samples, seq_len, seed)
+    if isinstance(calib, Sequence):
+        return pack(list(calib), tokenizer, samples, seq_len, seed, source="given texts")
+    assert spec is not None  # validate_recipe guarantees a calibration section when calib is None
+    return calibration_set(tokenizer, spec.dataset, spec.samples, seq_len, spec.seed, spec.config, spec.split,
+                           spec.column)
+
+
+def _step_runner(step: PlannedStep):
+    def run(work: BlockWork) -> None:
+        step.method.compress_block(work, step.config)
+        if step.method.quantizes(step.config):
+            for layer in work.targets.values():
+                if isinstance(layer, CompressedLinear):
+                    layer.written_by = {"method": step.method.name, "method_version": step.method.version}
+
+    return run
+
+
+def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device: torch.device) -> None:
+    """Run every stage of a checked plan on ``model`` (in place)."""
+    batch_size = plan_.recipe.calibration.batch_size if plan_.recipe.calibration else 8
+    for stage in plan_.stages:
+        if stage and stage[0].method.needs == Needs.TRAINING:
+            stage[0].method.train(model, stage[0].config, calib, str(device))
+            continue
+        works = [StepWork(s.method.name, _step_runner(s), s.layers, s.method.needs == Needs.CALIBRATION) for s in stage]
+        run_stage(model, find_blocks(model), works, calib, device, batch_size)
+    _record_steps(model, plan_)
+
+
+def _record_steps(model: nn.Module, plan_: Plan) -> None:
+    from compress import __version__
+
+    previous = getattr(model.config, "quantization_config", None)
+    steps = list(previous.steps) if isinstance(previous, CompressQuantizationConfig) else []
+    steps += [{"method": s.method.name, "method_version": s.method.version, "args": s.config.to_dict(),
+               "layers": len(s.layers)} for stage in plan_.stages for s in stage]
+    model.config.quantization_config = CompressQuantizationConfig({}, steps, plan_.recipe.to_dict(), __version__)
+
+
+def apply(model: nn.Module, recipe: RecipeLike, calib: CalibLike = None, tokenizer=None,
+          device: str | None = None) -> nn.Module:
+    """Compress ``model`` in place following ``recipe`` and return it.
+
+    Args:
+        model: a transformers causal LM (on the CPU or a GPU).
+        recipe: a recipe file path, a recipe dict, or a list of steps such as
+            ``[{"method": "rtn", "args": {"bits": 4, "group_size": 128}}]``.
+        calib: calibration data for methods that need it: a CalibrationSet, token ids [N, L], a data file
+            or datasets id, or a list of texts. Defaults to the recipe's calibration section.
+        tokenizer: needed when ``calib`` is text.
+        device: where blocks are compressed (default: the recipe's, else CUDA when available).
+
+    The recipe is checked completely (against the model too) before any weight changes.
+    """
+    data, source = recipe_dict(recipe)
+    parsed, stages = validate_recipe(data, source, model_given=True, calib_given=calib is not None)
+    plan_ = plan(parsed, stages, model, source)
+    calib_set = _calibration(plan_, calib, tokenizer)
+    execute(model, plan_, calib_set, torch.device(resolve_device(device or parsed.model.device)))
+    return model
+
+
+@dataclass(frozen=True)
+class CheckedRecipe:
+    """A recipe file checked in all four passes, ready to run (what ``compress validate`` shows)."""
+
+    recipe: Recipe
+    plan: Plan
+    source: str
+    data: dict[str, Any]
+
+
+def check_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> CheckedRecipe:
+    """Read ``path``, apply command-line overrides, and run all four checks (the model on the meta device)."""
+    data = read_recipe_file(path)
+    for key, value in (overrides or {}).items():
+        section, _, field = key.partition(".")
+        if field:
+            if not isinstance(data.get(section), dict):
+                data[section] = {}
+            data[section][field] = value
+        else:
+            data[section] = value
+    parsed, stages = validate_recipe(data, str(path))
+    spec = parsed.model
+    meta = meta_model(spec.path, spec.revision, spec.trust_remote_code)
+    return CheckedRecipe(parsed, plan(parsed, stages, meta, str(path)), str(path), data)
+
+
+def run_checked(checked: CheckedRecipe) -> tuple[nn.Module, Any]:
+    """Load the model of a checked recipe, compress it, and return (model, tokenizer)."""
+    spec = checked.recipe.model
+    try:
+        tokenizer = load_tokenizer(spec.path, spec.revision, spec.trust_remote_code)
+    except UsageError:
+        if checked.plan.needs_calibration():
+            raise
+        log.warning("no tokenizer found for %s; the checkpoint will have none", spec.path)
+        tokenizer = None
+    model = load_model(spec.path, spec.dtype, spec.init, spec.revision, spec.trust_remote_code)
+    model.eval()
+    calib = _calibration(checked.plan, None, tokenizer)
+    execute(model, checked.plan, calib, torch.device(resolve_device(spec.device)))
+    return model, tokenizer

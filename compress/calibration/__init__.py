@@ -1,0 +1,1 @@
+"""Calibration: reading and packing calibration text, and the layer-wise engine that walks decoder blocks."""

@@ -1,0 +1,160 @@
+"""Calibration data: text from a local file or a ``datasets`` dataset, tokenized and packed into N x L samples.
+
+Packing is deterministic for a given seed: documents are shuffled (a plain file is one document), joined
+with the tokenizer's EOS token, cut into consecutive windows of ``seq_len`` tokens, and ``samples`` windows
+are drawn without replacement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compress.errors import DataError
+from compress.model import is_local_reference
+
+log = logging.getLogger(__name__)
+
+FILE_KINDS = (".txt", ".jsonl", ".parquet")
+MAX_TEXT_BYTES = 256 * 2**20  # read at most this much of a plain text file
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """Token ids [samples, seq_len] and where they came from."""
+
+    input_ids: torch.Tensor
+    source: str
+
+    @property
+    def samples(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def batches(self, batch_size: int) -> list[torch.Tensor]:
+        return list(self.input_ids.split(batch_size))
+
+
+def check_source(dataset: str) -> str | None:
+    """A problem with a local data path (missing, unsupported kind), found without reading it; else None."""
+    if not is_local_reference(dataset):
+        return None
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        return f"data file not found: {path}"
+    if path.is_dir():
+        return f"{path} is a directory; give a .txt, .jsonl or .parquet file, or a datasets id"
+    if path.suffix not in FILE_KINDS:
+        return f"{path}: unsupported file kind {path.suffix!r}; use one of {', '.join(FILE_KINDS)}"
+    return None
+
+
+def read_documents(dataset: str, config: str | None = None, split: str = "train", column: str = "text") -> list[str]:
+    """The documents of a local .txt / .jsonl / .parquet file or of a ``datasets`` split."""
+    problem = check_source(dataset)
+    if problem:
+        raise DataError(problem)
+    if is_local_reference(dataset):
+        return _read_file(Path(dataset).expanduser(), column)
+    return _read_hub_dataset(dataset, config, split, column)
+
+
+def _read_file(path: Path, column: str) -> list[str]:
+    try:
+        if path.suffix == ".txt":
+            with open(path, "rb") as fh:
+                raw = fh.read(MAX_TEXT_BYTES)
+            return [raw.decode("utf-8")]
+        if path.suffix == ".jsonl":
+            docs = []
+            with open(path, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
+                    if not isinstance(row, dict) or column not in row:
+                        keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                        raise DataError(f"{path}:{lineno}: no field {column!r} (found: {keys}); set calibration.column")
+                    docs.append(str(row[column]))
+            return docs
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if column not in table.column_names:
+            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(table.column_names)}); set the column")
+        return [str(v) for v in table.column(column).to_pylist()]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); give a text file") from exc
+    except OSError as exc:
+        raise DataError(f"cannot read data file {path}: {exc.strerror or exc}") from exc
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow raises its own types for corrupt files
+        raise DataError(f"cannot read data file {path}: {exc}") from exc
+
+
+def _read_hub_dataset(name: str, config: str | None, split: str, column: str) -> list[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
+        raise DataError(
+            f"could not load dataset {name!r} (config {config!r}, split {split!r}): {exc}. This machine may be "
+            "offline: use a local .txt/.jsonl/.parquet file instead"
+        ) from exc
+    if column not in ds.column_names:
+        raise DataError(f"dataset {name!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+    return [str(t) for t in ds[column]]
+
+
+def _token_stream(docs: list[str], tokenizer, needed: int, seed: int) -> Iterator[list[int]]:
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    total = 0
+    for i in order:
+        if not docs[i]:
+            continue
+        ids = tokenizer(docs[i], add_special_tokens=False, verbose=False)["input_ids"]
+        if eos is not None and len(docs) > 1:
+            ids = ids + [eos]
+        yield ids
+        total += len(ids)
+        if total >= needed:
+            return
+
+
+def pack(docs: list[str], tokenizer, samples: int, seq_len: int, seed: int = 0, source: str = "") -> CalibrationSet:
+    """Tokenize ``docs`` and draw ``samples`` windows of ``seq_len`` tokens (deterministic for ``seed``)."""
+    needed = samples * seq_len * 4  # a pool four times the need, so windows come from across the data
+    stream = [t for ids in _token_stream(docs, tokenizer, needed, seed) for t in ids]
+    windows = len(stream) // seq_len
+    if windows < samples:
+        raise DataError(
+            f"calibration data {source or '(given)'} has {len(stream)} tokens: {windows} windows of {seq_len}, "
+            f"fewer than the {samples} samples asked for; lower samples or seq_len, or give more text"
+        )
+    ids = torch.tensor(stream[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(windows, generator=gen)[:samples]
+    log.info("calibration: %d x %d tokens from %s", samples, seq_len, source or "given text")
+    return CalibrationSet(ids[pick], source)
+
+
+def calibration_set(tokenizer, dataset: str, samples: int, seq_len: int, seed: int = 0,
+                    config: str | None = None, split: str = "train", column: str = "text") -> CalibrationSet:
+    """Read ``dataset`` (a file or a datasets id) and pack it."""
+    return pack(read_documents(dataset, config, split, column), tokenizer, samples, seq_len, seed, source=dataset)

@@ -1,0 +1,231 @@
+"""The layer-wise calibration engine shared by every method.
+
+One stage = one walk over the decoder blocks. The inputs of the first block are captured once (a forward
+pre-hook that stops the model there, so no tracing), then for each block: move it to the execution
+device, let each step of the stage compress its targets in that block (observing the block's inputs if
+it needs them), run the block again so the next block sees the *compressed* outputs, and move it back.
+Only the active block (and the small modules before the first block) sit on the execution device, so peak
+GPU memory is about one block plus its activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from compress.calibration.data import CalibrationSet
+from compress.model import Blocks
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end a forward pass at the first decoder block."""
+
+
+@dataclass
+class BlockInputs:
+    """The positional and keyword arguments one decoder block is called with, one entry per batch."""
+
+    calls: list[tuple[tuple, dict]]
+    hidden_key: int | str = 0  # where the hidden states are: a position in args or a keyword
+
+    def hidden(self, i: int) -> torch.Tensor:
+        args, kwargs = self.calls[i]
+        return args[self.hidden_key] if isinstance(self.hidden_key, int) else kwargs[self.hidden_key]
+
+    def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
+        """The same calls with new hidden states (the previous block's outputs)."""
+        calls = []
+        for (args, kwargs), h in zip(self.calls, hidden):
+            if isinstance(self.hidden_key, int):
+                args = args[: self.hidden_key] + (h,) + args[self.hidden_key + 1 :]
+            else:
+                kwargs = {**kwargs, self.hidden_key: h}
+            calls.append((args, kwargs))
+        return BlockInputs(calls, self.hidden_key)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.hidden(i).shape[0] * self.hidden(i).shape[1] for i in range(len(self.calls)))
+
+
+def block_output(out: object) -> torch.Tensor:
+    """The hidden states a decoder block returns (a tensor, or the first item of a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[index]
+
+
+@dataclass
+class BlockWork:
+    """One decoder block as a method sees it while compressing it."""
+
+    index: int
+    name: str  # qualified name of the block, "" for layers outside the decoder blocks
+    block: nn.Module
+    targets: dict[str, nn.Module]  # qualified name -> layer, for the step being applied
+    inputs: BlockInputs | None
+    device: torch.device
+    _groups: list[list[str]] | None = field(default=None, repr=False)
+
+    def local(self, qualified: str) -> str:
+        return qualified[len(self.name) + 1 :] if self.name else qualified
+
+    def replace(self, qualified: str, new: nn.Module) -> None:
+        """Swap the layer ``qualified`` for ``new`` inside the block (and in ``targets``)."""
+        parent_name, _, child = self.local(qualified).rpartition(".")
+        parent = self.block.get_submodule(parent_name) if parent_name else self.block
+        setattr(parent, child, new)
+        if qualified in self.targets:
+            self.targets[qualified] = new
+
+    @torch.no_grad()
+    def forward(self, limit: int | None = None) -> list[torch.Tensor]:
+        """Run the block on its calibration inputs (the first ``limit`` batches); the outputs per batch."""
+        if self.inputs is None:
+            raise RuntimeError("forward() needs calibration inputs; the method must declare Needs.CALIBRATION")
+        calls = self.inputs.calls if limit is None else self.inputs.calls[:limit]
+        return [block_output(self.block(*args, **kwargs)) for args, kwargs in calls]
+
+    @contextlib.contextmanager
+    def observe(self, layers: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+        """While active, ``fn(name, x)`` sees the input ``x`` of each listed layer on every call."""
+        handles = [
+            layer.register_forward_pre_hook(lambda _m, args, _n=name: fn(_n, args[0]))
+            for name, layer in layers.items()
+        ]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def linear_groups(self) -> list[list[str]]:
+        """The targets grouped by the tensor they read (q/k/v; o; gate/up; down), in execution order."""
+        if self._groups is None:
+            order: list[tuple[str, tuple]] = []
+
+            def record(name: str, x: torch.Tensor) -> None:
+                if all(n != name for n, _ in order):
+                    order.append((name, (x.data_ptr(), tuple(x.shape), x.stride())))
+
+            with self.observe(self.targets, record):
+                self.forward(limit=1)
+            groups: dict[tuple, list[str]] = {}
+            for name, key in order:
+                groups.setdefault(key, []).append(name)
+            missing = [n for n in self.targets if all(n != m for m, _ in order)]
+            self._groups = list(groups.values()) + [[n] for n in missing]
+        return [[n for n in g if n in self.targets] for g in self._groups]
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _stem_modules(model: nn.Module, blocks_list: nn.Module) -> list[nn.Module]:
+    """The children (recursively) that are not the decoder blocks nor contain them."""
+    stem = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if child is blocks_list:
+                continue
+            if any(m is blocks_list for m in child.modules()):
+                visit(child)
+            else:
+                stem.append(child)
+
+    visit(model)
+    return stem
+
+
+@contextlib.contextmanager
+def stem_on(model: nn.Module, blocks: Blocks, device: torch.device) -> Iterator[None]:
+    """Temporarily move everything except the decoder blocks to ``device``."""
+    blocks_list = model.get_submodule(blocks.prefix)
+    stem = _stem_modules(model, blocks_list)
+    homes = [_module_device(m) for m in stem]
+    for m in stem:
+        m.to(device)
+    try:
+        yield
+    finally:
+        for m, home in zip(stem, homes):
+            m.to(home)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: Blocks, calib: CalibrationSet, device: torch.device,
+                         batch_size: int) -> BlockInputs:
+    """Run the model on each calibration batch up to the first decoder block and keep its arguments."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((args, kwargs))
+        raise _StopForward
+
+    handle = blocks.modules[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with stem_on(model, blocks, device):
+            for batch in calib.batches(batch_size):
+                try:
+                    model(input_ids=batch.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        handle.remove()
+    args, kwargs = calls[0]
+    hidden_key: int | str = 0 if args else "hidden_states"
+    return BlockInputs(calls, hidden_key)
+
+
+@dataclass
+class StepWork:
+    """What the engine needs of one step: how to compress a block and which layers it targets."""
+
+    label: str
+    apply: Callable[[BlockWork], None]
+    targets: list[str]
+    needs_inputs: bool
+
+
+def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: CalibrationSet | None,
+              device: torch.device, batch_size: int = 8) -> None:
+    """Walk the decoder blocks once, applying ``steps`` in order to each block (see the module doc)."""
+    needs_inputs = any(s.needs_inputs for s in steps)
+    if needs_inputs and calib is None:
+        raise ValueError("a step needs calibration inputs but no calibration set was given")
+    inputs = capture_block_inputs(model, blocks, calib, device, batch_size) if needs_inputs else None
+    names = blocks.names()
+    in_blocks: set[str] = set()
+    last = len(blocks.modules) - 1
+    bar = tqdm(list(zip(names, blocks.modules)), desc=", ".join(s.label for s in steps), unit="block",
+               disable=None)
+    for i, (name, block) in enumerate(bar):
+        home = _module_device(block)
+        block.to(device)
+        prefix = name + "."
+        for step in steps:
+            hit = [t for t in step.targets if t.startswith(prefix)]
+            in_blocks.update(hit)
+            if hit:
+                work = BlockWork(i, name, block, {t: model.get_submodule(t) for t in hit}, inputs, device)
+                step.apply(work)
+        if inputs is not None and i < last:
+            work = BlockWork(i, name, block, {}, inputs, device)
+            inputs = inputs.with_hidden(work.forward())
+        block.to(home)
+    for step in steps:  # layers outside the decoder blocks (data-free methods only; checked beforehand)
+        rest = [t for t in step.targets if t not in in_blocks]
+        if rest:
+            step.apply(BlockWork(-1, "", model, {t: model.get_submodule(t) for t in rest}, None, device))

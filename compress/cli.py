@@ -1,0 +1,165 @@
+"""The ``compress`` command line. Library code logs; this module prints."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from compress.errors import CompressError
+
+log = logging.getLogger("compress")
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _friendly_errors(fn):
+    """Print CompressErrors as one clean block with their exit code; --debug keeps the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except CompressError as exc:
+            if ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+    return wrapper
+
+
+def _cwd_path(value: str | None) -> str | None:
+    """A command-line path made absolute against the working directory (Hub ids are left alone)."""
+    from compress.model import is_local_reference
+
+    if value is None or not is_local_reference(value):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors in the log.")
+@click.version_option(package_name="compress-llm")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
+    """Make Hugging Face language models smaller and faster.
+
+    \b
+    A recipe (YAML) lists compression steps; `compress apply` runs it and writes a checkpoint that
+    `compress.load(dir)` or transformers' `from_pretrained` (after `import compress`) loads.
+    Exit codes: 0 success, 1 a failure while running, 2 a problem with what was given.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    _setup_logging(-1 if quiet else verbose)
+
+
+@cli.command("plugins")
+@click.pass_context
+@_friendly_errors
+def plugins_cmd(ctx: click.Context) -> None:
+    """List the installed compression methods (built-in and third-party)."""
+    from compress.registry import registry
+
+    infos = registry.describe()
+    width = max((len(i.name) for i in infos), default=4)
+    for info in infos:
+        if info.error:
+            click.echo(f"{info.name:<{width}}  BROKEN  {info.distribution}: {info.error}")
+        else:
+            click.echo(f"{info.name:<{width}}  {info.needs:<11}  {info.summary}  [{info.distribution}]")
+
+
+def _recipe_options(fn):
+    fn = click.option("--calib", metavar="DATA", help="Calibration data (a .txt/.jsonl/.parquet file or a "
+                      "datasets id); overrides the recipe's calibration.dataset.")(fn)
+    fn = click.option("--model", "model", metavar="M", help="Model (Hub id or local directory); overrides "
+                      "the recipe's model.path.")(fn)
+    fn = click.argument("recipe", type=click.Path(dir_okay=False))(fn)
+    return fn
+
+
+def _overrides(model: str | None, calib: str | None, **extra: str | None) -> dict:
+    values = {"model.path": _cwd_path(model), "calibration.dataset": _cwd_path(calib), **extra}
+    return {k: v for k, v in values.items() if v is not None}
+
+
+@cli.command("validate")
+@_recipe_options
+@click.pass_context
+@_friendly_errors
+def validate_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str | None) -> None:
+    """Check RECIPE completely without loading weights: the file, each step's arguments, the steps
+    together, and the model's structure (on the meta device). Prints which layers each step compresses."""
+    from compress.api import check_recipe
+
+    checked = check_recipe(recipe, _overrides(model, calib))
+    click.echo(f"{recipe}: OK for {checked.recipe.model.path}")
+    click.echo(checked.plan.describe())
+
+
+@cli.command("apply")
+@_recipe_options
+@click.option("--output", "-o", metavar="DIR", help="Where to write the checkpoint (default: the recipe's "
+              "output, else ./compressed/<model>-<recipe>).")
+@click.option("--device", metavar="D", help="Execution device: auto, cpu, cuda, cuda:N (default: recipe's, else auto).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at the output.")
+@click.pass_context
+@_friendly_errors
+def apply_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str | None, output: str | None,
+              device: str | None, overwrite: bool) -> None:
+    """Compress a model with RECIPE and write the checkpoint.
+
+    \b
+    The recipe is checked completely before any weight is loaded. Writing is atomic: a failed or killed
+    run leaves nothing at the output. Running the same recipe again on the same model is a no-op.
+    """
+    from compress.api import check_recipe, run_checked
+    from compress.checkpoint import read_quantization_config, save
+    from compress.errors import UsageError
+    from compress.formats import storage_summary
+
+    checked = check_recipe(recipe, _overrides(model, calib, **{"output": _cwd_path(output), "model.device": device}))
+    target = Path(checked.recipe.output or _default_output(checked.recipe.model.path, recipe))
+    if target.exists() and not overwrite:
+        stored = read_quantization_config(target) if (target / "config.json").exists() else None
+        if stored is not None and stored.get("recipe") == checked.recipe.to_dict():
+            click.echo(f"{target} is up to date (same recipe and model); use --overwrite to redo it")
+            return
+        raise UsageError(f"output {target} already exists and was not made by this recipe; pass --overwrite "
+                         "to replace it, or choose another --output")
+    start = time.perf_counter()
+    compressed, tokenizer = run_checked(checked)
+    elapsed = time.perf_counter() - start
+    save(compressed, target, tokenizer, recipe=checked.recipe.to_dict(), overwrite=overwrite)
+    click.echo(f"compressed in {elapsed:.1f} s; wrote {target}")
+    click.echo(storage_summary(compressed))
+    if checked.recipe.eval is not None:
+        from compress.eval.runner import run_recipe_eval
+
+        click.echo(run_recipe_eval(checked.recipe, target))
+
+
+def _default_output(model_ref: str, recipe: str) -> str:
+    return str(Path("compressed") / f"{Path(model_ref).name}-{Path(recipe).stem}")
+
+
+def main() -> None:
+    cli(obj={})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""The ``int`` storage format: k-bit integer weights (2-8 bits) with per-tensor / per-channel / per-group
+scales, written by the int8, RTN, GPTQ and AWQ methods.
+
+Buffers (the checkpoint's tensors for this layer):
+
+* ``qweight``: codes packed along ``in`` (see :func:`compress.quant.pack`): uint8 [out, ceil(in/k)] with
+  k = 4 codes a byte for 2-bit, 2 for 3- and 4-bit, 1 otherwise; 8-bit symmetric stores signed int8
+  ``q - 128`` instead (absmax int8).
+* ``scales``: [rows, groups] in the model dtype (rows is 1 for per-tensor quantization).
+* ``zeros``: uint8 [rows, groups] zero points, asymmetric schemes only (symmetric ones use 2**(bits-1)).
+* ``bias``: as the original layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field
+
+from compress import quant
+from compress.formats import CompressedLinear, register_format
+from compress.linear import get_bias, get_weight
+from compress.methods import MethodConfig
+from compress.quant import IntScheme
+
+
+@register_format
+class IntLinear(CompressedLinear):
+    """A linear layer whose weight is stored as k-bit integer codes with scales (and zero points)."""
+
+    format = "int"
+
+    def __init__(self, in_features: int, out_features: int, scheme: IntScheme, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.int_scheme = scheme
+        rows = 1 if scheme.granularity == "tensor" else out_features
+        groups = scheme.groups_per_row(in_features)
+        if self.signed_storage:
+            qshape, qdtype = (out_features, in_features), torch.int8
+        else:
+            per = quant.codes_per_byte(scheme.bits)
+            qshape, qdtype = (out_features, -(-in_features // per)), torch.uint8
+        self.register_buffer("qweight", torch.empty(qshape, dtype=qdtype, device=device))
+        self.register_buffer("scales", torch.empty(rows, groups, dtype=dtype, device=device))
+        if scheme.symmetric:
+            self.zeros = None
+        else:
+            self.register_buffer("zeros", torch.empty(rows, groups, dtype=torch.uint8, device=device))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    @property
+    def signed_storage(self) -> bool:
+        return self.int_scheme.bits == 8 and self.int_scheme.symmetric
+
+    # -- building -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: IntScheme,
+                   bias: torch.Tensor | None, dtype: torch.dtype) -> IntLinear:
+        """Build from uint8 codes [out, in] and [rows, groups] scale / zero (zero ignored if symmetric)."""
+        out_f, in_f = codes.shape
+        layer = cls(in_f, out_f, scheme, bias is not None, dtype, device=codes.device)
+        if layer.signed_storage:
+            layer.qweight.copy_((codes.to(torch.int16) - scheme.sym_zero).to(torch.int8))
+        else:
+            layer.qweight.copy_(quant.pack(codes, scheme.bits))
+        layer.scales.copy_(scale.to(dtype))
+        if layer.zeros is not None:
+            layer.zeros.copy_(zero.to(torch.uint8))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(dtype))
+        return layer
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, scheme: IntScheme,
+                    dtype: torch.dtype, scale: torch.Tensor | None = None,
+                    zero: torch.Tensor | None = None) -> IntLinear:
+        """Round-to-nearest quantize a float [out, in] weight (min/max qparams unless given)."""
+        if scale is None or zero is None:
+            scale, zero = quant.qparams(weight, scheme, dtype)
+        codes = quant.quantize_weight(weight, scale, zero, scheme)
+        return cls.from_codes(codes, scale, zero, scheme, bias, dtype)
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, scheme: dict[str, Any],
+              dtype: torch.dtype, device: torch.device | str = "meta") -> IntLinear:
+        fields = {k: scheme[k] for k in ("bits", "symmetric", "granularity", "group_size", "restricted")}
+        return cls(in_features, out_features, IntScheme(**fields), bias, dtype, device)
+
+    def scheme(self) -> dict[str, Any]:
+        return {"format": self.format, **self.int_scheme.to_dict()}
+
+    # -- computing ------------------------------------------------------------------------------------
+
+    def codes(self) -> torch.Tensor:
+        """Unsigned codes [out, in] (uint8)."""
+        if self.signed_storage:
+            return (self.qweight.to(torch.int16) + self.int_scheme.sym_zero).to(torch.uint8)
+        return quant.unpack(self.qweight, self.int_scheme.bits, self.in_features)
+
+    def zero_points(self) -> torch.Tensor:
+        if self.zeros is not None:
+            return self.zeros.float()
+        return torch.full(self.scales.shape, float(self.int_scheme.sym_zero), device=self.scales.device)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return quant.dequantize_weight(self.codes(), self.scales, self.zero_points(), self.int_scheme,
+                                       dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        s = self.int_scheme
+        gran = f"group_size={s.group_size}" if s.granularity == "group" else s.granularity
+        kind = "symmetric" if s.symmetric else "asymmetric"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+                f"{gran}, {kind}, bias={self.bias is not None}")
+
+
+class IntWeightConfig(MethodConfig):
+    """The arguments every method writing the ``int`` format shares (RTN, GPTQ, AWQ)."""
+
+    bits: int = Field(4, ge=2, le=8, description="bits per weight")
+    group_size: int | None = Field(128, ge=1, description="weights per scale along in_features; null: per channel")
+    symmetric: bool = Field(True, description="fixed zero point (true) or a stored zero point per group (false)")
+
+    def int_scheme(self) -> IntScheme:
+        if self.group_size is None:
+            return IntScheme(self.bits, self.symmetric, "channel", None)
+        return IntScheme(self.bits, self.symmetric, "group", self.group_size)
+
+
+def quantize_layer(layer: nn.Module, scheme: IntScheme, device: torch.device, weight: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> IntLinear:
+    """An IntLinear for ``layer`` (nn.Linear or Conv1D), computed on ``device`` and left where ``layer`` was.
+
+    ``weight`` replaces the layer's own weight (e.g. GPTQ's updated one); ``scale``/``zero`` replace the
+    min/max qparams.
+    """
+    home = layer.weight.device
+    dtype = layer.weight.dtype
+    w = (get_weight(layer) if weight is None else weight).to(device)
+    bias = get_bias(layer)
+    q = IntLinear.from_weight(w, None if bias is None else bias.to(device), scheme, dtype,
+                              None if scale is None else scale.to(device), None if zero is None else zero.to(device))
+    return q.to(home)

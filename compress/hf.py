@@ -1,0 +1,74 @@
+"""transformers integration: after ``import compress``, ``AutoModelForCausalLM.from_pretrained(dir)`` loads
+compress checkpoints (``quantization_config.quant_method == "compress"``), building each compressed layer
+empty from its stored scheme before the weights are read.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "compress"
+
+
+class CompressQuantizationConfig(QuantizationConfigMixin):
+    """The ``quantization_config`` of a compress checkpoint.
+
+    ``layers`` maps each compressed layer's qualified name to its stored scheme (format, bits, ...) and
+    the method that wrote it; ``steps`` lists every step applied; ``recipe`` is the recipe used.
+    """
+
+    def __init__(self, layers: dict[str, dict] | None = None, steps: list[dict] | None = None,
+                 recipe: dict | None = None, compress_version: str | None = None, **kwargs: Any):
+        self.quant_method = QUANT_METHOD
+        self.layers = layers or {}
+        self.steps = steps or []
+        self.recipe = recipe or {}
+        self.compress_version = compress_version
+        self.extra = kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "compress_version": self.compress_version, "steps": self.steps,
+                "recipe": self.recipe, "layers": self.layers}
+
+
+class CompressHfQuantizer(HfQuantizer):
+    """Replaces the stored layers with empty compressed layers on the meta device before loading."""
+
+    requires_calibration = True
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        from compress.checkpoint import build_empty_layers
+
+        build_empty_layers(model, self.quantization_config.layers)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Make transformers aware of compress checkpoints (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(CompressQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(CompressHfQuantizer)

@@ -1,0 +1,94 @@
+"""The plugin API: what a compression method is.
+
+A method is a name, a config class and the code that applies it. Third parties write a subclass of
+:class:`Method`, declare it under the ``compress.plugins`` entry-point group, and it is usable from a
+recipe with no change to compress::
+
+    class Halve(Method):
+        name = "halve"
+        Config = HalveConfig          # a MethodConfig: unknown fields rejected, immutable
+        needs = Needs.NOTHING         # or CALIBRATION (gets block inputs) or TRAINING (gets the model)
+
+        def compress_block(self, work, config):
+            for name, layer in work.targets.items():
+                layer.weight.data.mul_(config.factor)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from compress.errors import PluginError, Problem
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+    from compress.calibration.data import CalibrationSet
+    from compress.calibration.engine import BlockWork
+
+
+class Needs(str, Enum):
+    """What a method needs from the engine."""
+
+    NOTHING = "nothing"  # data-free: visits each decoder block with no inputs
+    CALIBRATION = "calibration"  # gets the captured inputs of each decoder block
+    TRAINING = "training"  # gets the whole model and the calibration set, in a stage of its own
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: unknown fields are errors, instances are immutable.
+
+    ``to_dict`` / ``from_dict`` round-trip through the JSON stored in a checkpoint's ``config.json``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
+        return cls.model_validate(data)
+
+
+class Method:
+    """Base class of a compression method. Subclasses set the class attributes and override the hooks
+    their ``needs`` calls for."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    Config: ClassVar[type[MethodConfig]]
+    needs: ClassVar[Needs] = Needs.NOTHING
+    summary: ClassVar[str] = ""
+
+    def quantizes(self, config: MethodConfig) -> bool:
+        """True when the method replaces its targets with compressed layers (so no later step of the same
+        recipe may quantize them again)."""
+        return False
+
+    def check_targets(self, targets: dict[str, nn.Module], config: MethodConfig) -> list[Problem]:
+        """Model-aware check on the meta device, before any weight is loaded.
+
+        ``targets`` maps the qualified names of the selected layers to layers with real shapes and no data.
+        Return the problems found, each ``where`` relative to the step's ``args`` ("" for the step itself),
+        naming the layers concerned and what to do.
+        """
+        return []
+
+    def compress_block(self, work: BlockWork, config: MethodConfig) -> None:
+        """Compress ``work.targets`` (the targeted layers of one decoder block, or of the layers outside
+        the blocks). ``work.inputs`` holds the block's calibration inputs when ``needs`` is CALIBRATION."""
+        raise PluginError(
+            f"method {self.name!r} declares needs={self.needs.value!r} but does not override compress_block; "
+            "the plugin's author must implement it"
+        )
+
+    def train(self, model: nn.Module, config: MethodConfig, data: CalibrationSet, device: str) -> None:
+        """Run a training stage on the whole model (``needs`` is TRAINING)."""
+        raise PluginError(
+            f"method {self.name!r} declares needs={self.needs.value!r} but does not override train; "
+            "the plugin's author must implement it"
+        )

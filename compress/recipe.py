@@ -1,0 +1,252 @@
+"""Recipe files: the YAML envelope and the checks that need no model.
+
+A recipe is checked in four passes, each collecting every problem before one error lists them all:
+
+1. the envelope (this module's schema): sections, fields and types; unknown keys are errors;
+2. each step's ``args`` against its method's config class, errors rooted at the step;
+3. constraints between steps and sections (a training method alone in its stage, calibration data
+   present when a method needs it, data files that exist);
+4. against the model on the meta device (:mod:`compress.plan`).
+
+Relative paths inside a recipe file are resolved against the recipe's folder, so a recipe behaves the
+same from any working directory; paths given on the command line are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from compress.calibration.data import check_source
+from compress.errors import PluginError, Problem, RecipeError
+from compress.methods import Method, MethodConfig, Needs
+from compress.model import is_local_reference
+from compress.registry import Registry, registry
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Section):
+    path: str | None = Field(None, description="Hub id or local directory (relative to the recipe file)")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: str = Field("auto", description="execution device: auto, cpu, cuda or cuda:N")
+    init: Literal["pretrained", "random"] = "pretrained"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class CalibrationSpec(_Section):
+    dataset: str = Field(description="a .txt/.jsonl/.parquet file (relative to the recipe) or a datasets id")
+    config: str | None = None
+    split: str = "train"
+    column: str = "text"
+    samples: int = Field(128, ge=1)
+    seq_len: int | None = Field(None, ge=8, description="default: min(2048, the model's context)")
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="samples per forward pass")
+
+
+class StepSpec(_Section):
+    method: str
+    targets: list[str] = Field(default_factory=lambda: ["Linear"], min_length=1)
+    ignore: list[str] = Field(default_factory=list)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class StageSpec(_Section):
+    name: str | None = None
+    steps: list[StepSpec] = Field(min_length=1)
+
+
+class EvalSpec(_Section):
+    """Evaluation run after ``compress apply`` (compared against the original model)."""
+
+    tasks: list[str] = Field(default_factory=lambda: ["ppl"])
+    data: str | None = None
+    seq_len: int | None = Field(None, ge=8)
+    max_tokens: int | None = Field(None, ge=1)
+    output: str | None = None
+
+
+class Recipe(_Section):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    calibration: CalibrationSpec | None = None
+    stages: list[StageSpec] | None = None
+    steps: list[StepSpec] | None = Field(None, description="shorthand for a single stage")
+    output: str | None = None
+    eval: EvalSpec | None = None
+
+    def all_stages(self) -> list[StageSpec]:
+        return list(self.stages or []) or ([StageSpec(steps=self.steps)] if self.steps else [])
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+# -- pass 1: the envelope ----------------------------------------------------------------------------------
+
+
+def _path_text(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names of the section a location points into (for "did you mean")."""
+    cls: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = cls.model_fields.get(part) if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+        if field is None:
+            break
+        cls = _inner_model(field.annotation)
+    return list(cls.model_fields) if isinstance(cls, type) and issubclass(cls, BaseModel) else []
+
+
+def _inner_model(annotation: Any) -> Any:
+    for arg in typing.get_args(annotation) or (annotation,):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        inner = _inner_model(arg) if typing.get_args(arg) else None
+        if inner is not None:
+            return inner
+    return None
+
+
+def problems_from_validation(exc: ValidationError, root: tuple = (), fields: list[str] | None = None) -> list[Problem]:
+    """Turn pydantic's errors into problems with recipe paths and "did you mean" hints."""
+    problems = []
+    for err in exc.errors():
+        loc = root + tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            known = fields if fields is not None else _fields_at(tuple(err["loc"])[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else (f"; known fields: {', '.join(known)}" if known else "")
+            problems.append(Problem(_path_text(loc), f"unknown field{hint}"))
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
+            problems.append(Problem(_path_text(loc), f"{err['msg'].lower()}{shown}"))
+    return problems
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    """Make relative local paths in the recipe absolute against the recipe's folder."""
+
+    def fix(section: Any, key: str) -> None:
+        if isinstance(section, dict) and isinstance(section.get(key), str):
+            value = section[key]
+            candidate = base / value
+            if value.startswith(("./", "../")) or (not Path(value).is_absolute() and candidate.exists()):
+                section[key] = str(candidate.resolve())
+
+    fix(data.get("model"), "path")
+    fix(data.get("calibration"), "dataset")
+    fix(data.get("eval"), "data")
+    fix(data.get("eval"), "output")
+    if isinstance(data.get("output"), str) and not Path(data["output"]).is_absolute():
+        data["output"] = str((base / data["output"]).resolve())
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """The recipe file as a dict with its relative paths resolved; RecipeError for unreadable YAML."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError([Problem("", f"cannot read recipe file: {exc.strerror or exc}")], source=str(path)) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError([Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")], source=str(path)) from exc
+    if not isinstance(data, dict):
+        raise RecipeError([Problem("", f"a recipe is a mapping of sections, got {type(data).__name__}")], source=str(path))
+    _resolve_paths(data, path.parent.resolve())
+    return data
+
+
+# -- passes 2 and 3 ----------------------------------------------------------------------------------------
+
+
+class ResolvedStep(typing.NamedTuple):
+    where: str  # "stages[0].steps[1]"
+    spec: StepSpec
+    method: Method
+    config: MethodConfig
+
+
+def validate_recipe(data: dict, source: str = "recipe", plugins: Registry = registry, model_given: bool = False,
+                    calib_given: bool = False) -> tuple[Recipe, list[list[ResolvedStep]]]:
+    """Passes 1-3: the parsed recipe and, per stage, its steps with their methods and configs.
+
+    ``model_given`` / ``calib_given``: the caller supplies the model / calibration data itself (the Python
+    API), so the recipe need not name them.
+    """
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = problems_from_validation(exc)
+        raise RecipeError(problems, source) from None
+    problems: list[Problem] = []
+    if recipe.stages and recipe.steps:
+        problems.append(Problem("steps", "give either stages or steps (a single stage), not both"))
+    if not recipe.all_stages():
+        problems.append(Problem("stages", "no steps: add stages (or steps) listing at least one method"))
+    stages: list[list[ResolvedStep]] = []
+    step_root = "steps" if recipe.steps and not recipe.stages else None
+    for si, stage in enumerate(recipe.all_stages()):
+        resolved = []
+        for ji, step in enumerate(stage.steps):
+            where = f"{step_root}[{ji}]" if step_root else f"stages[{si}].steps[{ji}]"
+            try:
+                method = plugins.get(step.method)
+            except PluginError as exc:
+                problems.append(Problem(f"{where}.method", str(exc)))
+                continue
+            try:
+                config = method.Config.model_validate(step.args)
+            except ValidationError as exc:
+                for p in problems_from_validation(exc, fields=list(method.Config.model_fields)):
+                    problems.append(Problem(f"{where}.args.{p.where}" if p.where else f"{where}.args", p.message))
+                continue
+            resolved.append(ResolvedStep(where, step, method, config))
+        stages.append(resolved)
+    problems.extend(_cross_checks(recipe, stages, model_given, calib_given))
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe, stages
+
+
+def _cross_checks(recipe: Recipe, stages: list[list[ResolvedStep]], model_given: bool, calib_given: bool) -> list[Problem]:
+    problems = []
+    needing = [s for stage in stages for s in stage if s.method.needs != Needs.NOTHING]
+    for stage in stages:
+        trainers = [s for s in stage if s.method.needs == Needs.TRAINING]
+        if trainers and len(stage) > 1:
+            problems.append(Problem(trainers[0].where, f"method {trainers[0].method.name!r} trains the whole model "
+                                    "and must be the only step of its stage; move it to a stage of its own"))
+    if needing and recipe.calibration is None and not calib_given:
+        first = needing[0]
+        problems.append(Problem(first.where, f"method {first.method.name!r} needs calibration data; add a "
+                                "calibration: section (dataset: a .txt/.jsonl/.parquet file) or pass --calib"))
+    if recipe.calibration is not None and needing:
+        problem = check_source(recipe.calibration.dataset)
+        if problem:
+            problems.append(Problem("calibration.dataset", problem))
+    if not model_given and recipe.model.path is None:
+        problems.append(Problem("model.path", "no model given: set model.path in the recipe or pass --model"))
+    elif not model_given and is_local_reference(recipe.model.path) and not Path(recipe.model.path).expanduser().exists():
+        problems.append(Problem("model.path", f"model path not found: {recipe.model.path}"))
+    return problems

@@ -1,0 +1,87 @@
+"""Perplexity under a stated protocol.
+
+Default (the GPTQ / AWQ papers' protocol): tokenize the whole text once, cut it into non-overlapping
+windows of ``seq_len`` tokens (the remainder is dropped), and report exp(mean NLL) over every predicted
+token (``seq_len - 1`` per window). Options: a sliding ``stride`` (each window scores only its last
+``stride`` tokens, with the rest as context), a BOS token prepended to every window, and a cap on tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Everything that changes a perplexity number; two numbers are comparable only if these are equal."""
+
+    seq_len: int
+    stride: int | None = None  # None: non-overlapping windows
+    bos: bool = False
+    max_tokens: int | None = None
+    text: str = ""  # the data's name
+    join: str = ""  # how documents were joined ("\n\n" for datasets splits; "" for a file read as is)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    perplexity: float
+    nll_sum: float
+    predicted_tokens: int
+    windows: int
+    protocol: Protocol
+
+    def to_dict(self) -> dict:
+        return {"perplexity": self.perplexity, "nll_sum": self.nll_sum, "predicted_tokens": self.predicted_tokens,
+                "windows": self.windows, "protocol": self.protocol.to_dict()}
+
+
+def windows(ids: torch.Tensor, protocol: Protocol, bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input windows [W, L] and, for each, how many of its last positions are scored [W]."""
+    if protocol.max_tokens is not None:
+        ids = ids[: protocol.max_tokens]
+    body = protocol.seq_len - 1 if protocol.bos else protocol.seq_len
+    if protocol.stride is None:
+        count = ids.numel() // body
+        wins = ids[: count * body].view(count, body)
+        scored = torch.full((count,), body - (0 if protocol.bos else 1))
+    else:
+        starts = list(range(0, max(ids.numel() - body, 0) + 1, protocol.stride))
+        wins = torch.stack([ids[s : s + body] for s in starts]) if starts else ids.new_zeros(0, body)
+        scored = torch.tensor([body - (0 if protocol.bos else 1)] + [protocol.stride] * (len(starts) - 1))
+    if protocol.bos:
+        if bos_id is None:
+            raise ValueError("the protocol asks for a BOS token but the tokenizer has none")
+        wins = torch.cat([torch.full((wins.shape[0], 1), bos_id, dtype=wins.dtype), wins], dim=1)
+    return wins, scored
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: torch.Tensor, protocol: Protocol, bos_id: int | None = None,
+               batch_size: int = 8, device: torch.device | str | None = None, progress: bool = True) -> PerplexityResult:
+    """Perplexity of ``model`` on the 1-D token tensor ``ids`` under ``protocol``."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    wins, scored = windows(ids, protocol, bos_id)
+    if wins.shape[0] == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {protocol.seq_len}")
+    nll_sum, count = 0.0, 0
+    for start in tqdm(range(0, wins.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress or None):
+        batch = wins[start : start + batch_size].to(device)
+        keep = scored[start : start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits
+        for row in range(batch.shape[0]):
+            n = int(keep[row])
+            pred = logits[row, -n - 1 : -1].float()
+            target = batch[row, -n:]
+            nll_sum += F.cross_entropy(pred, target, reduction="sum").item()
+            count += n
+    return PerplexityResult(math.exp(nll_sum / count), nll_sum, count, int(wins.shape[0]), protocol)

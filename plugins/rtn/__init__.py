@@ -1,0 +1,43 @@
+"""Round-to-nearest k-bit group-wise weight quantization: the baseline every smarter method must beat.
+
+Each group of ``group_size`` input features gets a min/max scale (optionally with the clipping range
+searched for the least error), and every weight is rounded to its nearest level.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from compress import quant
+from compress.calibration.engine import BlockWork
+from compress.errors import Problem
+from compress.formats.int_linear import IntWeightConfig, quantize_layer
+from compress.linear import get_weight
+from compress.methods import Method, Needs
+from compress.plan import group_size_problems
+
+
+class RTNConfig(IntWeightConfig):
+    clip_search: bool = Field(False, description="search each group's clipping range for the least error")
+
+
+class RTN(Method):
+    name = "rtn"
+    Config = RTNConfig
+    needs = Needs.NOTHING
+    summary = "round-to-nearest 2-8 bit, group-wise, symmetric or asymmetric, packed storage"
+
+    def quantizes(self, config: RTNConfig) -> bool:
+        return True
+
+    def check_targets(self, targets, config: RTNConfig) -> list[Problem]:
+        return group_size_problems(targets, config.group_size)
+
+    def compress_block(self, work: BlockWork, config: RTNConfig) -> None:
+        scheme = config.int_scheme()
+        for name, layer in list(work.targets.items()):
+            scale = zero = None
+            if config.clip_search:
+                w = get_weight(layer).to(work.device)
+                scale, zero = quant.mse_qparams(w, scheme, layer.weight.dtype)
+            work.replace(name, quantize_layer(layer, scheme, work.device, scale=scale, zero=zero))
