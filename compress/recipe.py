@@ -194,39 +194,63 @@ def validate_recipe(data: dict, source: str = "recipe", plugins: Registry = regi
     ``model_given`` / ``calib_given``: the caller supplies the model / calibration data itself (the Python
     API), so the recipe need not name them.
     """
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        problems = problems_from_validation(exc)
-        raise RecipeError(problems, source) from None
     problems: list[Problem] = []
+    try:
+        recipe: Recipe | None = Recipe.model_validate(data)
+    except ValidationError as exc:
+        recipe = None
+        problems.extend(problems_from_validation(exc))
+    # Pass 2 runs on the raw steps, so a broken envelope does not hide problems in the steps' arguments.
+    checked: dict[str, tuple[Method, MethodConfig]] = {}
+    for where, raw in _raw_steps(data):
+        method_name, args = raw.get("method"), raw.get("args", {})
+        if not isinstance(method_name, str):
+            continue
+        try:
+            method = plugins.get(method_name)
+        except PluginError as exc:
+            problems.append(Problem(f"{where}.method", str(exc)))
+            continue
+        if not isinstance(args, dict):
+            continue
+        try:
+            checked[where] = (method, method.Config.model_validate(args))
+        except ValidationError as exc:
+            for p in problems_from_validation(exc, fields=list(method.Config.model_fields)):
+                problems.append(Problem(f"{where}.args.{p.where}" if p.where else f"{where}.args", p.message))
+    if recipe is None:
+        raise RecipeError(problems, source)
     if recipe.stages and recipe.steps:
         problems.append(Problem("steps", "give either stages or steps (a single stage), not both"))
     if not recipe.all_stages():
         problems.append(Problem("stages", "no steps: add stages (or steps) listing at least one method"))
     stages: list[list[ResolvedStep]] = []
-    step_root = "steps" if recipe.steps and not recipe.stages else None
     for si, stage in enumerate(recipe.all_stages()):
         resolved = []
         for ji, step in enumerate(stage.steps):
-            where = f"{step_root}[{ji}]" if step_root else f"stages[{si}].steps[{ji}]"
-            try:
-                method = plugins.get(step.method)
-            except PluginError as exc:
-                problems.append(Problem(f"{where}.method", str(exc)))
-                continue
-            try:
-                config = method.Config.model_validate(step.args)
-            except ValidationError as exc:
-                for p in problems_from_validation(exc, fields=list(method.Config.model_fields)):
-                    problems.append(Problem(f"{where}.args.{p.where}" if p.where else f"{where}.args", p.message))
-                continue
-            resolved.append(ResolvedStep(where, step, method, config))
+            where = f"stages[{si}].steps[{ji}]" if recipe.stages else f"steps[{ji}]"
+            if where in checked:
+                resolved.append(ResolvedStep(where, step, *checked[where]))
         stages.append(resolved)
     problems.extend(_cross_checks(recipe, stages, model_given, calib_given))
     if problems:
         raise RecipeError(problems, source)
     return recipe, stages
+
+
+def _raw_steps(data: dict) -> list[tuple[str, dict]]:
+    """(path, step dict) for every step-like mapping in the raw recipe."""
+    found = []
+    stages = data.get("stages")
+    if isinstance(stages, list):
+        for si, stage in enumerate(stages):
+            steps = stage.get("steps") if isinstance(stage, dict) else None
+            for ji, step in enumerate(steps if isinstance(steps, list) else []):
+                if isinstance(step, dict):
+                    found.append((f"stages[{si}].steps[{ji}]", step))
+    if isinstance(data.get("steps"), list) and not isinstance(stages, list):
+        found += [(f"steps[{ji}]", step) for ji, step in enumerate(data["steps"]) if isinstance(step, dict)]
+    return found
 
 
 def _cross_checks(recipe: Recipe, stages: list[list[ResolvedStep]], model_given: bool, calib_given: bool) -> list[Problem]:

@@ -38,7 +38,8 @@ def tiny_config(arch: str):
         return tf.MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, tie_word_embeddings=False, **COMMON)
     if arch == "gpt2":  # Conv1D layers, LayerNorm with bias, tied
-        return tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=512, n_positions=256)
+        return tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=512, n_positions=256, bos_token_id=0,
+                             eos_token_id=0)
     if arch == "opt":  # fc1 -> relu -> fc2, v_proj -> out_proj, tied
         return tf.OPTConfig(hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4,
                             word_embed_proj_dim=128, **COMMON)

@@ -33,6 +33,14 @@ class CompressedLinear(nn.Module, ABC):
     def scheme(self) -> dict[str, Any]:
         """The per-module entry stored in the checkpoint: enough to rebuild the layer with ``empty``."""
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight [out, in] this layer computes with (a fresh tensor: writing to it changes nothing).
+
+        Read-only, for code that inspects ``layer.weight`` (transformers' weight init on load, user code).
+        """
+        return self.dequantized_weight()
+
     @abstractmethod
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight this layer computes with, as a dense [out, in] tensor."""

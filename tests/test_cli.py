@@ -1,0 +1,190 @@
+"""The command line end to end: every shipped recipe, every README command, idempotent re-runs, exit codes."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import compress
+from compress.cli import cli
+from compress.errors import CalibrationError
+from compress.formats import CompressedLinear
+from compress.methods import Method, MethodConfig, Needs
+from compress.registry import registry
+from conftest import REF_A, REPO, SHARED
+
+RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(cli, args, obj={})
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_shipped_recipe_runs(recipe: str, tiny_dirs, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["apply", str(REPO / "recipes" / recipe), "--output", str(out)]
+    if recipe != "quickstart.yaml":
+        args += ["--model", str(tiny_dirs["qwen2"])]
+    result = run(args)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"compressed layers: .* MB of weights, 0\.\d+x their", result.output)
+    model = compress.load(out, device="cpu")
+    assert any(isinstance(m, CompressedLinear) for m in model.modules())
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_apply_is_idempotent_and_refuses_foreign_outputs(tiny_dirs, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    recipe = str(REPO / "recipes" / "w4-rtn.yaml")
+    model = str(tiny_dirs["llama"])
+    assert run(["apply", recipe, "--model", model, "--output", str(out)]).exit_code == 0
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    again = run(["apply", recipe, "--model", model, "--output", str(out)])
+    assert again.exit_code == 0 and "is up to date" in again.output
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    other = run(["apply", str(REPO / "recipes" / "w3-rtn.yaml"), "--model", model, "--output", str(out)])
+    assert other.exit_code == 2 and "already exists and was not made by this recipe; pass --overwrite" in other.output
+    redo = run(["apply", str(REPO / "recipes" / "w3-rtn.yaml"), "--model", model, "--output", str(out), "--overwrite"])
+    assert redo.exit_code == 0
+    assert compress.load(out, device="cpu").model.layers[0].mlp.up_proj.int_scheme.bits == 3
+
+
+def test_validate_lists_the_layers_each_step_hits(tiny_dirs) -> None:
+    result = run(["validate", str(REPO / "recipes" / "int8-absmax.yaml"), "--model", str(tiny_dirs["gpt2"])])
+    assert result.exit_code == 0, result.output
+    assert "int8(scheme=absmax, granularity=channel, group_size=128)" in result.output
+    assert "8 layers: c_attn x2, c_proj x4, c_fc x2" in result.output
+
+
+def _readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.split("&&")[-1].strip()
+            if line.startswith("compress "):
+                commands.append(line)
+    return commands
+
+
+@pytest.mark.parametrize("command", _readme_commands())
+def test_readme_commands_run(command: str, monkeypatch) -> None:
+    if "../shared" in command and not REF_A.exists():
+        pytest.skip(f"needs {SHARED}")
+    monkeypatch.chdir(REPO)
+    result = run(shlex.split(command)[1:])
+    assert result.exit_code == 0, result.output
+
+
+# -- a calibration method registered in code: the engine's inputs, data errors and runtime failures ------
+
+
+class ObserveConfig(MethodConfig):
+    fail: bool = False
+
+
+class Observe(Method):
+    """Records the mean input norm each targeted layer sees (and can fail on purpose)."""
+
+    name = "test-observe"
+    Config = ObserveConfig
+    needs = Needs.CALIBRATION
+    seen: dict[str, float] = {}
+
+    def compress_block(self, work, config):
+        if config.fail:
+            raise CalibrationError(f"block {work.name}: Hessian is not positive definite; raise damp")
+        norms: dict[str, list[float]] = {}
+        with work.observe(work.targets, lambda n, x: norms.setdefault(n, []).append(x.norm().item())):
+            work.forward()
+        Observe.seen.update({n: sum(v) / len(v) for n, v in norms.items()})
+
+
+@pytest.fixture
+def observe():
+    registry.register(Observe)
+    Observe.seen = {}
+    yield Observe
+    registry._methods.pop(Observe.name, None)
+
+
+def test_calibration_method_sees_every_block(observe, tiny_dirs, calib_text, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"calibration: {{dataset: {calib_text}, samples: 4, seq_len: 32}}\nsteps: [{{method: test-observe}}]\n")
+    result = run(["apply", str(recipe), "--model", str(tiny_dirs["opt"]), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert len(observe.seen) == 12 and all(v > 0 for v in observe.seen.values())
+
+
+@pytest.mark.parametrize("data, message", [
+    ("missing.txt", r"calibration\.dataset: data file not found: .*missing\.txt"),
+    ("data.csv", r"calibration\.dataset: .*data\.csv: unsupported file kind '\.csv'; use one of \.txt, \.jsonl, \.parquet"),
+])
+def test_bad_calibration_data(observe, data: str, message: str, tiny_dirs, tmp_path: Path) -> None:
+    (tmp_path / "data.csv").write_text("a,b\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"calibration: {{dataset: ./{data}}}\nsteps: [{{method: test-observe}}]\n")
+    result = run(["apply", str(recipe), "--model", str(tiny_dirs["llama"]), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert re.search(message, result.output), result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_calibration_data(observe, tiny_dirs, tmp_path: Path) -> None:
+    data = tmp_path / "binary.txt"
+    data.write_bytes(b"\xff\xfe\x00binary")
+    out = tmp_path / "out"
+    result = run(["apply", "/dev/null", "--model", str(tiny_dirs["llama"])])  # an empty recipe file
+    assert result.exit_code == 2 and "a recipe is a mapping of sections" in result.output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: [{method: test-observe}]\n")
+    result = run(["apply", str(recipe), "--model", str(tiny_dirs["llama"]), "--calib", str(data), "--output", str(out)])
+    assert result.exit_code == 2
+    assert re.search(r"binary\.txt: not UTF-8 text \(invalid start byte at byte 0\); give a text file", result.output)
+    assert not out.exists()
+
+
+def test_too_little_calibration_data(observe, tiny_dirs, tmp_path: Path) -> None:
+    data = tmp_path / "short.txt"
+    data.write_text("def f(): pass\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"calibration: {{dataset: {data}, samples: 16, seq_len: 64}}\nsteps: [{{method: test-observe}}]\n")
+    result = run(["apply", str(recipe), "--model", str(tiny_dirs["llama"]), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert re.search(r"has \d+ tokens: 0 windows of 64, fewer than the 16 samples asked for; lower samples", result.output)
+
+
+def test_runtime_failure_exits_1_and_writes_nothing(observe, tiny_dirs, calib_text, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"calibration: {{dataset: {calib_text}, samples: 2, seq_len: 32}}\n"
+                      "steps: [{method: test-observe, args: {fail: true}}]\n")
+    result = run(["apply", str(recipe), "--model", str(tiny_dirs["llama"]), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "error: block model.layers.0: Hessian is not positive definite; raise damp" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_method_needs_data(observe, tiny_dirs, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: [{method: test-observe}]\n")
+    result = run(["validate", str(recipe), "--model", str(tiny_dirs["llama"])])
+    assert result.exit_code == 2
+    assert "steps[0]: method 'test-observe' needs calibration data; add a calibration: section" in result.output
+
+
+def test_calibration_packing_is_deterministic(tiny_dirs, calib_text) -> None:
+    from compress.calibration.data import calibration_set
+    from compress.model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_dirs["llama"]))
+    a = calibration_set(tok, str(calib_text), samples=8, seq_len=64, seed=3)
+    b = calibration_set(tok, str(calib_text), samples=8, seq_len=64, seed=3)
+    c = calibration_set(tok, str(calib_text), samples=8, seq_len=64, seed=4)
+    assert a.input_ids.shape == (8, 64) and torch.equal(a.input_ids, b.input_ids)
+    assert not torch.equal(a.input_ids, c.input_ids)
