@@ -56,7 +56,11 @@ class Plan:
 
 
 def model_context(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
+    return config_context(getattr(model, "config", None))
+
+
+def config_context(config) -> int | None:
+    """The context length a transformers config states (None when it states none)."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

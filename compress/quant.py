@@ -201,3 +201,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     mask = (1 << width) - 1
     parts = [(packed >> (j * width)) & mask for j in range(per)]
     return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
+
+
+def rtn_dequantized(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``w`` [out, in] rounded to nearest with min/max qparams and dequantized, in float32."""
+    scale, zero = qparams(w, scheme, dtype or w.dtype)
+    g = group_view(w.float(), scheme)
+    return fake_quantize(g, scale.float().unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq).reshape(w.shape)

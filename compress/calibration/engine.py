@@ -105,13 +105,38 @@ class BlockWork:
             for h in handles:
                 h.remove()
 
+    @torch.no_grad()
+    def collect_inputs(self, layers: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
+        """Run the block on every calibration batch only as far as needed for ``fn(name, x)`` to see the
+        input of each listed layer (the rest of the block is skipped)."""
+        wanted = set(layers)
+        seen: set[str] = set()
+
+        def see(name: str, x: torch.Tensor) -> None:
+            fn(name, x)
+            seen.add(name)
+            if seen >= wanted:
+                raise _StopForward
+
+        if self.inputs is None:
+            raise RuntimeError("collect_inputs() needs calibration inputs; the method must declare Needs.CALIBRATION")
+        with self.observe(layers, see):
+            for args, kwargs in self.inputs.calls:
+                seen.clear()
+                try:
+                    self.block(*args, **kwargs)
+                except _StopForward:
+                    pass
+
     def linear_groups(self) -> list[list[str]]:
         """The targets grouped by the tensor they read (q/k/v; o; gate/up; down), in execution order."""
         if self._groups is None:
             order: list[tuple[str, tuple]] = []
+            alive: list[torch.Tensor] = []  # holding every input keeps its memory from being reused
 
             def record(name: str, x: torch.Tensor) -> None:
                 if all(n != name for n, _ in order):
+                    alive.append(x)
                     order.append((name, (x.data_ptr(), tuple(x.shape), x.stride())))
 
             with self.observe(self.targets, record):

@@ -140,17 +140,20 @@ class IntWeightConfig(MethodConfig):
         return IntScheme(self.bits, self.symmetric, "group", self.group_size)
 
 
-def quantize_layer(layer: nn.Module, scheme: IntScheme, device: torch.device, weight: torch.Tensor | None = None,
-                   scale: torch.Tensor | None = None, zero: torch.Tensor | None = None) -> IntLinear:
-    """An IntLinear for ``layer`` (nn.Linear or Conv1D), computed on ``device`` and left where ``layer`` was.
+def quantize_layer(layer: nn.Module, scheme: IntScheme, device: torch.device, scale: torch.Tensor | None = None,
+                   zero: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> IntLinear:
+    """An IntLinear replacing ``layer`` (nn.Linear or Conv1D), computed on ``device`` and left where ``layer``
+    was, with ``layer``'s bias and dtype.
 
-    ``weight`` replaces the layer's own weight (e.g. GPTQ's updated one); ``scale``/``zero`` replace the
-    min/max qparams.
+    By default the weight is rounded to nearest with min/max qparams; ``scale``/``zero`` replace the qparams,
+    and ``codes`` (uint8 [out, in], e.g. from GPTQ) replace the rounding too.
     """
-    home = layer.weight.device
-    dtype = layer.weight.dtype
-    w = (get_weight(layer) if weight is None else weight).to(device)
+    home, dtype = layer.weight.device, layer.weight.dtype
     bias = get_bias(layer)
-    q = IntLinear.from_weight(w, None if bias is None else bias.to(device), scheme, dtype,
-                              None if scale is None else scale.to(device), None if zero is None else zero.to(device))
+    bias = None if bias is None else bias.to(device)
+    if codes is not None:
+        q = IntLinear.from_codes(codes.to(device), scale.to(device), zero.to(device), scheme, bias, dtype)
+    else:
+        q = IntLinear.from_weight(get_weight(layer).to(device), bias, scheme, dtype,
+                                  None if scale is None else scale.to(device), None if zero is None else zero.to(device))
     return q.to(home)

@@ -1,0 +1,142 @@
+"""AWQ: activation-aware weight quantization (the searches are in ``search.py``).
+
+Per decoder block:
+
+1. the layer groups (layers reading the same input) and, for each, the op that can absorb a scaling of its
+   input (found by :mod:`compress.calibration.absorbers`, for any architecture);
+2. per group with an absorber, in execution order: the per-channel scale whose quantized group best
+   preserves the block's output on the calibration inputs; it is folded into the absorber (divided) and
+   the group's weights (multiplied), so inference costs nothing extra;
+3. per layer: the clipping range of each weight group that best preserves its outputs once quantized;
+4. quantization to the packed ``int`` format (unless ``quantize: false``, which leaves scaled and clipped
+   float weights for a following step such as GPTQ).
+
+Groups with no absorber (e.g. o_proj under grouped-query attention, or a block with no norm before q/k/v)
+are said so in the log and get clipping and quantization only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from pydantic import Field
+
+from compress import quant
+from compress.calibration.absorbers import find_absorbers, scale_inputs
+from compress.calibration.engine import BlockWork
+from compress.errors import Problem
+from compress.formats.int_linear import IntWeightConfig, quantize_layer
+from compress.linear import get_weight, linear_shape, set_weight
+from compress.methods import Method, Needs
+from compress.plan import group_size_problems
+from compress.plugins.awq.search import channel_weight_mean, clip_weight, scale_candidates
+
+log = logging.getLogger(__name__)
+
+
+class AWQConfig(IntWeightConfig):
+    symmetric: bool = Field(False, description="fixed zero point (true) or a stored zero point per group (false)")
+    grid: int = Field(20, ge=1, description="scale ratios tried per layer group")
+    clip: bool = Field(True, description="search each weight group's clipping range")
+    clip_grid: int = Field(20, ge=1, description="clipping steps of 1/clip_grid tried")
+    max_shrink: float = Field(0.5, gt=0, lt=1, description="largest fraction of a group's range clipped away")
+    search_tokens: int = Field(65536, ge=1, description="calibration tokens the scale search runs the block on")
+    clip_tokens: int = Field(4096, ge=1, description="input rows sampled per layer for the clipping search")
+    quantize: bool = Field(True, description="write packed int weights; false leaves scaled float weights for a "
+                                             "following quantizer (e.g. gptq)")
+
+
+class AWQ(Method):
+    name = "awq"
+    Config = AWQConfig
+    needs = Needs.CALIBRATION
+    summary = "AWQ activation-aware scales and clipping, 2-8 bit group-wise, packed storage"
+
+    def quantizes(self, config: AWQConfig) -> bool:
+        return config.quantize
+
+    def check_targets(self, targets, config: AWQConfig) -> list[Problem]:
+        return group_size_problems(targets, config.group_size)
+
+    @torch.no_grad()
+    def compress_block(self, work: BlockWork, config: AWQConfig) -> None:
+        scheme = config.int_scheme()
+        groups = work.linear_groups()
+        absorbers = find_absorbers(work, groups)
+        self._report_missing(work, [g for g in groups if absorbers[g[0]] is None])
+        x_mean, samples = self._input_statistics(work, groups, config.clip_tokens)
+        limit = _batches_for(work, config.search_tokens)
+        reference = work.forward(limit)
+        for group in groups:
+            absorber = absorbers[group[0]]
+            if absorber is None:
+                continue
+            layers = [work.targets[n] for n in group]
+            s = self._search_scale(work, layers, x_mean[group[0]], reference, limit, scheme, config.grid)
+            absorber.scale_outputs(1 / s)
+            scale_inputs(layers, s)
+            samples[group[0]] = samples[group[0]] / s
+        for group in groups:
+            for name in group:
+                layer = work.targets[name]
+                if config.clip:
+                    set_weight(layer, clip_weight(get_weight(layer), samples[group[0]], scheme, config.clip_grid,
+                                                  config.max_shrink))
+                if config.quantize:
+                    work.replace(name, quantize_layer(layer, scheme, work.device))
+
+    @staticmethod
+    def _input_statistics(work: BlockWork, groups: list[list[str]], rows: int) -> tuple[dict, dict]:
+        """Per group: mean |x| per input channel over every calibration token, and up to ``rows`` input rows
+        spread over the calibration set."""
+        sums = {g[0]: torch.zeros(linear_shape(work.targets[g[0]])[0], device=work.device) for g in groups}
+        kept: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
+        counts = dict.fromkeys(sums, 0)
+        per_batch = max(1, rows // max(1, len(work.inputs.calls)))
+
+        def see(name: str, x: torch.Tensor) -> None:
+            flat = x.reshape(-1, x.shape[-1]).float()
+            sums[name] += flat.abs().sum(dim=0)
+            counts[name] += flat.shape[0]
+            step = max(1, flat.shape[0] // per_batch)
+            kept[name].append(flat[::step][:per_batch])
+
+        work.collect_inputs({g[0]: work.targets[g[0]] for g in groups}, see)
+        return {n: sums[n] / counts[n] for n in sums}, {n: torch.cat(kept[n]) for n in kept}
+
+    @staticmethod
+    def _search_scale(work: BlockWork, layers: list, x_mean: torch.Tensor, reference: list[torch.Tensor],
+                      limit: int, scheme: quant.IntScheme, grid: int) -> torch.Tensor:
+        """The input scale whose quantized group best preserves the block's outputs (others left as they are)."""
+        originals = [get_weight(layer).clone() for layer in layers]
+        w_mean = channel_weight_mean(torch.cat(originals), scheme)
+        best, best_loss = torch.ones_like(x_mean), float("inf")
+        for s in scale_candidates(x_mean, w_mean, grid):
+            for layer, w in zip(layers, originals):
+                set_weight(layer, quant.rtn_dequantized(w.float() * s, scheme, w.dtype) / s)
+            outputs = work.forward(limit)
+            loss = sum((o.float() - r.float()).pow(2).mean().item() for o, r in zip(outputs, reference))
+            if loss < best_loss:
+                best, best_loss = s, loss
+        for layer, w in zip(layers, originals):
+            set_weight(layer, w)
+        return best
+
+    @staticmethod
+    def _report_missing(work: BlockWork, groups: list[list[str]]) -> None:
+        level = logging.WARNING if work.index == 0 else logging.INFO  # the first block speaks for the rest
+        for group in groups:
+            log.log(level, "awq: %s: no op before %s can absorb an input scaling (no norm or matching linear "
+                    "feeds it); these layers get clipping and quantization only", work.name,
+                    ", ".join(work.local(n) for n in group))
+
+
+def _batches_for(work: BlockWork, tokens: int) -> int:
+    total = 0
+    for i in range(len(work.inputs.calls)):
+        h = work.inputs.hidden(i)
+        total += h.shape[0] * h.shape[1]
+        if total >= tokens:
+            return i + 1
+    return len(work.inputs.calls)

@@ -1,0 +1,75 @@
+"""GPTQ: Hessian-aware rounding of k-bit weights (the algorithm is in ``algorithm.py``).
+
+Within a decoder block the targeted layers are taken group by group in execution order (layers reading the
+same input, such as q/k/v, form one group and share one Hessian), and each group's Hessian is collected
+after the earlier groups were quantized, so later layers correct for earlier layers' errors (attention
+before MLP). The layers of a group are quantized in one sweep (their rows stacked: GPTQ treats rows
+independently), which is also what makes it fast.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from pydantic import Field
+
+from compress.calibration.engine import BlockWork
+from compress.errors import Problem
+from compress.formats.int_linear import IntWeightConfig, quantize_layer
+from compress.linear import get_weight, linear_shape
+from compress.methods import Method, Needs
+from compress.plan import group_size_problems
+from compress.plugins.gptq.algorithm import Hessian, gptq
+
+log = logging.getLogger(__name__)
+
+
+class GPTQConfig(IntWeightConfig):
+    damp: float = Field(0.01, gt=0, lt=1, description="damping added to H, as a fraction of its mean diagonal")
+    block_size: int = Field(128, ge=1, description="columns per lazy batch update")
+    act_order: bool = Field(True, description="quantize columns by decreasing Hessian diagonal (static groups)")
+    mse: bool = Field(False, description="search each group's clipping range for the least weight error")
+    sequential: bool = Field(True, description="collect each layer group's inputs after the earlier groups "
+                                               "of the block were quantized")
+
+
+class GPTQ(Method):
+    name = "gptq"
+    Config = GPTQConfig
+    needs = Needs.CALIBRATION
+    summary = "GPTQ 2-8 bit, group-wise, act-order with static groups, packed storage"
+
+    def quantizes(self, config: GPTQConfig) -> bool:
+        return True
+
+    def check_targets(self, targets, config: GPTQConfig) -> list[Problem]:
+        return group_size_problems(targets, config.group_size)
+
+    def compress_block(self, work: BlockWork, config: GPTQConfig) -> None:
+        groups = work.linear_groups()
+        if config.sequential:
+            for group in groups:
+                self._quantize_group(work, group, self._hessians(work, [group])[0], config)
+        else:
+            for group, hessian in zip(groups, self._hessians(work, groups)):
+                self._quantize_group(work, group, hessian, config)
+
+    @staticmethod
+    def _hessians(work: BlockWork, groups: list[list[str]]) -> list[Hessian]:
+        """One Hessian per group, from the inputs of its first layer (all its layers read the same input)."""
+        hessians = {g[0]: Hessian(linear_shape(work.targets[g[0]])[0], work.device) for g in groups}
+        work.collect_inputs({g[0]: work.targets[g[0]] for g in groups}, lambda name, x: hessians[name].add(x))
+        return [hessians[g[0]] for g in groups]
+
+    @staticmethod
+    def _quantize_group(work: BlockWork, group: list[str], hessian: Hessian, config: GPTQConfig) -> None:
+        layers = [work.targets[name] for name in group]
+        rows = [linear_shape(layer)[1] for layer in layers]
+        weight = torch.cat([get_weight(layer).to(work.device) for layer in layers])
+        label = ", ".join(group)
+        result = gptq(weight, hessian.H, config.int_scheme(), layers[0].weight.dtype, config.damp,
+                      config.block_size, config.act_order, config.mse, label)
+        parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows))
+        for name, layer, codes, scale, zero in parts:
+            work.replace(name, quantize_layer(layer, config.int_scheme(), work.device, scale, zero, codes))
