@@ -79,7 +79,8 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
         if stage and stage[0].method.needs == Needs.TRAINING:
             stage[0].method.train(model, stage[0].config, calib, str(device))
             continue
-        works = [StepWork(s.method.name, _step_runner(s), s.layers, s.method.needs == Needs.CALIBRATION) for s in stage]
+        works = [StepWork(s.method.name, _step_runner(s), s.layers, s.method.needs == Needs.CALIBRATION,
+                          s.method.needs_reference(s.config)) for s in stage]
         run_stage(model, find_blocks(model), works, calib, device, batch_size)
     _record_steps(model, plan_)
 

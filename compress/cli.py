@@ -153,6 +153,87 @@ def apply_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str | N
         click.echo(run_recipe_eval(checked.recipe, target))
 
 
+def _split_list(value: str | None) -> list[str] | None:
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.option("--baseline", metavar="M", help="The original model to compare against (Hub id or directory).")
+@click.option("--tasks", metavar="LIST", help="Comma-separated, from ppl, kl, samples, memory, speed, speculative "
+              "(default: ppl,kl,samples,memory; kl needs --baseline).")
+@click.option("--data", metavar="DATA", help="Evaluation text: a file (read as is, e.g. wiki.test.raw), a "
+              ".jsonl/.parquet file, or DATASET_ID[:CONFIG[:SPLIT]] (default: WikiText-2 raw test, joined "
+              "with blank lines).")
+@click.option("--seq-len", type=int, metavar="N", help="Perplexity window (default: min(2048, the model's context)).")
+@click.option("--stride", type=int, metavar="N", help="Sliding windows that score their last N tokens "
+              "(default: non-overlapping windows).")
+@click.option("--bos", is_flag=True, help="Prepend the BOS token to every window.")
+@click.option("--max-tokens", type=int, metavar="N", help="Evaluate the first N tokens of the text only.")
+@click.option("--batch-size", type=int, metavar="N", help="Windows per forward pass (default 8).")
+@click.option("--prompts", metavar="FILE", help="Prompts for the samples task, one a line (default: a built-in set).")
+@click.option("--draft", metavar="M", help="A draft model for the speculative task (same tokenizer).")
+@click.option("--batch-sizes", metavar="LIST", help="Speed task batch sizes (default 1,8,32).")
+@click.option("--speed-configs", metavar="LIST", help="Speed task configurations, from no-cache, dynamic, static, "
+              "static-compile (default no-cache,dynamic,static-compile).")
+@click.option("--prompt-len", type=int, metavar="N", help="Speed task prompt tokens (default 128).")
+@click.option("--new-tokens", type=int, metavar="N", help="Speed task new tokens (default 256; 64 without a KV cache).")
+@click.option("--repeats", type=int, metavar="N", help="Speed task timed runs, median reported (default 3).")
+@click.option("--json", "json_path", metavar="FILE", help="Write the machine-readable report here.")
+@click.option("--output", "-o", metavar="DIR", help="Write report.json, report.md and report.html here.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Compute dtype (auto: the checkpoint's).")
+@click.pass_context
+@_friendly_errors
+def eval_cmd(ctx: click.Context, model: str, baseline: str | None, tasks: str | None, data: str | None,
+             seq_len: int | None, stride: int | None, bos: bool, max_tokens: int | None, batch_size: int | None,
+             prompts: str | None, draft: str | None, batch_sizes: str | None, speed_configs: str | None,
+             prompt_len: int | None, new_tokens: int | None, repeats: int | None, json_path: str | None, output: str | None, device: str, dtype: str) -> None:
+    """Evaluate MODEL (a Hub id, a model directory or a compress checkpoint), against --baseline.
+
+    \b
+    Perplexity (stated protocol), KL divergence and greedy agreement with the baseline, outputs side by
+    side, memory (disk, weights by dtype, KV cache, peak), generation speed and speculative decoding.
+    Example:
+      compress eval compressed/w4 --baseline ORIGINAL --data wiki.test.raw --json w4.json --output reports/w4
+    """
+    from compress.eval.report import summary
+    from compress.eval.runner import evaluate, eval_spec, write_outputs
+
+    spec = eval_spec({"tasks": _split_list(tasks), "data": _cwd_path(data), "seq_len": seq_len, "stride": stride,
+                      "bos": bos or None, "max_tokens": max_tokens, "batch_size": batch_size,
+                      "prompts": _cwd_path(prompts), "speculative": {"draft": _cwd_path(draft)},
+                      "speed": {"batch_sizes": _split_list(batch_sizes), "configs": _split_list(speed_configs),
+                                "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats}})
+    report = evaluate(_cwd_path(model), spec, _cwd_path(baseline), device, dtype)
+    click.echo(summary(report))
+    for path in write_outputs(report, json_path, output):
+        click.echo(f"wrote {path}")
+
+
+@cli.command("report")
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--output", "-o", metavar="DIR", help="Write report.md and report.html here (default: print the "
+              "Markdown).")
+@click.pass_context
+@_friendly_errors
+def report_cmd(ctx: click.Context, reports: tuple[str, ...], output: str | None) -> None:
+    """Merge the JSON reports of several `compress eval` runs into one comparison.
+
+    Perplexities measured under different protocols (window, stride, BOS, text) go in separate tables.
+    """
+    from compress.eval.render import to_markdown
+    from compress.eval.report import document, load_reports, write_document
+
+    runs = load_reports(list(reports))
+    if output is None:
+        click.echo(to_markdown(document(runs)))
+        return
+    for path in write_document(runs, output).values():
+        click.echo(f"wrote {path}")
+
+
 def _default_output(model_ref: str, recipe: str) -> str:
     return str(Path("compressed") / f"{Path(model_ref).name}-{Path(recipe).stem}")
 

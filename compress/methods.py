@@ -69,6 +69,11 @@ class Method:
         recipe may quantize them again)."""
         return False
 
+    def needs_reference(self, config: MethodConfig) -> bool:
+        """True when the method also wants each block's uncompressed copy and its inputs in the uncompressed
+        model (``work.reference``), e.g. to fit compressed layers to the original model's outputs."""
+        return False
+
     def check_targets(self, targets: dict[str, nn.Module], config: MethodConfig) -> list[Problem]:
         """Model-aware check on the meta device, before any weight is loaded.
 

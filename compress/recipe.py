@@ -79,7 +79,8 @@ class SpeedSpec(_Section):
         description="static-compile: static KV cache + torch.compile (CUDA only)")
     prompt_len: int = Field(128, ge=1)
     new_tokens: int = Field(256, ge=2)
-    no_cache_new_tokens: int = Field(64, ge=2, description="new tokens without a KV cache (each step re-reads the prompt)")
+    no_cache_new_tokens: int = Field(64, ge=2, description="at most this many new tokens without a KV cache (each step re-reads the "
+                                     "whole sequence)")
     warmup: int = Field(2, ge=0)
     repeats: int = Field(3, ge=1, description="timed runs; the median is reported")
     mixed_requests: int = Field(32, ge=0, description="requests of mixed prompt/output lengths for batched "

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--load-device", default=None, help="where the model sits while compressed (default: --device)")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
-    parser.add_argument("--config", action="append", default=[], help="a step as JSON (repeatable)")
+    parser.add_argument("--config", action="append", default=[], help="a step, or a list of steps, as JSON (repeatable)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         model = fresh()
         _sync()
         start = time.perf_counter()
-        compress.apply(model, [step], calib=calib, device=args.device)
+        compress.apply(model, step if isinstance(step, list) else [step], calib=calib, device=args.device)
         _sync()
         seconds = time.perf_counter() - start
         value = ppl(model)

@@ -19,6 +19,10 @@ CASES: dict[str, list[dict]] = {
              {"scheme": "absmax", "granularity": "tensor"}, {"scheme": "zero_point", "granularity": "group", "group_size": 64}],
     "rtn": [{"bits": 4, "group_size": 64}, {"bits": 3, "group_size": 128, "symmetric": False},
             {"bits": 2, "group_size": None}, {"bits": 8, "group_size": 32, "clip_search": True}],
+    "gptq": [{"bits": 4, "group_size": 64}, {"bits": 3, "group_size": 32, "act_order": False, "symmetric": False},
+             {"bits": 4, "group_size": None, "mse": True, "sequential": False}, {"bits": 4, "fit_original": True}],
+    "awq": [{"bits": 4, "group_size": 64, "search_tokens": 128, "clip_tokens": 64},
+            {"bits": 3, "symmetric": True, "clip": False, "grid": 4, "fit_original": True}],
 }
 CASE_IDS = [(m, i) for m, cases in CASES.items() for i in range(len(cases))]
 

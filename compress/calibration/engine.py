@@ -11,6 +11,7 @@ GPU memory is about one block plus its activations.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -62,6 +63,35 @@ def block_output(out: object) -> torch.Tensor:
 
 
 @dataclass
+class Reference:
+    """The uncompressed copy of a block and the inputs it has in the uncompressed model."""
+
+    block: nn.Module
+    inputs: BlockInputs
+
+
+def _run_until(block: nn.Module, call: tuple[tuple, dict], layers: dict[str, nn.Module],
+               fn: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``block`` on one call until each of ``layers`` has had ``fn(name, input)`` called."""
+    wanted, seen = set(layers), set()
+
+    def see(_module: nn.Module, args: tuple, name: str) -> None:
+        fn(name, args[0])
+        seen.add(name)
+        if seen >= wanted:
+            raise _StopForward
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: see(mod, a, n)) for n, m in layers.items()]
+    try:
+        block(*call[0], **call[1])
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
 class BlockWork:
     """One decoder block as a method sees it while compressing it."""
 
@@ -71,6 +101,7 @@ class BlockWork:
     targets: dict[str, nn.Module]  # qualified name -> layer, for the step being applied
     inputs: BlockInputs | None
     device: torch.device
+    reference: Reference | None = None  # the block as it was, on the uncompressed model's inputs
     _groups: list[list[str]] | None = field(default=None, repr=False)
 
     def local(self, qualified: str) -> str:
@@ -109,24 +140,23 @@ class BlockWork:
     def collect_inputs(self, layers: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> None:
         """Run the block on every calibration batch only as far as needed for ``fn(name, x)`` to see the
         input of each listed layer (the rest of the block is skipped)."""
-        wanted = set(layers)
-        seen: set[str] = set()
-
-        def see(name: str, x: torch.Tensor) -> None:
-            fn(name, x)
-            seen.add(name)
-            if seen >= wanted:
-                raise _StopForward
-
         if self.inputs is None:
             raise RuntimeError("collect_inputs() needs calibration inputs; the method must declare Needs.CALIBRATION")
-        with self.observe(layers, see):
-            for args, kwargs in self.inputs.calls:
-                seen.clear()
-                try:
-                    self.block(*args, **kwargs)
-                except _StopForward:
-                    pass
+        for call in self.inputs.calls:
+            _run_until(self.block, call, layers, fn)
+
+    @torch.no_grad()
+    def collect_input_pairs(self, layers: dict[str, nn.Module],
+                            fn: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+        """Like :meth:`collect_inputs`, but ``fn(name, x_reference, x)`` also gets the input the layer has in
+        the uncompressed model (the reference block on the reference inputs), batch by batch."""
+        if self.reference is None:
+            raise RuntimeError("collect_input_pairs() needs the reference stream; the method must ask for it")
+        ref_layers = {n: self.reference.block.get_submodule(self.local(n)) for n in layers}
+        for b in range(len(self.inputs.calls)):
+            seen: dict[str, torch.Tensor] = {}
+            _run_until(self.reference.block, self.reference.inputs.calls[b], ref_layers, seen.__setitem__)
+            _run_until(self.block, self.inputs.calls[b], layers, lambda n, x: fn(n, seen[n], x))
 
     def linear_groups(self) -> list[list[str]]:
         """The targets grouped by the tensor they read (q/k/v; o; gate/up; down), in execution order."""
@@ -222,6 +252,7 @@ class StepWork:
     apply: Callable[[BlockWork], None]
     targets: list[str]
     needs_inputs: bool
+    needs_reference: bool = False
 
 
 def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: CalibrationSet | None,
@@ -231,6 +262,7 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
     if needs_inputs and calib is None:
         raise ValueError("a step needs calibration inputs but no calibration set was given")
     inputs = capture_block_inputs(model, blocks, calib, device, batch_size) if needs_inputs else None
+    ref_inputs = inputs if any(s.needs_reference for s in steps) else None
     names = blocks.names()
     in_blocks: set[str] = set()
     last = len(blocks.modules) - 1
@@ -240,15 +272,18 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
         home = _module_device(block)
         block.to(device)
         prefix = name + "."
+        reference = Reference(copy.deepcopy(block), ref_inputs) if ref_inputs is not None else None
         for step in steps:
             hit = [t for t in step.targets if t.startswith(prefix)]
             in_blocks.update(hit)
             if hit:
-                work = BlockWork(i, name, block, {t: model.get_submodule(t) for t in hit}, inputs, device)
+                work = BlockWork(i, name, block, {t: model.get_submodule(t) for t in hit}, inputs, device, reference)
                 step.apply(work)
         if inputs is not None and i < last:
-            work = BlockWork(i, name, block, {}, inputs, device)
-            inputs = inputs.with_hidden(work.forward())
+            inputs = inputs.with_hidden(BlockWork(i, name, block, {}, inputs, device).forward())
+            if reference is not None:
+                ref_inputs = ref_inputs.with_hidden(BlockWork(i, name, reference.block, {}, ref_inputs, device).forward())
+        del reference
         block.to(home)
     for step in steps:  # layers outside the decoder blocks (data-free methods only; checked beforehand)
         rest = [t for t in step.targets if t not in in_blocks]

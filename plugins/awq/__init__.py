@@ -45,6 +45,8 @@ class AWQConfig(IntWeightConfig):
     clip_tokens: int = Field(4096, ge=1, description="input rows sampled per layer for the clipping search")
     quantize: bool = Field(True, description="write packed int weights; false leaves scaled float weights for a "
                                              "following quantizer (e.g. gptq)")
+    fit_original: bool = Field(False, description="search scales against the uncompressed model's block outputs "
+                                                  "instead of the block's float outputs on the compressed inputs")
 
 
 class AWQ(Method):
@@ -55,6 +57,9 @@ class AWQ(Method):
 
     def quantizes(self, config: AWQConfig) -> bool:
         return config.quantize
+
+    def needs_reference(self, config: AWQConfig) -> bool:
+        return config.fit_original
 
     def check_targets(self, targets, config: AWQConfig) -> list[Problem]:
         return group_size_problems(targets, config.group_size)
@@ -67,7 +72,11 @@ class AWQ(Method):
         self._report_missing(work, [g for g in groups if absorbers[g[0]] is None])
         x_mean, samples = self._input_statistics(work, groups, config.clip_tokens)
         limit = _batches_for(work, config.search_tokens)
-        reference = work.forward(limit)
+        if config.fit_original:
+            reference = BlockWork(work.index, work.name, work.reference.block, {}, work.reference.inputs,
+                                  work.device).forward(limit)
+        else:
+            reference = work.forward(limit)
         for group in groups:
             absorber = absorbers[group[0]]
             if absorber is None:

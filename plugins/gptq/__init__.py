@@ -32,6 +32,9 @@ class GPTQConfig(IntWeightConfig):
     mse: bool = Field(False, description="search each group's clipping range for the least weight error")
     sequential: bool = Field(True, description="collect each layer group's inputs after the earlier groups "
                                                "of the block were quantized")
+    fit_original: bool = Field(False, description="fit the uncompressed model's layer outputs (on its own "
+                                                  "inputs) rather than the layer's outputs on the compressed "
+                                                  "model's inputs (GPTAQ's asymmetric calibration)")
 
 
 class GPTQ(Method):
@@ -43,6 +46,9 @@ class GPTQ(Method):
     def quantizes(self, config: GPTQConfig) -> bool:
         return True
 
+    def needs_reference(self, config: GPTQConfig) -> bool:
+        return config.fit_original
+
     def check_targets(self, targets, config: GPTQConfig) -> list[Problem]:
         return group_size_problems(targets, config.group_size)
 
@@ -50,16 +56,20 @@ class GPTQ(Method):
         groups = work.linear_groups()
         if config.sequential:
             for group in groups:
-                self._quantize_group(work, group, self._hessians(work, [group])[0], config)
+                self._quantize_group(work, group, self._hessians(work, [group], config.fit_original)[0], config)
         else:
-            for group, hessian in zip(groups, self._hessians(work, groups)):
+            for group, hessian in zip(groups, self._hessians(work, groups, config.fit_original)):
                 self._quantize_group(work, group, hessian, config)
 
     @staticmethod
-    def _hessians(work: BlockWork, groups: list[list[str]]) -> list[Hessian]:
+    def _hessians(work: BlockWork, groups: list[list[str]], cross: bool) -> list[Hessian]:
         """One Hessian per group, from the inputs of its first layer (all its layers read the same input)."""
-        hessians = {g[0]: Hessian(linear_shape(work.targets[g[0]])[0], work.device) for g in groups}
-        work.collect_inputs({g[0]: work.targets[g[0]] for g in groups}, lambda name, x: hessians[name].add(x))
+        hessians = {g[0]: Hessian(linear_shape(work.targets[g[0]])[0], work.device, cross) for g in groups}
+        leaders = {g[0]: work.targets[g[0]] for g in groups}
+        if cross:
+            work.collect_input_pairs(leaders, lambda name, x_ref, x: hessians[name].add(x, x_ref))
+        else:
+            work.collect_inputs(leaders, lambda name, x: hessians[name].add(x))
         return [hessians[g[0]] for g in groups]
 
     @staticmethod
@@ -69,7 +79,7 @@ class GPTQ(Method):
         weight = torch.cat([get_weight(layer).to(work.device) for layer in layers])
         label = ", ".join(group)
         result = gptq(weight, hessian.H, config.int_scheme(), layers[0].weight.dtype, config.damp,
-                      config.block_size, config.act_order, config.mse, label)
+                      config.block_size, config.act_order, config.mse, label, hessian.C)
         parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows))
         for name, layer, codes, scale, zero in parts:
             work.replace(name, quantize_layer(layer, config.int_scheme(), work.device, scale, zero, codes))

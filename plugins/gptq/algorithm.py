@@ -13,6 +13,7 @@ Dead inputs (always zero) get zero weights.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from compress import quant
 from compress.errors import CalibrationError
 from compress.quant import IntScheme
+from compress.plugins.gptq.sweep import sweep
 
 log = logging.getLogger(__name__)
 
@@ -27,19 +29,27 @@ MAX_DAMP_RETRIES = 4
 
 
 class Hessian:
-    """Running H = 2/n * sum(x x^T) of a layer's inputs, in float32."""
+    """Running H = 2/n * sum(x^T x) of a layer's inputs x [n, in], in float32.
 
-    def __init__(self, columns: int, device: torch.device):
+    With ``x_reference`` (the inputs the layer has in the uncompressed model, row for row) it also keeps
+    C = 2/n * sum(x_reference^T x), for the asymmetric objective ||x_reference W^T - x Q^T||.
+    """
+
+    def __init__(self, columns: int, device: torch.device, cross: bool = False):
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.C = torch.zeros_like(self.H) if cross else None
         self.count = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_reference: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
         n = x.shape[0]
-        self.H.mul_(self.count / (self.count + n))
+        keep = self.count / (self.count + n)
         self.count += n
         x = x * (2 / self.count) ** 0.5
-        self.H.addmm_(x.t(), x)
+        self.H.mul_(keep).addmm_(x.t(), x)
+        if self.C is not None:
+            xr = x_reference.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32) * (2 / self.count) ** 0.5
+            self.C.mul_(keep).addmm_(xr.t(), x)
 
 
 @dataclass
@@ -50,22 +60,29 @@ class GPTQResult:
     damp: float  # the damping finally used (fraction of the mean diagonal)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float, label: str) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of H^-1, with damping raised tenfold until the factorisation succeeds."""
+def _damped_cholesky(H: torch.Tensor, damp: float, label: str) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of H + damp * mean(diag H) * I, damping raised tenfold until it succeeds, and
+    the damping used."""
     mean_diag = torch.diag(H).mean()
     eye = torch.eye(H.shape[0], device=H.device)
     for attempt in range(MAX_DAMP_RETRIES + 1):
         L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
         if int(info) == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if int(info) == 0:
-                return U, damp
+            return L, damp
         if attempt < MAX_DAMP_RETRIES:
             log.warning("%s: Hessian not positive definite with damp=%g; retrying with damp=%g", label, damp, damp * 10)
             damp *= 10
     raise CalibrationError(f"{label}: Hessian stays singular up to damp={damp:g}; the calibration data may be "
                            "too small or degenerate for this layer: give more samples, or ignore the layer")
+
+
+def _inverse_cholesky(L: torch.Tensor, label: str) -> torch.Tensor:
+    """Upper Cholesky factor of (L L^T)^-1."""
+    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+    if int(info) != 0:
+        raise CalibrationError(f"{label}: the inverse Hessian lost positive definiteness (ill-conditioned "
+                               "inputs); raise damp, or ignore the layer")
+    return U
 
 
 def _group_qparams(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, mse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,48 +92,48 @@ def _group_qparams(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, mse: 
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, damp: float = 0.01,
-         block_size: int = 128, act_order: bool = False, mse: bool = False, label: str = "layer") -> GPTQResult:
-    """Quantize ``weight`` [out, in] with the GPTQ column sweep given its inputs' Hessian ``H`` [in, in]."""
+         block_size: int = 128, act_order: bool = False, mse: bool = False, label: str = "layer",
+         cross: torch.Tensor | None = None) -> GPTQResult:
+    """Quantize ``weight`` [out, in] with the GPTQ column sweep given its inputs' Hessian ``H`` [in, in].
+
+    ``cross`` (C of :class:`Hessian`) switches to the asymmetric objective: the sweep then starts from
+    W + W (C - H) (H + damp)^-1, the best unquantized weight for the layer's actual inputs (GPTAQ).
+    """
     W = weight.to(torch.float32).clone()
     H = H.clone()
     out_f, columns = W.shape
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    L, damp = _damped_cholesky(H, damp, label)
+    if cross is not None:
+        W += torch.cholesky_solve((W @ (cross - H)).t(), L).t()
+        W[:, dead] = 0
     gs = scheme.group_size if scheme.granularity == "group" else columns
     scale = torch.empty(out_f, columns // gs, dtype=torch.float32, device=W.device)  # values exact in dtype
     zero = torch.empty_like(scale)
-    perm = None
-    if act_order or scheme.granularity != "group":  # static qparams from the whole (original) weight
+    dynamic_groups = not act_order and scheme.granularity == "group"
+    if not dynamic_groups:  # static qparams from the whole weight, before any update
         s, z = _group_qparams(W, scheme, dtype, mse)
         scale.copy_(s.float().expand_as(scale))
         zero.copy_(z.expand_as(zero))
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-    U, damp = _inverse_cholesky(H, damp, label)
-    group_of = ((perm if perm is not None else torch.arange(columns)) // gs).tolist()
+        L, damp = _damped_cholesky(H, damp, label)
+    U = _inverse_cholesky(L, label)
+    group_of = (perm if perm is not None else torch.arange(columns, device=W.device)) // gs
     codes = torch.empty(out_f, columns, dtype=torch.float32, device=W.device)
-    dynamic_groups = not act_order and scheme.granularity == "group"
-    for i1 in range(0, columns, block_size):
-        i2 = min(i1 + block_size, columns)
-        W1 = W[:, i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if dynamic_groups and col % gs == 0:  # qparams from the group's current (updated) weights
-                current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :gs]
-                s, z = _group_qparams(current, scheme, dtype, mse)
-                scale[:, col // gs], zero[:, col // gs] = s[:, 0].float(), z[:, 0]
-            s, z = scale[:, group_of[col]], zero[:, group_of[col]]
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, 0, scheme.maxq)
-            codes[:, col] = q
-            err = (w - (q - z) * s) / U1[i, i]
-            W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)
+    step = math.gcd(gs, block_size) if dynamic_groups else block_size  # dynamic groups start a block
+    for i1 in range(0, columns, step):
+        i2 = min(i1 + step, columns)
+        if dynamic_groups and i1 % gs == 0:  # qparams from the group's current (updated) weights
+            s, z = _group_qparams(W[:, i1 : i1 + gs], scheme, dtype, mse)
+            scale[:, i1 // gs], zero[:, i1 // gs] = s[:, 0].float(), z[:, 0]
+        g = group_of[i1:i2]
+        block_codes, err = sweep(W[:, i1:i2], U[i1:i2, i1:i2], scale[:, g], zero[:, g], scheme.maxq)
+        codes[:, i1:i2] = block_codes
+        W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1)
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return GPTQResult(codes.to(torch.uint8), scale.to(dtype), zero, damp)
