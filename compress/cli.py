@@ -18,7 +18,7 @@ log = logging.getLogger("compress")
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "ContinuousBatchingLogger"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -189,7 +189,8 @@ def _split_list(value: str | None) -> list[str] | None:
 def eval_cmd(ctx: click.Context, model: str, baseline: str | None, tasks: str | None, data: str | None,
              seq_len: int | None, stride: int | None, bos: bool, max_tokens: int | None, batch_size: int | None,
              prompts: str | None, draft: str | None, batch_sizes: str | None, speed_configs: str | None,
-             prompt_len: int | None, new_tokens: int | None, repeats: int | None, json_path: str | None, output: str | None, device: str, dtype: str) -> None:
+             prompt_len: int | None, new_tokens: int | None, repeats: int | None, json_path: str | None,
+             output: str | None, device: str, dtype: str) -> None:
     """Evaluate MODEL (a Hub id, a model directory or a compress checkpoint), against --baseline.
 
     \b

@@ -79,8 +79,8 @@ class SpeedSpec(_Section):
         description="static-compile: static KV cache + torch.compile (CUDA only)")
     prompt_len: int = Field(128, ge=1)
     new_tokens: int = Field(256, ge=2)
-    no_cache_new_tokens: int = Field(64, ge=2, description="at most this many new tokens without a KV cache (each step re-reads the "
-                                     "whole sequence)")
+    no_cache_new_tokens: int = Field(64, ge=2, description="at most this many new tokens without a KV cache "
+                                     "(each step re-reads the whole sequence)")
     warmup: int = Field(2, ge=0)
     repeats: int = Field(3, ge=1, description="timed runs; the median is reported")
     mixed_requests: int = Field(32, ge=0, description="requests of mixed prompt/output lengths for batched "
@@ -105,8 +105,8 @@ class EvalSpec(_Section):
     """Evaluation of a model against its original (``compress eval``; after ``compress apply`` when a recipe
     has an ``eval:`` section)."""
 
-    tasks: list[Literal[EVAL_TASKS]] = Field(
-        default_factory=lambda: ["ppl", "kl", "samples", "memory"], min_length=1)
+    tasks: list[Literal[EVAL_TASKS]] | None = Field(
+        None, min_length=1, description="default: ppl, kl (when there is a baseline), samples, memory")
     data: str | None = Field(None, description="a text file (read as is), a .jsonl/.parquet file, or "
                              "DATASET_ID[:CONFIG[:SPLIT]]; default: WikiText-2 raw, test split")
     seq_len: int | None = Field(None, ge=8, description="perplexity window; default: min(2048, the model's context)")
@@ -114,7 +114,8 @@ class EvalSpec(_Section):
     bos: bool = Field(False, description="prepend the BOS token to every window")
     max_tokens: int | None = Field(None, ge=1, description="evaluate the first MAX_TOKENS tokens only")
     batch_size: int = Field(8, ge=1, description="windows per forward pass")
-    kl_tokens: int = Field(16384, ge=1, description="tokens of the evaluation text for the KL divergence")
+    kl_tokens: int = Field(16384, ge=1, description="tokens of the evaluation text for the KL divergence "
+                           "(at most max_tokens)")
     prompts: str | None = Field(None, description="a file of prompts, one a line (default: a built-in set)")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per prompt (samples task)")
     seed: int = 0

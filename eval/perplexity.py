@@ -4,6 +4,8 @@ Default (the GPTQ / AWQ papers' protocol): tokenize the whole text once, cut it 
 windows of ``seq_len`` tokens (the remainder is dropped), and report exp(mean NLL) over every predicted
 token (``seq_len - 1`` per window). Options: a sliding ``stride`` (each window scores only its last
 ``stride`` tokens, with the rest as context), a BOS token prepended to every window, and a cap on tokens.
+
+Windows are scored in batches on the model's device; the NLL is summed in float32 from each row's logits.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from compress.errors import DataError
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -27,9 +31,20 @@ class Protocol:
     max_tokens: int | None = None
     text: str = ""  # the data's name
     join: str = ""  # how documents were joined ("\n\n" for datasets splits; "" for a file read as is)
+    text_sha256: str = ""  # the text's digest, when known: the same name with other contents is another text
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line for reports, e.g. ``valid.txt, 1024-token windows (non-overlapping), no BOS``."""
+        windows_ = "non-overlapping" if self.stride is None else f"stride {self.stride}"
+        parts = [self.text or "(text)", f"{self.seq_len}-token windows ({windows_})", "BOS" if self.bos else "no BOS"]
+        if self.max_tokens is not None:
+            parts.append(f"first {self.max_tokens} tokens")
+        if self.join:
+            parts.append(f"documents joined with {self.join!r}")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,9 @@ class PerplexityResult:
 
 def windows(ids: torch.Tensor, protocol: Protocol, bos_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The input windows [W, L] and, for each, how many of its last positions are scored [W]."""
+    if protocol.stride is not None and not 0 < protocol.stride <= protocol.seq_len - 1:
+        raise DataError(f"stride {protocol.stride} must be between 1 and seq_len - 1 ({protocol.seq_len - 1}): "
+                        "a larger stride would skip tokens")
     if protocol.max_tokens is not None:
         ids = ids[: protocol.max_tokens]
     body = protocol.seq_len - 1 if protocol.bos else protocol.seq_len
@@ -58,9 +76,13 @@ def windows(ids: torch.Tensor, protocol: Protocol, bos_id: int | None) -> tuple[
         starts = list(range(0, max(ids.numel() - body, 0) + 1, protocol.stride))
         wins = torch.stack([ids[s : s + body] for s in starts]) if starts else ids.new_zeros(0, body)
         scored = torch.tensor([body - (0 if protocol.bos else 1)] + [protocol.stride] * (len(starts) - 1))
+    if wins.shape[0] == 0:
+        raise DataError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {protocol.seq_len}; "
+                        "give more text or a smaller --seq-len")
     if protocol.bos:
         if bos_id is None:
-            raise ValueError("the protocol asks for a BOS token but the tokenizer has none")
+            raise DataError("the protocol asks for a BOS token before every window, but the tokenizer has none; "
+                            "drop the BOS option")
         wins = torch.cat([torch.full((wins.shape[0], 1), bos_id, dtype=wins.dtype), wins], dim=1)
     return wins, scored
 
@@ -71,8 +93,6 @@ def perplexity(model: nn.Module, ids: torch.Tensor, protocol: Protocol, bos_id: 
     """Perplexity of ``model`` on the 1-D token tensor ``ids`` under ``protocol``."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     wins, scored = windows(ids, protocol, bos_id)
-    if wins.shape[0] == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {protocol.seq_len}")
     nll_sum, count = 0.0, 0
     for start in tqdm(range(0, wins.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress or None):
         batch = wins[start : start + batch_size].to(device)

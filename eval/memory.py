@@ -1,0 +1,97 @@
+"""What a model costs in bytes: on disk, in memory by dtype, at peak during generation, and per token of
+KV cache.
+
+KV-cache bytes per token = 2 (keys and values) x layers x KV heads x head dim x bytes of the compute dtype:
+weight compression does not shrink it, so at long contexts it can outweigh the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from compress.model import is_local_reference
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_bytes(ref: str) -> int | None:
+    """Bytes of the model's files on disk (a local directory, or a Hub id already in the local cache)."""
+    path = Path(ref).expanduser() if is_local_reference(ref) else _hub_snapshot(ref)
+    if path is None or not path.is_dir():
+        return None
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _hub_snapshot(ref: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref, local_files_only=True))
+    except Exception as exc:  # huggingface_hub raises several types for "not in the cache"
+        log.info("checkpoint size of %s unknown: not in the local Hub cache (%s)", ref, type(exc).__name__)
+        return None
+
+
+def tensor_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
+    """Bytes of the parameters and buffers in memory, by dtype; tensors shared by several modules (tied
+    embeddings) are counted once."""
+    seen: set[tuple[int, int]] = set()
+    by_dtype: dict[str, int] = defaultdict(int)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if tensor.device.type == "meta" or key in seen:
+            continue
+        seen.add(key)
+        by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
+    return dict(sorted(by_dtype.items()))
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations (and the KV cache) are computed in: the input embeddings'."""
+    return model.get_input_embeddings().weight.dtype
+
+
+def kv_cache_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """2 x layers x KV heads x head dim x bytes, for one sequence."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+
+
+@torch.no_grad()
+def peak_generation_bytes(model: nn.Module, prompt_len: int, new_tokens: int, pad_token_id: int = 0) -> int | None:
+    """Peak CUDA memory allocated while generating ``new_tokens`` after a random prompt (batch 1); None on CPU."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return None
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, prompt_len), device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=pad_token_id)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def memory_report(model: nn.Module, ref: str | None, context: int, prompt_len: int = 128,
+                  new_tokens: int = 128, pad_token_id: int = 0) -> dict:
+    """The ``memory`` task for one model: ``context`` is the tested context length (the perplexity window)."""
+    by_dtype = tensor_bytes_by_dtype(model)
+    per_token = kv_cache_bytes_per_token(model.config, compute_dtype(model))
+    return {
+        "checkpoint_bytes": checkpoint_bytes(ref) if ref else None,
+        "tensor_bytes_by_dtype": by_dtype,
+        "tensor_bytes": sum(by_dtype.values()),
+        "kv_cache_bytes_per_token": per_token,
+        "context": context,
+        "kv_cache_bytes_at_context": per_token * context,
+        "peak_generation_bytes": peak_generation_bytes(model, prompt_len, new_tokens, pad_token_id),
+        "peak_generation_setting": {"batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens},
+    }

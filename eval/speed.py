@@ -1,0 +1,176 @@
+"""Generation speed with transformers' ``generate``: prefill and decode tokens per second, per KV-cache
+configuration and batch size.
+
+Configurations:
+
+* ``no-cache``: every step re-reads the whole sequence (``use_cache=False``);
+* ``dynamic``: the default growing KV cache, eager;
+* ``static``: a preallocated KV cache, eager (``disable_compile``: transformers would otherwise compile it);
+* ``static-compile``: a static KV cache with the decode step under ``torch.compile`` (mode reduce-overhead,
+  CUDA graphs), through transformers' own ``compile_config`` path, as in the anchors. CUDA only: on a CPU
+  the row is reported as skipped.
+
+Timing: a logits processor marks the moment each step's logits are ready (a CUDA event on a GPU, so
+marking costs no synchronisation; ``perf_counter`` on a CPU). Prefill time is from the call to the first
+mark (it includes generate's setup: time to first token); decode time is from the first mark to the last,
+for ``new_tokens - 1`` steps. ``min_new_tokens`` keeps an EOS from ending a run early. Each row runs
+``warmup`` untimed generations (compilation, CUDA-graph capture, allocator) and reports the median of
+``repeats`` timed ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
+
+from compress.recipe import SpeedSpec
+
+log = logging.getLogger(__name__)
+
+# fullgraph: a graph break fails loudly instead of silently timing a half-compiled model (checked with
+# compress's IntLinear on transformers 5.17 and 5.24); dynamic=False: decode shapes are fixed per batch size.
+COMPILE = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+
+
+class StepClock(LogitsProcessor):
+    """Marks the time each generation step's logits are ready; passes the scores through unchanged."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def _now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self.marks = [self._now()]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.marks.append(self._now())
+        return scores
+
+    def seconds(self, first: int, last: int) -> float:
+        """Seconds between two marks (after the work has finished)."""
+        if self.cuda:
+            self.marks[last].synchronize()
+            return self.marks[first].elapsed_time(self.marks[last]) / 1000
+        return self.marks[last] - self.marks[first]
+
+
+def config_kwargs(config: str) -> dict:
+    """``generate`` keyword arguments for a configuration name."""
+    if config == "no-cache":
+        return {"use_cache": False}
+    if config == "dynamic":
+        return {}
+    if config == "static":
+        return {"cache_implementation": "static", "disable_compile": True}
+    if config == "static-compile":
+        return {"cache_implementation": "static", "compile_config": COMPILE}
+    raise ValueError(f"unknown speed configuration {config!r}")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_prompts(model: nn.Module, batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Token ids [batch, length] drawn uniformly from the vocabulary (speed does not depend on them)."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.config.get_text_config().vocab_size
+    return torch.randint(0, vocab, (batch, length), generator=gen).to(model_device(model))
+
+
+@torch.no_grad()
+def time_generation(model: nn.Module, config: str, batch: int, prompt_len: int, new_tokens: int, warmup: int,
+                    repeats: int, pad_token_id: int = 0) -> dict:
+    """One row of the speed table: medians of prefill and decode time, as seconds and tokens per second."""
+    device = model_device(model)
+    ids = random_prompts(model, batch, prompt_len)
+    clock = StepClock(device)
+    kwargs = {**config_kwargs(config), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "pad_token_id": pad_token_id, "attention_mask": torch.ones_like(ids),
+              "logits_processor": LogitsProcessorList([clock])}
+    prefill, decode = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for run in range(warmup + repeats):
+        synchronize(device)
+        clock.start()
+        model.generate(ids, **kwargs)
+        if run >= warmup:
+            prefill.append(clock.seconds(0, 1))
+            decode.append(clock.seconds(1, -1))
+    prefill_s, decode_s = statistics.median(prefill), statistics.median(decode)
+    steps = new_tokens - 1
+    return {
+        "config": config, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "prefill_s": prefill_s, "decode_s": decode_s,
+        "prefill_tok_s": batch * prompt_len / prefill_s,
+        "decode_tok_s": batch * steps / decode_s,
+        "ms_per_step": 1000 * decode_s / steps,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    }
+
+
+def skipped_row(config: str, batch: int, spec: SpeedSpec, reason: str) -> dict:
+    return {"config": config, "batch": batch, "prompt_len": spec.prompt_len, "new_tokens": _new_tokens(config, spec),
+            "skipped": reason}
+
+
+def _new_tokens(config: str, spec: SpeedSpec) -> int:
+    return min(spec.no_cache_new_tokens, spec.new_tokens) if config == "no-cache" else spec.new_tokens
+
+
+def _recompile_headroom():
+    """Room for one compiled graph per model and batch size (dynamo's default limit is 8 per code object,
+    which every model of a class shares)."""
+    dynamo_config = torch._dynamo.config
+    if hasattr(dynamo_config, "recompile_limit"):
+        return dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, 64))
+    return contextlib.nullcontext()
+
+
+def speed_table(model: nn.Module, spec: SpeedSpec, pad_token_id: int = 0, progress: bool = True) -> list[dict]:
+    """Rows for every configuration x batch size of ``spec``. A row that runs out of GPU memory is reported
+    as skipped (with the reason) rather than ending the benchmark."""
+    device = model_device(model)
+    rows = []
+    cells = [(c, b) for c in spec.configs for b in spec.batch_sizes]
+    with _recompile_headroom():
+        for config, batch in tqdm(cells, desc="speed", unit="row", disable=not progress or None):
+            if config == "static-compile" and device.type != "cuda":
+                rows.append(skipped_row(config, batch, spec, "torch.compile with CUDA graphs needs a CUDA device"))
+                continue
+            try:
+                rows.append(time_generation(model, config, batch, spec.prompt_len, _new_tokens(config, spec),
+                                            spec.warmup, spec.repeats, pad_token_id))
+            except torch.OutOfMemoryError:
+                log.warning("speed: %s at batch %d ran out of GPU memory; skipped", config, batch)
+                torch.cuda.empty_cache()
+                rows.append(skipped_row(config, batch, spec, "out of GPU memory"))
+            log.info("speed: %s", _describe(rows[-1]))
+    return rows
+
+
+def _describe(row: dict) -> str:
+    if "skipped" in row:
+        return f"{row['config']} batch {row['batch']}: skipped ({row['skipped']})"
+    return (f"{row['config']} batch {row['batch']}: prefill {row['prefill_tok_s']:.0f} tok/s, "
+            f"decode {row['decode_tok_s']:.1f} tok/s")

@@ -1,0 +1,116 @@
+"""`compress eval` end to end on tiny models, a recipe's eval: section after `compress apply`, and bad inputs
+failing with exit code 2 and a message that says what to do."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import compress
+from compress.cli import cli
+from compress.model import load_tokenizer
+from conftest import REPO
+
+FAST = ["--seq-len", "32", "--max-tokens", "256"]
+
+
+def run(args: list[str]):
+    return CliRunner().invoke(cli, args, obj={})
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("eval-data") / "readme.txt"
+    path.write_text((REPO / "README.md").read_text())
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_dirs, tmp_path_factory) -> Path:
+    """The tiny qwen2 model, 4-bit RTN, saved as a compress checkpoint with its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2"])
+    compress.apply(model, [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}], device="cpu")
+    path = tmp_path_factory.mktemp("ck") / "qwen2-w4"
+    compress.save(model, path, tokenizer=load_tokenizer(str(tiny_dirs["qwen2"])))
+    return path
+
+
+def test_eval_against_a_baseline_writes_every_report(checkpoint, tiny_dirs, text, tmp_path: Path) -> None:
+    out, report_dir = tmp_path / "run.json", tmp_path / "reports"
+    result = run(["eval", str(checkpoint), "--baseline", str(tiny_dirs["qwen2"]), "--data", str(text), *FAST,
+                  "--tasks", "ppl,kl,memory", "--json", str(out), "--output", str(report_dir)])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"perplexity [\d.]+ vs [\d.]+ for the baseline \([+-][\d.]+%\) \[readme\.txt, 32-token windows",
+                     result.output)
+    assert re.search(r"mean KL vs baseline [\d.]+ nats, top-1 agreement [\d.]+% over 248 tokens", result.output)
+    report = json.loads(out.read_text())
+    assert isinstance(report["perplexity"], float) and isinstance(report["baseline"]["perplexity"], float)
+    assert report["models"]["baseline"]["ref"] == str(tiny_dirs["qwen2"])
+    memory = report["memory"]
+    assert memory["model"]["checkpoint_bytes"] < memory["baseline"]["checkpoint_bytes"]
+    assert memory["model"]["tensor_bytes_by_dtype"]["uint8"] > 0
+    assert {p.name for p in report_dir.iterdir()} >= {"report.json", "report.md", "report.html"}
+
+
+def test_recipe_eval_section_runs_after_apply(tiny_dirs, text, tmp_path: Path) -> None:
+    recipe = tmp_path / "w4-eval.yaml"
+    recipe.write_text(f"model: {{path: {tiny_dirs['qwen2']}}}\n"
+                      "steps: [{method: rtn, args: {bits: 4, group_size: 64}}]\n"
+                      f"eval: {{data: {text}, seq_len: 32, max_tokens: 256, tasks: [ppl, kl, samples], "
+                      "max_new_tokens: 4, output: ./eval-out}\n")
+    result = run(["apply", str(recipe), "--output", str(tmp_path / "ck")])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"greedy tokens identical to the baseline's: [\d.]+%", result.output)
+    assert "eval report: " in result.output
+    report = json.loads((tmp_path / "eval-out" / "report.json").read_text())  # output: relative to the recipe
+    assert report["baseline"]["ref"] == str(tiny_dirs["qwen2"]) and report["models"]["model"]["label"] == "ck"
+    assert (tmp_path / "eval-out" / "report.html").exists()
+
+
+@pytest.fixture
+def broken_checkpoint(checkpoint, tmp_path: Path) -> Path:
+    import shutil
+
+    path = tmp_path / "broken"
+    shutil.copytree(checkpoint, path)
+    (path / "config.json").write_text('{"model_type": "qwen2", ')
+    return path
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("missing data", ["--data", "{tmp}/missing.txt"],
+     r"error: evaluation data file not found: .*missing\.txt; give a text file \(read as is\)"),
+    ("window too long", ["--seq-len", "4096"],
+     r"error: seq_len 4096 is larger than the context of qwen2-w4 \(256 tokens\); use --seq-len 256 or less"),
+    ("speed too long", ["--tasks", "speed", "--new-tokens", "300"],
+     r"error: speed: --prompt-len \+ --new-tokens = 428 exceeds the context of qwen2-w4 \(256 tokens\); lower them"),
+    ("unknown task", ["--tasks", "ppl,perplexity"], r"error: invalid options: --tasks\[1\]: input should be 'ppl'"),
+    ("kl alone", ["--tasks", "kl", "--data", "{text}"],
+     r"error: the kl task compares against the original model: pass --baseline MODEL_OR_DIR"),
+    ("missing prompts", ["--tasks", "samples", "--prompts", "{tmp}/prompts.txt"],
+     r"error: prompts file not found: .*prompts\.txt; give a text file with one prompt a line"),
+])
+def test_bad_inputs_exit_2_with_a_clear_message(case: str, args: list[str], message: str, checkpoint, text,
+                                                 tmp_path: Path) -> None:
+    args = [a.format(tmp=tmp_path, text=text) for a in args]
+    result = run(["eval", str(checkpoint), *args])
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+
+
+def test_a_checkpoint_with_a_broken_config_is_named(broken_checkpoint) -> None:
+    result = run(["eval", str(broken_checkpoint), "--tasks", "memory"])
+    assert result.exit_code == 2
+    assert re.search(r"error: .*broken/config\.json is broken: .*; re-create the checkpoint", result.output)
+
+
+def test_a_missing_model_is_named(tmp_path: Path) -> None:
+    result = run(["eval", str(tmp_path / "nowhere"), "--tasks", "memory"])
+    assert result.exit_code == 2
+    assert re.search(r"error: model path not found: .*nowhere; give a local model directory or a Hub id", result.output)

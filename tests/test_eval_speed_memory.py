@@ -1,0 +1,116 @@
+"""The speed benchmark's structure (never its timings: they depend on the machine), that its cache
+configurations produce the same tokens, mixed-request throughput counting, and the memory accounting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import compress
+from compress.eval import memory, speed, throughput
+from compress.formats import CompressedLinear
+from compress.recipe import SpeedSpec
+from conftest import make_tiny
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny("llama")
+
+
+def test_cache_configurations_generate_the_same_tokens(model) -> None:
+    ids = speed.random_prompts(model, 2, 8)
+    outs = {c: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              pad_token_id=0, **speed.config_kwargs(c))
+            for c in ("no-cache", "dynamic", "static")}
+    assert torch.equal(outs["no-cache"], outs["dynamic"]) and torch.equal(outs["dynamic"], outs["static"])
+
+
+def test_speed_table_rows(model) -> None:
+    spec = SpeedSpec(batch_sizes=[1, 2], configs=["no-cache", "dynamic", "static", "static-compile"], prompt_len=8,
+                     new_tokens=6, no_cache_new_tokens=4, warmup=1, repeats=2)
+    rows = speed.speed_table(model, spec, progress=False)
+    assert [(r["config"], r["batch"]) for r in rows] == [(c, b) for c in spec.configs for b in (1, 2)]
+    timed = [r for r in rows if "skipped" not in r]
+    assert [r["config"] for r in rows if "skipped" in r] == ["static-compile"] * 2  # CUDA only
+    for r in timed:
+        assert r["new_tokens"] == (4 if r["config"] == "no-cache" else 6)
+        assert r["decode_tok_s"] == pytest.approx(r["batch"] * (r["new_tokens"] - 1) / r["decode_s"])
+        assert r["prefill_tok_s"] == pytest.approx(r["batch"] * 8 / r["prefill_s"])
+        assert r["peak_gpu_bytes"] is None
+
+
+def test_step_clock_marks_every_step(model) -> None:
+    clock = speed.StepClock(torch.device("cpu"))
+    clock.start()
+    model.generate(speed.random_prompts(model, 1, 5), max_new_tokens=7, min_new_tokens=7, do_sample=False,
+                   pad_token_id=0, logits_processor=[clock])
+    assert len(clock.marks) == 1 + 7
+    assert 0 < clock.seconds(0, 1) and 0 < clock.seconds(1, -1)
+
+
+def test_mixed_requests_static_batching_counts_requested_tokens(model) -> None:
+    spec = SpeedSpec(prompt_len=8, new_tokens=10, mixed_requests=5, mixed_batch_size=2, repeats=1, continuous=False)
+    requests = throughput.mixed_requests(512, spec)
+    assert len(requests) == 5 and all(8 <= len(r.prompt) <= 16 and 8 <= r.new_tokens <= 10 for r in requests)
+    assert requests == throughput.mixed_requests(512, spec)  # seeded
+    rows = throughput.mixed_throughput(model, spec)
+    assert [r["mode"] for r in rows] == ["static batching"]
+    assert rows[0]["tokens"] == sum(r.new_tokens for r in requests)
+
+
+@pytest.mark.slow
+def test_continuous_batching_serves_every_request(model) -> None:
+    spec = SpeedSpec(prompt_len=8, new_tokens=10, mixed_requests=4, repeats=1)
+    row = throughput.continuous_batching(model, throughput.mixed_requests(512, spec), repeats=1)
+    assert row["tokens"] == sum(r.new_tokens for r in throughput.mixed_requests(512, spec))
+
+
+def test_kv_cache_bytes_per_token() -> None:
+    llama, gpt2 = make_tiny("llama"), make_tiny("gpt2")
+    assert memory.kv_cache_bytes_per_token(llama.config, torch.float32) == 2 * 2 * 2 * 32 * 4  # 2 KV heads of 32
+    assert memory.kv_cache_bytes_per_token(gpt2.config, torch.bfloat16) == 2 * 2 * 4 * 32 * 2  # MHA: 4 heads
+    # Llama-3.2-1B: 16 layers, 8 KV heads of 64, bf16 -> 32 KiB a token
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8)
+    assert memory.kv_cache_bytes_per_token(config, torch.bfloat16) == 32768
+
+
+def test_tensor_bytes_count_packed_codes_and_tied_weights_once(tmp_path: Path) -> None:
+    dense = make_tiny("llama")  # tied embeddings: the 512 x 128 matrix is counted once
+    unique = {p.data_ptr(): p.numel() for p in dense.parameters()}
+    buffers = sum(b.numel() * b.element_size() for b in dense.buffers())
+    assert memory.tensor_bytes_by_dtype(dense) == {"float32": 4 * sum(unique.values()) + buffers}
+    rtn4 = [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}]
+    packed = compress.apply(make_tiny("llama"), rtn4, device="cpu")
+    layers = [m for m in packed.modules() if isinstance(m, CompressedLinear)]
+    assert memory.tensor_bytes_by_dtype(packed)["uint8"] == sum(m.out_features * m.in_features // 2 for m in layers)
+    compress.save(packed, tmp_path / "ck")
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "ck").iterdir())
+    assert memory.checkpoint_bytes(str(tmp_path / "ck")) == on_disk
+
+
+def test_bench_prints_the_speed_table_of_a_random_model(monkeypatch, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from compress.eval import bench
+
+    monkeypatch.setitem(bench.SHAPES, "tiny", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                                   max_position_embeddings=128))
+    args = ["--random", "tiny", "--tasks", "speed,memory", "--prompt-len", "8", "--new-tokens", "4", "--warmup", "0",
+            "--repeats", "1", "--speed-configs", "dynamic,static", "--dtype", "float32", "--device", "cpu",
+            "--json", str(tmp_path / "bench.json")]
+    result = CliRunner().invoke(bench.main, args)
+    assert result.exit_code == 0, result.output
+    assert "| tiny (random, float32) | dynamic | 1 | 4 |" in result.output
+    assert "| tiny (random, float32) | static | 1 | 4 |" in result.output
+    assert (tmp_path / "bench.json").exists()
+    unknown = CliRunner().invoke(bench.main, ["--random", "llama-9b"])
+    assert unknown.exit_code == 2
+    assert "error: unknown shape 'llama-9b'; known: llama-3.2-1b, llama-3-8b" in unknown.output
+    quality = CliRunner().invoke(bench.main, ["--random", "tiny", "--tasks", "ppl"])
+    assert quality.exit_code == 2 and "a random-weight model has no tokenizer" in quality.output
