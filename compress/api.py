@@ -76,10 +76,10 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
     """Run every stage of a checked plan on ``model`` (in place)."""
     batch_size = plan_.recipe.calibration.batch_size if plan_.recipe.calibration else 8
     for stage in plan_.stages:
-        if stage and stage[0].method.needs == Needs.TRAINING:
+        if stage and stage[0].method.needs_for(stage[0].config) == Needs.TRAINING:
             stage[0].method.train(model, stage[0].config, calib, str(device))
             continue
-        works = [StepWork(s.method.name, _step_runner(s), s.layers, s.method.needs == Needs.CALIBRATION,
+        works = [StepWork(s.method.name, _step_runner(s), s.layers, s.method.needs_for(s.config) == Needs.CALIBRATION,
                           s.method.needs_reference(s.config)) for s in stage]
         run_stage(model, find_blocks(model), works, calib, device, batch_size)
     _record_steps(model, plan_)

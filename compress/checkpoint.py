@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from compress.errors import CheckpointError, UsageError
+from compress.errors import CheckpointError, PluginError, UsageError
 from compress.formats import CompressedLinear, format_class
 from compress.hf import QUANT_METHOD, CompressQuantizationConfig
 from compress.linear import linear_shape
@@ -54,11 +54,23 @@ def build_empty_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> N
                                   "the config.json and the weights disagree") from exc
         in_f, out_f = linear_shape(layer)
         device = layer.weight.device
+        _import_writer(scheme)
         new = format_class(scheme["format"]).empty(in_f, out_f, getattr(layer, "bias", None) is not None,
                                                    scheme, dtype, device)
         new.written_by = {k: scheme[k] for k in ("method", "method_version") if k in scheme}
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _import_writer(scheme: dict[str, Any]) -> None:
+    """Import the plugin that wrote a layer, so that a format it registers is known."""
+    from compress.registry import registry
+
+    if "method" in scheme:
+        try:
+            registry.get(scheme["method"])
+        except PluginError as exc:
+            raise CheckpointError(f"checkpoint layers were written by method {scheme['method']!r}: {exc}") from exc
 
 
 def quantization_config(model: nn.Module, steps: list[dict], recipe: dict | None) -> CompressQuantizationConfig:

@@ -64,6 +64,11 @@ class Method:
     needs: ClassVar[Needs] = Needs.NOTHING
     summary: ClassVar[str] = ""
 
+    def needs_for(self, config: MethodConfig) -> Needs:
+        """What this configuration needs (``needs`` unless some settings need less or more, e.g. static
+        activation scales that need calibration data)."""
+        return self.needs
+
     def quantizes(self, config: MethodConfig) -> bool:
         """True when the method replaces its targets with compressed layers (so no later step of the same
         recipe may quantize them again)."""

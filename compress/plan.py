@@ -39,7 +39,7 @@ class Plan:
     seq_len: int | None  # calibration sequence length, resolved against the model's context
 
     def needs_calibration(self) -> bool:
-        return any(s.method.needs != Needs.NOTHING for stage in self.stages for s in stage)
+        return any(s.method.needs_for(s.config) != Needs.NOTHING for stage in self.stages for s in stage)
 
     def describe(self) -> str:
         lines = []
@@ -89,7 +89,7 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
                                         "another layer (tied embeddings); compressing them would untie the "
                                         "weights: remove them from the targets"))
             outside = [n for n in sel.modules if not n.startswith(block_prefix)]
-            if outside and step.method.needs == Needs.CALIBRATION:
+            if outside and step.method.needs_for(step.config) == Needs.CALIBRATION:
                 problems.append(Problem(f"{step.where}.targets", f"method {step.method.name!r} works on decoder "
                                         f"blocks ({blocks.prefix}.N) and cannot compress {', '.join(outside)}; "
                                         "add them to ignore"))

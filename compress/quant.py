@@ -112,29 +112,39 @@ def mse_qparams(
     grid: int = 100,
     max_shrink: float = 0.8,
     norm: float = 2.4,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point with the clipping range searched per group: shrink [min, max] by factors
     ``1 - i / grid`` for i < grid * max_shrink, keeping for each group the one with the least
-    ``sum |w - dequant(quant(w))| ** norm`` (the search of the GPTQ reference code)."""
+    ``sum |w - dequant(quant(w))| ** norm`` (the search of the GPTQ reference code), each column's error
+    weighted by ``importance`` [in] when given (e.g. the diagonal of the inputs' Hessian).
+
+    Shrink factors are evaluated in batches (about 2**26 elements at a time) rather than one by one.
+    """
     g = group_view(w.float(), scheme)
+    weight = None if importance is None else group_view(importance.float().expand_as(w), scheme)
     wmin, wmax = g.amin(dim=-1), g.amax(dim=-1)
     dtype = dtype or w.dtype
-    best_scale, best_zero = range_qparams(wmin, wmax, scheme, dtype)
-    best_err = _group_error(g, best_scale, best_zero, scheme, norm)
-    for i in range(1, int(max_shrink * grid)):
-        shrink = 1 - i / grid
-        scale, zero = range_qparams(wmin * shrink, wmax * shrink, scheme, dtype)
-        err = _group_error(g, scale, zero, scheme, norm)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scale = torch.where(better, scale, best_scale)
-        best_zero = torch.where(better, zero, best_zero)
+    shrinks = 1 - torch.arange(int(max_shrink * grid), device=w.device, dtype=torch.float32) / grid
+    per_batch = max(1, 2**26 // max(1, g.numel()))
+    best_err = best_scale = best_zero = None
+    for f in shrinks.split(per_batch):
+        f = f.view(-1, 1, 1)
+        scale, zero = range_qparams(wmin * f, wmax * f, scheme, dtype)  # [S, rows, groups]
+        deq = fake_quantize(g, scale.float().unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq)
+        err = (deq - g).abs().pow(norm)
+        err = (err if weight is None else err * weight).sum(dim=-1)
+        err, pick = err.min(dim=0)
+        scale = scale.gather(0, pick.unsqueeze(0))[0]
+        zero = zero.gather(0, pick.unsqueeze(0))[0]
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
     return best_scale, best_zero
-
-
-def _group_error(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: IntScheme, norm: float) -> torch.Tensor:
-    deq = fake_quantize(g, scale.float().unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq)
-    return (deq - g).abs().pow(norm).sum(dim=-1)
 
 
 def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
@@ -203,8 +213,12 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], -1)[..., :n]
 
 
-def rtn_dequantized(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``w`` [out, in] rounded to nearest with min/max qparams and dequantized, in float32."""
-    scale, zero = qparams(w, scheme, dtype or w.dtype)
+def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: IntScheme) -> torch.Tensor:
+    """``w`` [out, in] quantized with [rows, groups] ``scale`` / ``zero`` and dequantized, in float32."""
     g = group_view(w.float(), scheme)
     return fake_quantize(g, scale.float().unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq).reshape(w.shape)
+
+
+def rtn_dequantized(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``w`` [out, in] rounded to nearest with min/max qparams and dequantized, in float32."""
+    return fake_quantize_weight(w, *qparams(w, scheme, dtype or w.dtype), scheme)

@@ -307,9 +307,9 @@ def _raw_steps(data: dict) -> list[tuple[str, dict]]:
 
 def _cross_checks(recipe: Recipe, stages: list[list[ResolvedStep]], model_given: bool, calib_given: bool) -> list[Problem]:
     problems = []
-    needing = [s for stage in stages for s in stage if s.method.needs != Needs.NOTHING]
+    needing = [s for stage in stages for s in stage if s.method.needs_for(s.config) != Needs.NOTHING]
     for stage in stages:
-        trainers = [s for s in stage if s.method.needs == Needs.TRAINING]
+        trainers = [s for s in stage if s.method.needs_for(s.config) == Needs.TRAINING]
         if trainers and len(stage) > 1:
             problems.append(Problem(trainers[0].where, f"method {trainers[0].method.name!r} trains the whole model "
                                     "and must be the only step of its stage; move it to a stage of its own"))

@@ -23,6 +23,8 @@ CASES: dict[str, list[dict]] = {
              {"bits": 4, "group_size": None, "mse": True, "sequential": False}, {"bits": 4, "fit_original": True}],
     "awq": [{"bits": 4, "group_size": 64, "search_tokens": 128, "clip_tokens": 64},
             {"bits": 3, "symmetric": True, "clip": False, "grid": 4, "fit_original": True}],
+    "fp8": [{"weights": "channel", "activations": "dynamic"}, {"weights": "tensor", "activations": "none"},
+            {"weights": "channel", "activations": "static"}],
 }
 CASE_IDS = [(m, i) for m, cases in CASES.items() for i in range(len(cases))]
 
@@ -55,7 +57,7 @@ def test_apply_save_reload(arch: str, case: tuple[str, int], tmp_path) -> None:
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     before = _logits(model, ids)
     method = registry.get(name)
-    calib = torch.randint(0, 512, (4, 64)) if method.needs != Needs.NOTHING else None
+    calib = torch.randint(0, 512, (4, 64)) if method.needs_for(method.Config(**CASES[name][i])) != Needs.NOTHING else None
     compress.apply(model, [{"method": name, "args": CASES[name][i]}], calib=calib, device="cpu")
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}

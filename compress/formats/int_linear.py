@@ -22,6 +22,7 @@ from pydantic import Field
 
 from compress import quant
 from compress.formats import CompressedLinear, register_format
+from compress.kernels import dequant, int4
 from compress.linear import get_bias, get_weight
 from compress.methods import MethodConfig
 from compress.quant import IntScheme
@@ -56,6 +57,9 @@ class IntLinear(CompressedLinear):
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        # The fast path's layout, derived from the buffers above for the device they are on (never saved).
+        self.register_buffer("_int4_weight", None, persistent=False)
+        self.register_buffer("_int4_scales_zeros", None, persistent=False)
 
     @property
     def signed_storage(self) -> bool:
@@ -78,6 +82,7 @@ class IntLinear(CompressedLinear):
             layer.zeros.copy_(zero.to(torch.uint8))
         if bias is not None:
             layer.bias.copy_(bias.detach().to(dtype))
+        layer.prepare_kernels()
         return layer
 
     @classmethod
@@ -99,6 +104,32 @@ class IntLinear(CompressedLinear):
     def scheme(self) -> dict[str, Any]:
         return {"format": self.format, **self.int_scheme.to_dict()}
 
+    # -- fast paths -----------------------------------------------------------------------------------
+
+    #: Up to this many tokens a call goes through the int4 kernel; more (prefill) dequantize once and use the
+    #: dense matmul, which is compute-bound there.
+    int4_max_tokens = 32
+
+    def prepare_kernels(self) -> None:
+        """(Re)build the fast path's layout for the device the layer is on; called after moves and loads."""
+        self._int4_weight = self._int4_scales_zeros = None
+        s = self.int_scheme
+        device = self.qweight.device
+        group = s.group_size if s.granularity == "group" else self.in_features
+        if s.granularity != "tensor" and int4.supported(s.bits, group, self.in_features, self.out_features, device):
+            self._int4_weight, self._int4_scales_zeros = int4.pack(self.codes(), self.scales, self.zero_points())
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        if not self.qweight.is_meta:
+            self.prepare_kernels()
+        return result
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.qweight.is_meta:
+            self.prepare_kernels()
+
     # -- computing ------------------------------------------------------------------------------------
 
     def codes(self) -> torch.Tensor:
@@ -113,11 +144,33 @@ class IntLinear(CompressedLinear):
         return torch.full(self.scales.shape, float(self.int_scheme.sym_zero), device=self.scales.device)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return quant.dequantize_weight(self.codes(), self.scales, self.zero_points(), self.int_scheme,
-                                       dtype or self.scales.dtype)
+        s = self.int_scheme
+        if dequant.available(self.qweight) and not self.signed_storage:
+            group = s.group_size if s.granularity == "group" else self.in_features
+            return dequant.dequantize(self.qweight, self.scales, self.zeros, s.bits, group, self.in_features,
+                                      s.sym_zero, dtype or self.scales.dtype)
+        return quant.dequantize_weight(self.codes(), self.scales, self.zero_points(), s, dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._int4_weight is not None and x.is_cuda and x.numel() <= self.int4_max_tokens * self.in_features:
+            group = self.int_scheme.group_size if self.int_scheme.granularity == "group" else self.in_features
+            y = int4.matmul(x.reshape(-1, self.in_features), self._int4_weight, self._int4_scales_zeros, group)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        if self.int_scheme.bits == 8 and self.int_scheme.granularity == "channel":
+            return self._int8_channel_linear(x)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _int8_channel_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """8-bit per-channel: the matmul on the codes, scaled (and zero-corrected) after it; under
+        torch.compile the int8-to-float conversion fuses into the matmul, so weights are read as int8."""
+        scale = self.scales.view(-1).to(x.dtype)
+        if self.signed_storage:
+            y = F.linear(x, self.qweight.to(x.dtype)) * scale
+        else:
+            zero = self.zeros.view(-1).to(x.dtype)
+            y = (F.linear(x, self.qweight.to(x.dtype)) - x.sum(dim=-1, keepdim=True) * zero) * scale
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         s = self.int_scheme

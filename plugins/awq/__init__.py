@@ -18,6 +18,7 @@ are said so in the log and get clipping and quantization only.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from pydantic import Field
@@ -45,6 +46,8 @@ class AWQConfig(IntWeightConfig):
     clip_tokens: int = Field(4096, ge=1, description="input rows sampled per layer for the clipping search")
     quantize: bool = Field(True, description="write packed int weights; false leaves scaled float weights for a "
                                              "following quantizer (e.g. gptq)")
+    search_clip: bool = Field(True, description="quantize scale candidates with a searched clipping range "
+                                                "(closer to the final weights) instead of min/max")
     fit_original: bool = Field(False, description="search scales against the uncompressed model's block outputs "
                                                   "instead of the block's float outputs on the compressed inputs")
 
@@ -69,76 +72,109 @@ class AWQ(Method):
         scheme = config.int_scheme()
         groups = work.linear_groups()
         absorbers = find_absorbers(work, groups)
-        self._report_missing(work, [g for g in groups if absorbers[g[0]] is None])
-        x_mean, samples = self._input_statistics(work, groups, config.clip_tokens)
+        _report_missing(work, [g for g in groups if absorbers[g[0]] is None])
+        stats = _input_statistics(work, groups, config.clip_tokens)
         limit = _batches_for(work, config.search_tokens)
         if config.fit_original:
             reference = BlockWork(work.index, work.name, work.reference.block, {}, work.reference.inputs,
                                   work.device).forward(limit)
         else:
             reference = work.forward(limit)
-        for group in groups:
+        # A group is finished (clipped, quantized) as soon as no later group needs one of its layers to absorb
+        # a scaling (up_proj absorbs down_proj's), so later searches see the earlier groups quantized.
+        last_use = {absorbers[g[0]].name: k for k, g in enumerate(groups) if absorbers[g[0]] is not None}
+        unfinished: list[list[str]] = []
+        for k, group in enumerate(groups):
             absorber = absorbers[group[0]]
-            if absorber is None:
-                continue
-            layers = [work.targets[n] for n in group]
-            s = self._search_scale(work, layers, x_mean[group[0]], reference, limit, scheme, config.grid)
-            absorber.scale_outputs(1 / s)
-            scale_inputs(layers, s)
-            samples[group[0]] = samples[group[0]] / s
-        for group in groups:
-            for name in group:
-                layer = work.targets[name]
-                if config.clip:
-                    set_weight(layer, clip_weight(get_weight(layer), samples[group[0]], scheme, config.clip_grid,
-                                                  config.max_shrink))
-                if config.quantize:
-                    work.replace(name, quantize_layer(layer, scheme, work.device))
+            if absorber is not None:
+                layers = [work.targets[n] for n in group]
+                s = _search_scale(work, layers, stats[group[0]], reference, limit, scheme, config)
+                absorber.scale_outputs(1 / s)
+                scale_inputs(layers, s)
+                stats[group[0]] = stats[group[0]].scaled(s)
+            unfinished.append(group)
+            for done in [g for g in unfinished if all(last_use.get(n, -1) <= k for n in g)]:
+                _finish(work, done, stats[done[0]].rows, scheme, config)
+                unfinished.remove(done)
 
-    @staticmethod
-    def _input_statistics(work: BlockWork, groups: list[list[str]], rows: int) -> tuple[dict, dict]:
-        """Per group: mean |x| per input channel over every calibration token, and up to ``rows`` input rows
-        spread over the calibration set."""
-        sums = {g[0]: torch.zeros(linear_shape(work.targets[g[0]])[0], device=work.device) for g in groups}
-        kept: dict[str, list[torch.Tensor]] = {g[0]: [] for g in groups}
-        counts = dict.fromkeys(sums, 0)
-        per_batch = max(1, rows // max(1, len(work.inputs.calls)))
 
-        def see(name: str, x: torch.Tensor) -> None:
-            flat = x.reshape(-1, x.shape[-1]).float()
-            sums[name] += flat.abs().sum(dim=0)
-            counts[name] += flat.shape[0]
-            step = max(1, flat.shape[0] // per_batch)
-            kept[name].append(flat[::step][:per_batch])
+@dataclass(frozen=True)
+class InputStats:
+    """What AWQ needs of a group's inputs: mean |x| and mean x^2 per channel, and sample rows."""
 
-        work.collect_inputs({g[0]: work.targets[g[0]] for g in groups}, see)
-        return {n: sums[n] / counts[n] for n in sums}, {n: torch.cat(kept[n]) for n in kept}
+    mean_abs: torch.Tensor
+    mean_sq: torch.Tensor
+    rows: torch.Tensor
 
-    @staticmethod
-    def _search_scale(work: BlockWork, layers: list, x_mean: torch.Tensor, reference: list[torch.Tensor],
-                      limit: int, scheme: quant.IntScheme, grid: int) -> torch.Tensor:
-        """The input scale whose quantized group best preserves the block's outputs (others left as they are)."""
-        originals = [get_weight(layer).clone() for layer in layers]
-        w_mean = channel_weight_mean(torch.cat(originals), scheme)
-        best, best_loss = torch.ones_like(x_mean), float("inf")
-        for s in scale_candidates(x_mean, w_mean, grid):
-            for layer, w in zip(layers, originals):
-                set_weight(layer, quant.rtn_dequantized(w.float() * s, scheme, w.dtype) / s)
-            outputs = work.forward(limit)
-            loss = sum((o.float() - r.float()).pow(2).mean().item() for o, r in zip(outputs, reference))
-            if loss < best_loss:
-                best, best_loss = s, loss
+    def scaled(self, s: torch.Tensor) -> InputStats:
+        """The statistics of x / s (the group's inputs once its absorber is divided by s)."""
+        return InputStats(self.mean_abs / s, self.mean_sq / s**2, self.rows / s)
+
+
+def _input_statistics(work: BlockWork, groups: list[list[str]], rows: int) -> dict[str, InputStats]:
+    """Per group (keyed by its first layer): statistics over every calibration token, and up to ``rows``
+    input rows spread over the calibration set."""
+    width = {g[0]: linear_shape(work.targets[g[0]])[0] for g in groups}
+    abs_sum = {n: torch.zeros(w, device=work.device) for n, w in width.items()}
+    sq_sum = {n: torch.zeros(w, device=work.device) for n, w in width.items()}
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in width}
+    counts = dict.fromkeys(width, 0)
+    per_batch = max(1, rows // max(1, len(work.inputs.calls)))
+
+    def see(name: str, x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        abs_sum[name] += flat.abs().sum(dim=0)
+        sq_sum[name] += flat.pow(2).sum(dim=0)
+        counts[name] += flat.shape[0]
+        step = max(1, flat.shape[0] // per_batch)
+        kept[name].append(flat[::step][:per_batch])
+
+    work.collect_inputs({g[0]: work.targets[g[0]] for g in groups}, see)
+    return {n: InputStats(abs_sum[n] / counts[n], sq_sum[n] / counts[n], torch.cat(kept[n])) for n in width}
+
+
+def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: list[torch.Tensor], limit: int,
+                  scheme: quant.IntScheme, config: AWQConfig) -> torch.Tensor:
+    """The input scale whose quantized group best preserves the block's outputs. Each candidate's weights are
+    quantized with the clipping range of least activation-weighted error (``search_clip``), close to what
+    the final clipping search will give, or with plain min/max."""
+    originals = [get_weight(layer).clone() for layer in layers]
+    w_mean = channel_weight_mean(torch.cat(originals), scheme)
+    best, best_loss = torch.ones_like(stats.mean_abs), float("inf")
+    for s in scale_candidates(stats.mean_abs, w_mean, config.grid):
         for layer, w in zip(layers, originals):
-            set_weight(layer, w)
-        return best
+            scaled = w.float() * s
+            if config.search_clip:
+                qp = quant.mse_qparams(scaled, scheme, w.dtype, grid=config.clip_grid, max_shrink=config.max_shrink,
+                                       norm=2, importance=stats.mean_sq / s**2)
+                set_weight(layer, quant.fake_quantize_weight(scaled, *qp, scheme) / s)
+            else:
+                set_weight(layer, quant.rtn_dequantized(scaled, scheme, w.dtype) / s)
+        outputs = work.forward(limit)
+        loss = sum((o.float() - r.float()).pow(2).mean().item() for o, r in zip(outputs, reference))
+        if loss < best_loss:
+            best, best_loss = s, loss
+    for layer, w in zip(layers, originals):
+        set_weight(layer, w)
+    return best
 
-    @staticmethod
-    def _report_missing(work: BlockWork, groups: list[list[str]]) -> None:
-        level = logging.WARNING if work.index == 0 else logging.INFO  # the first block speaks for the rest
-        for group in groups:
-            log.log(level, "awq: %s: no op before %s can absorb an input scaling (no norm or matching linear "
-                    "feeds it); these layers get clipping and quantization only", work.name,
-                    ", ".join(work.local(n) for n in group))
+
+def _finish(work: BlockWork, group: list[str], rows: torch.Tensor, scheme: quant.IntScheme, config: AWQConfig) -> None:
+    """Clip (searching each weight group's range on the sample rows) and quantize the group's layers."""
+    for name in group:
+        layer = work.targets[name]
+        if config.clip:
+            set_weight(layer, clip_weight(get_weight(layer), rows, scheme, config.clip_grid, config.max_shrink))
+        if config.quantize:
+            work.replace(name, quantize_layer(layer, scheme, work.device))
+
+
+def _report_missing(work: BlockWork, groups: list[list[str]]) -> None:
+    level = logging.WARNING if work.index == 0 else logging.INFO  # the first block speaks for the rest
+    for group in groups:
+        log.log(level, "awq: %s: no op before %s can absorb an input scaling (no norm or matching linear feeds "
+                "it); these layers get clipping and quantization only", work.name,
+                ", ".join(work.local(n) for n in group))
 
 
 def _batches_for(work: BlockWork, tokens: int) -> int:

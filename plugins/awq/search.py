@@ -35,26 +35,40 @@ def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int) -> I
 @torch.no_grad()
 def clip_weight(weight: torch.Tensor, x: torch.Tensor, scheme: IntScheme, grid: int = 20, max_shrink: float = 0.5,
                 rows_per_chunk: int = 128) -> torch.Tensor:
-    """``weight`` [out, in] with each group clipped to the shrink of its max |w| that best preserves
-    x @ w_group on the sample inputs ``x`` [n, in] once quantized."""
+    """``weight`` [out, in] with each group clipped to the range that best preserves x @ w_group on the sample
+    inputs ``x`` [n, in] once quantized.
+
+    The range is [-m, m] with m a shrink of the group's max |w| (the AWQ search); for asymmetric schemes the
+    two ends are then refined separately (one pass over each end with the other fixed), since a zero point
+    lets the grid sit off-centre.
+    """
     w = weight.float()
     out_f, in_f = w.shape
     gs = scheme.group_size if scheme.granularity == "group" else in_f
     xg = x.float().reshape(-1, in_f // gs, gs)  # [n, G, gs]
+    shrinks = [1 - i / grid for i in range(int(max_shrink * grid))]
     clipped = torch.empty_like(w)
     for r0 in range(0, out_f, rows_per_chunk):
         wg = w[r0 : r0 + rows_per_chunk].reshape(-1, in_f // gs, gs)  # [o, G, gs]
         reference = torch.einsum("ngk,ogk->nog", xg, wg)
-        org_max = wg.abs().amax(dim=-1, keepdim=True)
-        best_max = org_max.clone()
-        best_err = torch.full(org_max.shape[:2], float("inf"), device=w.device)
-        for i in range(int(max_shrink * grid)):
-            max_val = org_max * (1 - i / grid)
-            cur = torch.clamp(wg, -max_val, max_val)
-            deq = quant.rtn_dequantized(cur.reshape(-1, in_f), scheme, weight.dtype).reshape(cur.shape)
-            err = (torch.einsum("ngk,ogk->nog", xg, deq) - reference).pow(2).mean(dim=0)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better.unsqueeze(-1), max_val, best_max)
-        clipped[r0 : r0 + rows_per_chunk] = torch.clamp(wg, -best_max, best_max).reshape(-1, in_f)
+        amax = wg.abs().amax(dim=-1, keepdim=True)
+        lo, hi = -amax, amax.clone()
+        best_err = torch.full(amax.shape[:2], float("inf"), device=w.device)
+
+        def search(candidates):
+            nonlocal lo, hi, best_err
+            for new_lo, new_hi in candidates:
+                cur = torch.minimum(torch.maximum(wg, new_lo), new_hi)
+                deq = quant.rtn_dequantized(cur.reshape(-1, in_f), scheme, weight.dtype).reshape(cur.shape)
+                err = (torch.einsum("ngk,ogk->nog", xg, deq) - reference).pow(2).mean(dim=0)
+                better = (err < best_err).unsqueeze(-1)
+                best_err = torch.minimum(err, best_err)
+                lo, hi = torch.where(better, new_lo, lo), torch.where(better, new_hi, hi)
+
+        search((-amax * f, amax * f) for f in shrinks)
+        if not scheme.symmetric:
+            low_end, high_end = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
+            search((low_end * f, hi) for f in shrinks)
+            search((lo, high_end * f) for f in shrinks)
+        clipped[r0 : r0 + rows_per_chunk] = torch.minimum(torch.maximum(wg, lo), hi).reshape(-1, in_f)
     return clipped

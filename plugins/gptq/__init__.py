@@ -77,9 +77,13 @@ class GPTQ(Method):
         layers = [work.targets[name] for name in group]
         rows = [linear_shape(layer)[1] for layer in layers]
         weight = torch.cat([get_weight(layer).to(work.device) for layer in layers])
+        reference = None
+        if hessian.C is not None:  # the same layers in the uncompressed block
+            originals = [work.reference.block.get_submodule(work.local(name)) for name in group]
+            reference = torch.cat([get_weight(layer).to(work.device) for layer in originals])
         label = ", ".join(group)
         result = gptq(weight, hessian.H, config.int_scheme(), layers[0].weight.dtype, config.damp,
-                      config.block_size, config.act_order, config.mse, label, hessian.C)
+                      config.block_size, config.act_order, config.mse, label, hessian.C, reference)
         parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows))
         for name, layer, codes, scale, zero in parts:
             work.replace(name, quantize_layer(layer, config.int_scheme(), work.device, scale, zero, codes))

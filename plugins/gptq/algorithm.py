@@ -85,19 +85,24 @@ def _inverse_cholesky(L: torch.Tensor, label: str) -> torch.Tensor:
     return U
 
 
-def _group_qparams(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, mse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    fn = quant.mse_qparams if mse else quant.qparams
-    return fn(w, scheme, dtype)
+def _group_qparams(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, mse: bool,
+                   importance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min/max qparams, or with ``mse`` the clipping range of least error weighted by ``importance``."""
+    if mse:
+        return quant.mse_qparams(w, scheme, dtype, importance=importance)
+    return quant.qparams(w, scheme, dtype)
 
 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, damp: float = 0.01,
          block_size: int = 128, act_order: bool = False, mse: bool = False, label: str = "layer",
-         cross: torch.Tensor | None = None) -> GPTQResult:
+         cross: torch.Tensor | None = None, reference_weight: torch.Tensor | None = None) -> GPTQResult:
     """Quantize ``weight`` [out, in] with the GPTQ column sweep given its inputs' Hessian ``H`` [in, in].
 
-    ``cross`` (C of :class:`Hessian`) switches to the asymmetric objective: the sweep then starts from
-    W + W (C - H) (H + damp)^-1, the best unquantized weight for the layer's actual inputs (GPTAQ).
+    ``cross`` (C of :class:`Hessian`) switches to the asymmetric objective ||x_ref W_ref^T - x Q^T||, with
+    ``reference_weight`` W_ref (default: ``weight``) the layer as it is in the uncompressed model: the sweep
+    then starts from W + (W_ref C - W H) (H + damp)^-1, the best unquantized weight for the layer's actual
+    inputs (GPTAQ). When nothing upstream changed (x = x_ref, W = W_ref) that is W itself.
     """
     W = weight.to(torch.float32).clone()
     H = H.clone()
@@ -107,14 +112,15 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
     W[:, dead] = 0
     L, damp = _damped_cholesky(H, damp, label)
     if cross is not None:
-        W += torch.cholesky_solve((W @ (cross - H)).t(), L).t()
+        W_ref = W if reference_weight is None else reference_weight.to(W.device, torch.float32)
+        W += torch.cholesky_solve((W_ref @ cross - W @ H).t(), L).t()
         W[:, dead] = 0
     gs = scheme.group_size if scheme.granularity == "group" else columns
     scale = torch.empty(out_f, columns // gs, dtype=torch.float32, device=W.device)  # values exact in dtype
     zero = torch.empty_like(scale)
     dynamic_groups = not act_order and scheme.granularity == "group"
     if not dynamic_groups:  # static qparams from the whole weight, before any update
-        s, z = _group_qparams(W, scheme, dtype, mse)
+        s, z = _group_qparams(W, scheme, dtype, mse, torch.diag(H))
         scale.copy_(s.float().expand_as(scale))
         zero.copy_(z.expand_as(zero))
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
@@ -128,7 +134,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
     for i1 in range(0, columns, step):
         i2 = min(i1 + step, columns)
         if dynamic_groups and i1 % gs == 0:  # qparams from the group's current (updated) weights
-            s, z = _group_qparams(W[:, i1 : i1 + gs], scheme, dtype, mse)
+            s, z = _group_qparams(W[:, i1 : i1 + gs], scheme, dtype, mse, torch.diag(H)[i1 : i1 + gs])
             scale[:, i1 // gs], zero[:, i1 // gs] = s[:, 0].float(), z[:, 0]
         g = group_of[i1:i2]
         block_codes, err = sweep(W[:, i1:i2], U[i1:i2, i1:i2], scale[:, g], zero[:, g], scheme.maxq)

@@ -1,0 +1,111 @@
+"""The ``fp8`` storage format: float8 E4M3 weights with per-output-channel or per-tensor float32 scales,
+and optionally float8 activations (scaled per token at run time, or by a static per-tensor scale measured
+on calibration data).
+
+On GPUs with FP8 matrix units (compute capability 8.9+: Ada, Hopper) a W8A8 layer runs through
+``torch._scaled_mm``. Elsewhere, and for weight-only layers, the weight is dequantized for the matmul, and the
+activation quantization is reproduced numerically, so CPU results match what the GPU computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from compress.formats import CompressedLinear, register_format
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)  # 448
+
+
+def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` saturated to the E4M3 range and rounded to E4M3."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def token_scales(x: torch.Tensor) -> torch.Tensor:
+    """Per-row scales [M, 1] (float32) mapping each row's max |x| to the E4M3 maximum."""
+    return (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=1e-12)
+
+
+def scaled_mm_available(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@register_format
+class Fp8Linear(CompressedLinear):
+    """A linear layer with E4M3 weights (and optionally E4M3 activations)."""
+
+    format = "fp8"
+
+    def __init__(self, in_features: int, out_features: int, per_channel: bool, activations: str, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.per_channel, self.activations = per_channel, activations
+        self.register_buffer("weight_fp8", torch.empty(out_features, in_features, dtype=FP8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features if per_channel else 1, 1, device=device))
+        if activations == "static":
+            self.register_buffer("input_scale", torch.empty(1, device=device))
+        else:
+            self.input_scale = None
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, per_channel: bool, activations: str,
+                    dtype: torch.dtype, input_scale: torch.Tensor | None = None) -> Fp8Linear:
+        """Quantize a float [out, in] weight: its max |w| per row (or overall) maps to the E4M3 maximum."""
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, per_channel, activations, bias is not None, dtype, weight.device)
+        w = weight.float()
+        amax = w.abs().amax(dim=1, keepdim=True) if per_channel else w.abs().amax().view(1, 1)
+        scale = (amax / FP8_MAX).clamp(min=1e-12)
+        layer.weight_fp8.copy_(quantize_fp8(w, scale))
+        layer.weight_scale.copy_(scale)
+        if layer.input_scale is not None:
+            layer.input_scale.copy_(input_scale.float().view(1))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(dtype))
+        return layer
+
+    @classmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, scheme: dict[str, Any], dtype: torch.dtype,
+              device: torch.device | str = "meta") -> Fp8Linear:
+        return cls(in_features, out_features, scheme["weights"] == "channel", scheme["activations"], bias, dtype,
+                   device)
+
+    def scheme(self) -> dict[str, Any]:
+        return {"format": self.format, "weights": "channel" if self.per_channel else "tensor",
+                "activations": self.activations}
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return (self.weight_fp8.float() * self.weight_scale).to(dtype or torch.float32)
+
+    def _input_scales(self, x2: torch.Tensor) -> torch.Tensor:
+        if self.activations == "static":
+            return self.input_scale.view(1, 1).expand(x2.shape[0], 1).contiguous()
+        return token_scales(x2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations == "none":  # scale after the matmul: under torch.compile the cast fuses into it
+            y = F.linear(x, self.weight_fp8.to(x.dtype)) * self.weight_scale.view(-1).to(x.dtype)
+            return y if self.bias is None else y + self.bias
+        x2 = x.reshape(-1, self.in_features)
+        xs = self._input_scales(x2)
+        xq = quantize_fp8(x2, xs)
+        if scaled_mm_available(x.device) and x.dtype == torch.bfloat16:
+            y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs,
+                                 scale_b=self.weight_scale.view(1, -1).expand(1, self.out_features).contiguous(),
+                                 bias=self.bias, out_dtype=torch.bfloat16)
+        else:  # the same arithmetic, dequantized
+            y = F.linear((xq.float() * xs).to(x.dtype), self.dequantized_weight(x.dtype), self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weights="
+                f"{'channel' if self.per_channel else 'tensor'}, activations={self.activations}")

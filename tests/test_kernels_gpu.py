@@ -1,0 +1,108 @@
+"""Fast paths on the GPU compute what the stored format means (GPU only: pytest -m gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import compress
+from compress.formats import IntLinear
+from compress.quant import IntScheme
+from conftest import make_tiny
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SHAPES = [(4096, 4096), (1000, 384), (256, 8192), (96, 200), (4104, 4096)]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("out_f, in_f", SHAPES)
+@pytest.mark.parametrize("bits, symmetric, group", [(4, True, 128), (4, False, 64), (3, True, 128), (2, False, 32),
+                                                    (8, True, None), (8, False, None), (8, True, 128)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int_layer_matches_dequantized_reference(out_f, in_f, bits, symmetric, group, bias) -> None:
+    if group and in_f % group:
+        pytest.skip("group does not divide in_features")
+    g = torch.Generator(device="cuda").manual_seed(out_f * 7 + in_f)
+    w = torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02
+    b = torch.randn(out_f, device="cuda", generator=g, dtype=torch.bfloat16) if bias else None
+    scheme = IntScheme(bits, symmetric, "group" if group else "channel", group)
+    layer = IntLinear.from_weight(w, b, scheme, torch.bfloat16)
+    reference = layer.dequantized_weight(torch.float32)
+    for tokens in (1, 7, 32, 333):
+        x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
+        y = layer(x)
+        assert torch.isfinite(y).all()
+        expect = x.float() @ reference.t() + (0 if b is None else b.float())
+        assert rel(y, expect) <= 1e-2, (tokens, rel(y, expect))
+
+
+def test_int4_fast_path_is_taken_for_usual_shapes() -> None:
+    layer = IntLinear.from_weight(torch.randn(4096, 4096, device="cuda"), None, IntScheme(4, True, "group", 128),
+                                  torch.bfloat16)
+    assert layer._int4_weight is not None
+    odd = IntLinear.from_weight(torch.randn(100, 200, device="cuda"), None, IntScheme(4, True, "group", 40),
+                                torch.bfloat16)
+    assert odd._int4_weight is None  # falls back to dequantize-then-matmul
+
+
+@pytest.mark.parametrize("method, args", [("rtn", {"bits": 4, "group_size": 64}), ("int8", {}),
+                                          ("fp8", {"activations": "dynamic"}), ("fp8", {"activations": "none"})])
+def test_compiled_decode_has_no_graph_breaks(method, args) -> None:
+    model = make_tiny("llama", dtype=torch.bfloat16).cuda()
+    compress.apply(model, [{"method": method, "args": args}], device="cuda")
+    ids = torch.randint(0, 512, (1, 16), device="cuda")
+    eager = model(ids).logits
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")  # fullgraph: a break raises
+    for _ in range(3):  # warm-up and CUDA-graph replays
+        out = compiled(ids).logits
+    assert rel(out, eager) < 2e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+@pytest.mark.parametrize("weights", ["channel", "tensor"])
+def test_fp8_scaled_mm_matches_emulation(tokens, weights) -> None:
+    from compress.plugins.fp8.format import Fp8Linear
+
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    layer = Fp8Linear.from_weight(torch.randn(512, 1024, device="cuda", generator=g), None, weights == "channel",
+                                  "dynamic", torch.bfloat16)
+    x = torch.randn(tokens, 1024, device="cuda", generator=g, dtype=torch.bfloat16)
+    fast = layer(x)
+    emulated = layer.cpu()(x.cpu())
+    assert rel(fast.cpu(), emulated) < 1e-2
+
+
+def test_checkpoints_move_between_cpu_and_gpu(tmp_path) -> None:
+    cpu_model = make_tiny("qwen2", dtype=torch.bfloat16)
+    compress.apply(cpu_model, [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}], device="cpu")
+    compress.save(cpu_model, tmp_path / "from-cpu")
+    on_gpu = compress.load(tmp_path / "from-cpu", device="cuda")
+    assert all(m._int4_weight is not None for m in on_gpu.modules() if isinstance(m, IntLinear))
+    ids = torch.randint(0, 512, (1, 12))
+    assert rel(on_gpu(ids.cuda()).logits.cpu(), cpu_model(ids).logits) < 2e-2
+
+    gpu_model = make_tiny("qwen2", dtype=torch.bfloat16).cuda()
+    compress.apply(gpu_model, [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}], device="cuda")
+    compress.save(gpu_model, tmp_path / "from-gpu")
+    on_cpu = compress.load(tmp_path / "from-gpu", device="cpu")
+    assert all(m._int4_weight is None for m in on_cpu.modules() if isinstance(m, IntLinear))
+    assert rel(on_cpu(ids).logits, gpu_model(ids.cuda()).logits.cpu()) < 2e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("out_f, in_f, symmetric", [(4096, 4096, True), (1000, 1024, False), (6144, 4096, False)])
+def test_triton_gemv_matches_reference(tokens, out_f, in_f, symmetric) -> None:
+    from compress.kernels import gemv
+
+    g = torch.Generator(device="cuda").manual_seed(tokens + out_f)
+    layer = IntLinear.from_weight(torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02, None,
+                                  IntScheme(4, symmetric, "group", 128), torch.bfloat16)
+    x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
+    y = gemv.int4_gemv(x, layer.qweight, layer.scales, layer.zeros, 128, 8.0)
+    expect = x.float() @ layer.dequantized_weight(torch.float32).t()
+    assert rel(y, expect) <= 1e-2
