@@ -58,7 +58,10 @@ def check_generation_lengths(spec: EvalSpec, contexts: dict[str, int | None]) ->
     """UsageError when a speed or speculative prompt plus its new tokens exceed a model's context."""
     lengths = {}
     if "speed" in spec.tasks:
-        lengths["speed: --prompt-len + --new-tokens"] = spec.speed.prompt_len + spec.speed.new_tokens
+        sp = spec.speed
+        lengths["speed: --prompt-len + --new-tokens"] = sp.prompt_len + sp.new_tokens
+        if sp.mixed_requests:  # mixed prompts are up to twice prompt_len
+            lengths["speed (mixed requests): 2 x --prompt-len + --new-tokens"] = 2 * sp.prompt_len + sp.new_tokens
     if "speculative" in spec.tasks:
         lengths["speculative: prompt_len + new_tokens"] = spec.speculative.prompt_len + spec.speculative.new_tokens
     for what, length in lengths.items():

@@ -191,7 +191,8 @@ def _per_run(report: dict) -> list:
             f"Batch 1, greedy, {target['max_new_tokens']} new tokens on {target['prompts']} prompts cut from the "
             f"evaluation text; plain greedy took {target['greedy_seconds']:.2f} s.")]
         blocks.append(Table(["method", "identical to greedy", "acceptance", "tokens/forward", "seconds", "speedup"], [
-            [r["method"], "yes" if r["identical"] else f"NO (prompts {r['mismatched_prompts']})",
+            [r["method"], "yes" if r["identical"] else "NO: " + ", ".join(
+                f"prompt {m['prompt']} from new token {m['new_token']}" for m in r["mismatches"]),
              _f(r.get("acceptance_rate"), ".1%"), _f(r.get("tokens_per_forward"), ".2f"), _f(r["seconds"], ".2f"),
              _f(r["speedup"], ".2f") + "x"] for r in target["rows"]]))
     samples = report.get("samples")

@@ -112,7 +112,9 @@ class SpeculativeStats:
     target_forwards: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
-    mismatches: list[int] = field(default_factory=list)  # prompts whose output differs from plain greedy
+    # (prompt, first differing new token) where the output differs from plain greedy: in bf16 / fp16 this
+    # happens at near-ties, because verifying k tokens at once computes the logits with other kernels
+    mismatches: list[tuple[int, int]] = field(default_factory=list)
 
     def add(self, other: SpeculativeStats) -> None:
         for name in ("proposed", "accepted", "target_forwards", "new_tokens", "seconds"):
@@ -197,9 +199,19 @@ def run_drafter(target: nn.Module, drafter: Drafter, prompts: list[torch.Tensor]
         (seq, stats), seconds = _timed(lambda: speculative_greedy(target, drafter, prompt, max_new_tokens), device)
         stats.seconds = seconds
         total.add(stats)
-        if not torch.equal(seq.cpu(), reference.cpu()):
-            total.mismatches.append(i)
+        record_difference(total, i, prompt, seq, reference)
     return total
+
+
+def record_difference(stats: SpeculativeStats, index: int, prompt: torch.Tensor, out: torch.Tensor,
+             reference: torch.Tensor) -> None:
+    """Record which new token of ``out`` first differs from ``reference`` (both [1, T + n]), if one does."""
+    a, b = out[0, prompt.shape[1] :].cpu(), reference[0, prompt.shape[1] :].cpu()
+    if torch.equal(a, b):
+        return
+    length = min(a.numel(), b.numel())
+    differ = (a[:length] != b[:length]).nonzero()
+    stats.mismatches.append((index, int(differ[0]) if differ.numel() else length))
 
 
 @torch.no_grad()
@@ -215,13 +227,13 @@ def run_hf_assisted(target: nn.Module, prompts: list[torch.Tensor], references: 
         out, seconds = _timed(lambda: target.generate(prompt.to(device), generation_config=config, **assist), device)
         total.seconds += seconds
         total.new_tokens += out.shape[1] - prompt.shape[1]
-        if not torch.equal(out.cpu(), reference.cpu()):
-            total.mismatches.append(i)
+        record_difference(total, i, prompt, out, reference)
     return total
 
 
-def _row(method: str, stats: SpeculativeStats, greedy_seconds: float, prompts: int) -> dict:
-    row = {"method": method, "identical": not stats.mismatches, "mismatched_prompts": stats.mismatches,
+def result_row(method: str, stats: SpeculativeStats, greedy_seconds: float, prompts: int) -> dict:
+    row = {"method": method, "identical": not stats.mismatches,
+           "mismatches": [{"prompt": p, "new_token": t} for p, t in stats.mismatches],
            "prompts": prompts, "new_tokens": stats.new_tokens, "seconds": stats.seconds,
            "speedup": greedy_seconds / stats.seconds if stats.seconds else None}
     if stats.target_forwards:
@@ -241,16 +253,16 @@ def speculative_table(target: nn.Module, drafts: dict[str, nn.Module], prompts: 
     rows = []
     for name, draft in drafts.items():
         stats = run_drafter(target, ModelDrafter(draft, draft_tokens, name), prompts, references, max_new_tokens)
-        rows.append(_row(f"{name} drafting (compress loop, {draft_tokens} tokens)", stats, greedy_seconds,
+        rows.append(result_row(f"{name} drafting (compress loop, {draft_tokens} tokens)", stats, greedy_seconds,
                          len(prompts)))
         stats = run_hf_assisted(target, prompts, references, greedy, assistant_model=draft)
-        rows.append(_row(f"{name} drafting (transformers assistant_model)", stats, greedy_seconds, len(prompts)))
+        rows.append(result_row(f"{name} drafting (transformers assistant_model)", stats, greedy_seconds, len(prompts)))
     stats = run_drafter(target, PromptLookupDrafter(lookup_tokens, lookup_ngram), prompts, references, max_new_tokens)
-    rows.append(_row(f"prompt lookup (compress loop, {lookup_ngram}-gram, {lookup_tokens} tokens)", stats,
+    rows.append(result_row(f"prompt lookup (compress loop, {lookup_ngram}-gram, {lookup_tokens} tokens)", stats,
                      greedy_seconds, len(prompts)))
     lookup = GenerationConfig(**greedy.to_diff_dict(), prompt_lookup_num_tokens=lookup_tokens,
                               max_matching_ngram_size=lookup_ngram)
     stats = run_hf_assisted(target, prompts, references, lookup)
-    rows.append(_row("prompt lookup (transformers prompt_lookup_num_tokens)", stats, greedy_seconds, len(prompts)))
+    rows.append(result_row("prompt lookup (transformers prompt_lookup_num_tokens)", stats, greedy_seconds, len(prompts)))
     return {"greedy_seconds": greedy_seconds, "max_new_tokens": max_new_tokens, "prompts": len(prompts),
             "rows": rows}

@@ -129,7 +129,8 @@ def continuous_batching(model: nn.Module, requests: list[Request], repeats: int)
         produced: list[int] = []
         seconds = _timed(lambda i: produced.append(_serve(manager, requests, f"run{i}")), device, repeats)
     finally:
-        manager.stop(block=True)
+        manager.stop(block=True)  # also restores the model's attention implementation and empties the CUDA cache
+        manager.destroy()
     return {"mode": "continuous batching", "batch_size": None, "seconds": seconds, "tokens": produced[-1],
             "tok_s": produced[-1] / seconds}
 

@@ -95,3 +95,16 @@ def test_speculative_table_reports_every_method() -> None:
     ours = table["rows"][0]
     assert ours["acceptance_rate"] == pytest.approx(ours["accepted"] / ours["proposed"])
     assert ours["tokens_per_forward"] > 1 and ours["speedup"] > 0
+
+
+def test_a_differing_output_is_reported_with_its_first_differing_token() -> None:
+    from compress.eval.speculative import SpeculativeStats, record_difference, result_row
+
+    stats = SpeculativeStats(new_tokens=4, seconds=1.0)
+    prompt = torch.tensor([[1, 2]])
+    record_difference(stats, 0, prompt, torch.tensor([[1, 2, 5, 6, 7, 8]]), torch.tensor([[1, 2, 5, 6, 7, 8]]))
+    record_difference(stats, 1, prompt, torch.tensor([[1, 2, 5, 6, 0, 8]]), torch.tensor([[1, 2, 5, 6, 7, 8]]))
+    record_difference(stats, 2, prompt, torch.tensor([[1, 2, 5]]), torch.tensor([[1, 2, 5, 6]]))  # stopped early
+    row = result_row("m", stats, greedy_seconds=2.0, prompts=3)
+    assert not row["identical"] and row["speedup"] == 2.0
+    assert row["mismatches"] == [{"prompt": 1, "new_token": 2}, {"prompt": 2, "new_token": 1}]
