@@ -73,6 +73,18 @@ def test_recipe_eval_section_runs_after_apply(tiny_dirs, text, tmp_path: Path) -
     assert (tmp_path / "eval-out" / "report.html").exists()
 
 
+def test_a_user_draft_model_drafts_losslessly(checkpoint, tiny_dirs, text) -> None:
+    from compress.eval.runner import eval_spec, evaluate
+
+    spec = eval_spec({"tasks": ["speculative"], "data": str(text),
+                      "speculative": {"draft": str(checkpoint), "prompts": 2, "new_tokens": 16}})
+    report = evaluate(str(tiny_dirs["qwen2"]), spec, device="cpu", progress=False)
+    (target,) = report["speculative"]["targets"]  # no baseline: the evaluated model is the only target
+    assert [r["method"] for r in target["rows"]][:2] == ["qwen2-w4 drafting (compress loop, 4 tokens)",
+                                                         "qwen2-w4 drafting (transformers assistant_model)"]
+    assert all(r["identical"] for r in target["rows"]) and target["rows"][0]["accepted"] > 0
+
+
 @pytest.fixture
 def broken_checkpoint(checkpoint, tmp_path: Path) -> Path:
     import shutil
