@@ -35,6 +35,7 @@ def main() -> None:
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'shape':<8} {'M':>5} {'kernel':<22} {'us':>9} {'GB/s':>7} {'of copy':>7}")
+    torch._dynamo.config.recompile_limit = 64
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         layer4 = IntLinear.from_weight(w, None, IntScheme(4, True, "group", 128), torch.bfloat16)
@@ -57,9 +58,14 @@ def main() -> None:
             if m <= gemv.MAX_TOKENS:
                 kernels["int4 triton gemv"] = (lambda: gemv.int4_gemv(x, layer4.qweight, layer4.scales, None, 128, 8.0),
                                                n * k // 2)
+                x8 = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
+                kernels["int4 gemv M=8"] = (lambda: gemv.int4_gemv(x8, layer4.qweight, layer4.scales, None, 128, 8.0),
+                                            n * k // 2)
+                kernels["int4 tinygemm M=8"] = (lambda: int4.matmul(x8, tg[0], tg[1], 128), n * k // 2)
             else:
                 kernels["int4 dequant+cublas"] = (lambda: F.linear(x, layer4.dequantized_weight(torch.bfloat16)),
                                                   n * k // 2)
+                kernels["int4 dequant alone"] = (lambda: layer4.dequantized_weight(torch.bfloat16), n * k // 2)
             for label, (fn, nbytes) in kernels.items():
                 try:
                     us = bench(fn) * 1e3

@@ -23,7 +23,9 @@ def inner_k_tiles(in_features: int) -> int | None:
 
 def supported(bits: int, group_size: int, in_features: int, out_features: int, device: torch.device) -> bool:
     """Whether tinygemm can run this layer on ``device``."""
-    if device.type != "cuda" or bits > 4 or group_size not in GROUP_SIZES or out_features % 8:
+    # 3 and 4 bits only: tinygemm holds the zero point as a bf16 (8 - z) * scale, whose rounding is too coarse
+    # next to the few levels of 2-bit weights.
+    if device.type != "cuda" or bits not in (3, 4) or group_size not in GROUP_SIZES or out_features % 8:
         return False
     if in_features % group_size or inner_k_tiles(in_features) is None:
         return False

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -50,6 +51,9 @@ class AWQConfig(IntWeightConfig):
                                                 "(closer to the final weights) instead of min/max")
     fit_original: bool = Field(False, description="search scales against the uncompressed model's block outputs "
                                                   "instead of the block's float outputs on the compressed inputs")
+    inputs: Literal["compressed", "original"] = Field(
+        "compressed", description="calibrate each block on its inputs in the compressed model (earlier blocks "
+                                  "quantized) or in the original one (as the AWQ reference code)")
 
 
 class AWQ(Method):
@@ -62,7 +66,7 @@ class AWQ(Method):
         return config.quantize
 
     def needs_reference(self, config: AWQConfig) -> bool:
-        return config.fit_original
+        return config.fit_original or config.inputs == "original"
 
     def check_targets(self, targets, config: AWQConfig) -> list[Problem]:
         return group_size_problems(targets, config.group_size)
@@ -70,6 +74,9 @@ class AWQ(Method):
     @torch.no_grad()
     def compress_block(self, work: BlockWork, config: AWQConfig) -> None:
         scheme = config.int_scheme()
+        if config.inputs == "original":
+            work = BlockWork(work.index, work.name, work.block, work.targets, work.reference.inputs, work.device,
+                             work.reference)
         groups = work.linear_groups()
         absorbers = find_absorbers(work, groups)
         _report_missing(work, [g for g in groups if absorbers[g[0]] is None])

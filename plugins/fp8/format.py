@@ -55,6 +55,12 @@ class Fp8Linear(CompressedLinear):
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        self._fp8_matmul = False  # set for the device the layer is on (see _apply), not looked up per call
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._fp8_matmul = self.activations != "none" and scaled_mm_available(self.weight_fp8.device)
+        return result
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, per_channel: bool, activations: str,
@@ -71,6 +77,7 @@ class Fp8Linear(CompressedLinear):
             layer.input_scale.copy_(input_scale.float().view(1))
         if bias is not None:
             layer.bias.copy_(bias.detach().to(dtype))
+        layer._fp8_matmul = activations != "none" and scaled_mm_available(weight.device)
         return layer
 
     @classmethod
@@ -98,7 +105,7 @@ class Fp8Linear(CompressedLinear):
         x2 = x.reshape(-1, self.in_features)
         xs = self._input_scales(x2)
         xq = quantize_fp8(x2, xs)
-        if scaled_mm_available(x.device) and x.dtype == torch.bfloat16:
+        if self._fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16:
             y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs,
                                  scale_b=self.weight_scale.view(1, -1).expand(1, self.out_features).contiguous(),
                                  bias=self.bias, out_dtype=torch.bfloat16)

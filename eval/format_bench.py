@@ -1,0 +1,144 @@
+"""Decode and prefill speed of compressed formats against bf16 and bitsandbytes, on a random-weight model of a
+real shape built on the GPU, in one run (the issue-5 table)::
+
+    python -m compress.eval.format_bench --shape llama-3-8b --formats bf16,int4,int8,fp8,nf4,llm.int8
+
+Per format: decode tok/s at batch 1 (128-token prompt, 256 new tokens; static KV cache + torch.compile for
+bf16 and compress formats, eager dynamic cache for bitsandbytes as in ANCHORS.md), prefill tok/s at batch
+8 x 512 (eager), peak GPU memory during decode, and decode time against the bandwidth floor (bytes of the
+weights read per token over the device-to-device copy bandwidth measured in the same run). Formats:
+``int4`` = RTN 4-bit group 128 symmetric (``--int4-lm-head`` also quantizes an untied lm_head), ``int8`` =
+absmax int8 per channel, ``fp8`` = FP8 W8A8 dynamic, ``fp8-wo`` = FP8 weight-only, ``nf4`` / ``llm.int8`` =
+bitsandbytes ``Linear4bit`` / ``Linear8bitLt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+
+import torch
+import torch.nn as nn
+
+import compress
+from compress.eval.bench import random_model
+from compress.eval.speed import time_generation
+
+STEPS = {
+    "int4": [{"method": "rtn", "args": {"bits": 4, "group_size": 128}}],
+    "int8": [{"method": "int8", "args": {"scheme": "absmax", "granularity": "channel"}}],
+    "fp8": [{"method": "fp8", "args": {"activations": "dynamic"}}],
+    "fp8-wo": [{"method": "fp8", "args": {"activations": "none"}}],
+}
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read plus write), median of 20."""
+    src = torch.randn(2**28, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(25):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() * 4 / sorted(times[5:])[len(times[5:]) // 2]
+
+
+def bytes_read_per_token(model: nn.Module) -> int:
+    """Weight bytes a decode step reads: every parameter and buffer except the input embedding table (only one
+    row per token is read) unless it is tied to the output head; kernel layouts counted as stored on the GPU."""
+    embed = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and getattr(model.get_output_embeddings(), "weight", None) is embed
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen or (t is embed and not tied) or t.device.type != "cuda":
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def to_bitsandbytes(model: nn.Module, kind: str) -> None:
+    """Replace every Linear but lm_head with bitsandbytes' NF4 or LLM.int8 layer (what transformers does)."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or module is head:
+            continue
+        w = module.weight.data
+        if kind == "nf4":
+            new = bnb.nn.Linear4bit(module.in_features, module.out_features, module.bias is not None,
+                                    compute_dtype=torch.bfloat16, quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
+        else:
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, module.bias is not None,
+                                      has_fp16_weights=False, threshold=6.0)
+            new.weight = bnb.nn.Int8Params(w.cpu(), requires_grad=False, has_fp16_weights=False)
+        new = new.to("cuda")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+        del module, w
+
+
+def build(shape: str, fmt: str, int4_lm_head: bool) -> nn.Module:
+    model = random_model(shape, "cuda", torch.bfloat16)
+    if fmt in STEPS:
+        steps = [dict(s) for s in STEPS[fmt]]
+        if fmt == "int4" and int4_lm_head and not model.config.tie_word_embeddings:
+            steps[0] = {**steps[0], "targets": ["Linear", "lm_head"]}
+        compress.apply(model, steps, device="cuda")
+    elif fmt in ("nf4", "llm.int8"):
+        to_bitsandbytes(model, fmt)
+    elif fmt != "bf16":
+        raise SystemExit(f"unknown format {fmt!r}")
+    gc.collect()
+    torch.cuda.empty_cache()
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-3.2-1b")
+    parser.add_argument("--formats", default="bf16,int4,int8,fp8,nf4,llm.int8")
+    parser.add_argument("--int4-lm-head", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    torch._dynamo.config.recompile_limit = 64
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for fmt in args.formats.split(","):
+        model = build(args.shape, fmt, args.int4_lm_head)
+        config = "dynamic" if fmt in ("nf4", "llm.int8") else "static-compile"
+        decode = time_generation(model, config, 1, 128, 256, warmup=2, repeats=args.repeats)
+        row = {"format": fmt, "decode_config": config, "decode_tok_s": decode["decode_tok_s"],
+               "peak_gpu_bytes": decode["peak_gpu_bytes"], "bytes_per_token": bytes_read_per_token(model)}
+        row["floor_fraction"] = (row["bytes_per_token"] / bandwidth) / (1 / row["decode_tok_s"])
+        if not args.no_prefill:
+            prefill = time_generation(model, "dynamic", 8, 512, 2, warmup=1, repeats=args.repeats)
+            row["prefill_tok_s"] = prefill["prefill_tok_s"]
+        rows.append(row)
+        base = rows[0]
+        print(f"{fmt:<9} decode {row['decode_tok_s']:7.1f} tok/s ({row['decode_tok_s'] / base['decode_tok_s']:.2f}x "
+              f"{base['format']}, {row['floor_fraction']:.0%} of floor)  prefill "
+              f"{row.get('prefill_tok_s', 0):8.0f} tok/s ({row.get('prefill_tok_s', 0) / base.get('prefill_tok_s', 1):.2f}x)  "
+              f"peak {row['peak_gpu_bytes'] / 2**30:.2f} GiB ({row['peak_gpu_bytes'] / base['peak_gpu_bytes']:.2f}x)",
+              flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"shape": args.shape, "copy_bandwidth": bandwidth, "rows": rows}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
