@@ -39,6 +39,7 @@ def llm_compressor(model, ids: torch.Tensor, processor) -> None:
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    model.config._name_or_path = processor.name_or_path  # it looks the model up by name; a random one has none
     oneshot(model=model, dataset=data, recipe=GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]),
             processor=processor, max_seq_length=ids.shape[1], num_calibration_samples=ids.shape[0])
 
@@ -65,8 +66,6 @@ def main() -> None:
         processor = AutoTokenizer.from_pretrained(args.tokenizer)
     warm = random_model(args.shape, "cuda", torch.bfloat16)
     ours(warm, small, configs[0])
-    if not args.no_peer:
-        llm_compressor(random_model(args.shape, "cuda", torch.bfloat16), small, processor)
     del warm
     for config in configs:
         model = random_model(args.shape, "cuda", torch.bfloat16)
@@ -76,6 +75,7 @@ def main() -> None:
         del model
         torch.cuda.empty_cache()
     if not args.no_peer:
+        llm_compressor(random_model(args.shape, "cuda", torch.bfloat16), small, processor)
         model = random_model(args.shape, "cuda", torch.bfloat16)
         seconds = _timed(lambda: llm_compressor(model, ids, processor))
         rows.append({"tool": "llm-compressor", "config": "GPTQModifier W4A16", "seconds": seconds})

@@ -26,11 +26,11 @@ def run(args: list[str]):
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_every_shipped_recipe_runs(recipe: str, tiny_dirs, tmp_path: Path) -> None:
+def test_every_shipped_recipe_runs(recipe: str, tiny_dirs, calib_text, tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["apply", str(REPO / "recipes" / recipe), "--output", str(out)]
-    if recipe != "quickstart.yaml":
-        args += ["--model", str(tiny_dirs["qwen2"])]
+    if recipe != "quickstart.yaml":  # the others name no model, and GPTQ / AWQ need --calib
+        args += ["--model", str(tiny_dirs["qwen2"]), "--calib", str(calib_text)]
     result = run(args)
     assert result.exit_code == 0, result.output
     assert re.search(r"compressed layers: .* MB of weights, 0\.\d+x their", result.output)

@@ -28,10 +28,27 @@ TOLERANCE = 1e-4
 
 @dataclass(frozen=True)
 class Absorber:
-    """An op whose output channels can be divided by ``s`` to compensate a group multiplied by ``s``."""
+    """An op whose output channels can be divided by ``s`` to compensate a group multiplied by ``s``.
+
+    ``index`` maps each of the group's input channels to the op's output channel that feeds it, when the op
+    has fewer outputs than the group has inputs (v_proj -> o_proj under grouped-query attention, where each
+    value head serves several query heads); None when they correspond one to one.
+    """
 
     name: str  # qualified name
     module: nn.Module
+    index: torch.Tensor | None = None
+
+    def tie(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A group-input scale ``s`` made realisable: (the op's output scale, the group's input scale). Input
+        channels fed by the same output channel share the mean of their scales."""
+        if self.index is None:
+            return s, s
+        width = int(self.index.max()) + 1
+        idx = self.index.to(s.device)
+        t = torch.zeros(width, device=s.device, dtype=s.dtype).index_add_(0, idx, s)
+        t = t / torch.bincount(idx, minlength=width).to(s.dtype)
+        return t, t[idx]
 
     @torch.no_grad()
     def scale_outputs(self, factor: torch.Tensor) -> None:
@@ -54,18 +71,34 @@ def scale_inputs(layers: list[nn.Module], factor: torch.Tensor) -> None:
         set_weight(layer, w * factor.to(w.device, torch.float32).to(w.dtype))
 
 
-def _candidates(work: BlockWork, group: list[str], order: list[str]) -> list[tuple[str, nn.Module]]:
-    """Ops executed before the group whose output width equals its input width, nearest first."""
+HEAD_DIMS = (32, 64, 80, 96, 128, 160, 256)
+
+
+def _head_expansions(produced: int, width: int) -> list[torch.Tensor]:
+    """Channel maps for an op with ``produced`` outputs feeding ``width`` inputs through repeated heads
+    (grouped-query attention): input channel c of head h reads output channel (h // repeat) * d + c % d."""
+    if width <= produced or width % produced:
+        return []
+    repeat = width // produced
+    c = torch.arange(width)
+    return [((c // d) // repeat) * d + c % d for d in HEAD_DIMS if produced % d == 0]
+
+
+def _candidates(work: BlockWork, group: list[str], order: list[str]) -> list[Absorber]:
+    """Ops executed before the group whose outputs can feed its inputs (one to one, or through repeated
+    heads), nearest first."""
     width = linear_shape(work.targets[group[0]])[0]
     first = min(order.index(n) for n in group if n in order)
     found = []
     for name in reversed(order[:first]):
         module = work.block.get_submodule(work.local(name)) if name != work.name else work.block
         if is_linear_like(module):
-            if linear_shape(module)[1] == width:
-                found.append((name, module))
+            produced = linear_shape(module)[1]
+            if produced == width:
+                found.append(Absorber(name, module))
+            found += [Absorber(name, module, index) for index in _head_expansions(produced, width)]
         elif isinstance(getattr(module, "weight", None), torch.Tensor) and tuple(module.weight.shape) == (width,):
-            found.append((name, module))
+            found.append(Absorber(name, module))
     return found
 
 
@@ -98,13 +131,16 @@ def find_absorbers(work: BlockWork, groups: list[list[str]]) -> dict[str, Absorb
         layers = [work.targets[n] for n in group]
         width = linear_shape(layers[0])[0]
         factor = 2.0 ** (torch.randint(0, 2, (width,), generator=generator).float() * 2 - 1)  # 1/2 or 2
-        for name, module in _candidates(work, group, order):
-            absorber = Absorber(name, module)
-            absorber.scale_outputs(1 / factor)
-            scale_inputs(layers, factor)
+        for absorber in _candidates(work, group, order):
+            produced, consumed = absorber.tie(factor)
+            if absorber.index is not None:  # each output channel's own power of two, repeated over its heads
+                produced = 2.0 ** (torch.randint(0, 2, produced.shape, generator=generator).float() * 2 - 1)
+                consumed = produced[absorber.index]
+            absorber.scale_outputs(1 / produced)
+            scale_inputs(layers, consumed)
             out = work.forward(limit=1)[0]
-            absorber.scale_outputs(factor)
-            scale_inputs(layers, 1 / factor)
+            absorber.scale_outputs(produced)
+            scale_inputs(layers, 1 / consumed)
             diff = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
             if diff < TOLERANCE:
                 found[group[0]] = absorber

@@ -71,9 +71,8 @@ def read_documents(dataset: str, config: str | None = None, split: str = "train"
 def _read_file(path: Path, column: str) -> list[str]:
     try:
         if path.suffix == ".txt":
-            with open(path, "rb") as fh:
-                raw = fh.read(MAX_TEXT_BYTES)
-            return [raw.decode("utf-8")]
+            with open(path, encoding="utf-8") as fh:  # universal newlines, as evaluation text is read
+                return [fh.read(MAX_TEXT_BYTES)]
         if path.suffix == ".jsonl":
             docs = []
             with open(path, encoding="utf-8") as fh:

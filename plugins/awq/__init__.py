@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from compress import quant
-from compress.calibration.absorbers import find_absorbers, scale_inputs
+from compress.calibration.absorbers import Absorber, find_absorbers, scale_inputs
 from compress.calibration.engine import BlockWork
 from compress.errors import Problem
 from compress.formats.int_linear import IntWeightConfig, quantize_layer
@@ -95,8 +95,9 @@ class AWQ(Method):
             absorber = absorbers[group[0]]
             if absorber is not None:
                 layers = [work.targets[n] for n in group]
-                s = _search_scale(work, layers, stats[group[0]], reference, limit, scheme, config)
-                absorber.scale_outputs(1 / s)
+                produced, s = absorber.tie(_search_scale(work, layers, stats[group[0]], reference, limit, scheme,
+                                                         config, absorber))
+                absorber.scale_outputs(1 / produced)
                 scale_inputs(layers, s)
                 stats[group[0]] = stats[group[0]].scaled(s)
             unfinished.append(group)
@@ -141,7 +142,7 @@ def _input_statistics(work: BlockWork, groups: list[list[str]], rows: int) -> di
 
 
 def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: list[torch.Tensor], limit: int,
-                  scheme: quant.IntScheme, config: AWQConfig) -> torch.Tensor:
+                  scheme: quant.IntScheme, config: AWQConfig, absorber: Absorber) -> torch.Tensor:
     """The input scale whose quantized group best preserves the block's outputs. Each candidate's weights are
     quantized with the clipping range of least activation-weighted error (``search_clip``), close to what
     the final clipping search will give, or with plain min/max."""
@@ -149,6 +150,7 @@ def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: l
     w_mean = channel_weight_mean(torch.cat(originals), scheme)
     best, best_loss = torch.ones_like(stats.mean_abs), float("inf")
     for s in scale_candidates(stats.mean_abs, w_mean, config.grid):
+        s = absorber.tie(s)[1]  # a scale the absorbing op can carry
         for layer, w in zip(layers, originals):
             scaled = w.float() * s
             if config.search_clip:

@@ -1,0 +1,208 @@
+"""GPTQ and AWQ: layer- and model-level oracles against RTN, the structure they derive from any architecture,
+and end-to-end quality on the shared reference model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import compress
+from compress import quant
+from compress.calibration import absorbers
+from compress.calibration.data import calibration_set
+from compress.eval.perplexity import Protocol, perplexity
+from compress.model import load_tokenizer
+from compress.plugins.gptq.algorithm import Hessian, gptq
+from compress.quant import IntScheme
+from conftest import ARCHS, REF_A, REFCODE, REPO, make_tiny, needs_shared
+
+# -- GPTQ's column sweep against RTN on one layer -------------------------------------------------------------
+
+
+def _correlated_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) @ (torch.randn(d, d, generator=g) / d**0.5) + 0.1 * torch.randn(n, d, generator=g)
+    x[:, :8] *= 10  # a few outlier features, as in real activations
+    return x
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("options", [{}, {"act_order": True}, {"act_order": True, "mse": True}, {"mse": True}])
+def test_gptq_layer_error_below_rtn(bits: int, options: dict) -> None:
+    x = _correlated_inputs(2048, 256)
+    w = torch.randn(96, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    scheme = IntScheme(bits, True, "group", 64)
+    h = Hessian(256, torch.device("cpu"))
+    h.add(x)
+
+    def output_error(q: torch.Tensor) -> float:
+        return ((x @ (w - q).t()).pow(2).sum() / (x @ w.t()).pow(2).sum()).item()
+
+    rtn = output_error(quant.rtn_dequantized(w, scheme))
+    r = gptq(w, h.H, scheme, torch.float32, **options)
+    err = output_error(quant.dequantize_weight(r.codes, r.scale, r.zero, scheme, torch.float32))
+    assert err < 0.5 * rtn, (err, rtn)  # measured: about 0.2-0.3x RTN's error
+
+
+def test_gptq_asymmetric_objective_corrects_input_error() -> None:
+    """With inputs distorted by upstream quantization (a systematic, here linear, error), fitting the original
+    outputs (GPTAQ) beats fitting the layer's outputs on its distorted inputs. Measured: about half the error."""
+    x_ref = _correlated_inputs(2048, 128)
+    distortion = torch.randn(128, 128, generator=torch.Generator().manual_seed(3)) / 128**0.5
+    x = x_ref + 0.05 * x_ref @ distortion
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(2)) * 0.05
+    scheme = IntScheme(4, True, "group", 64)
+    plain, cross = Hessian(128, torch.device("cpu")), Hessian(128, torch.device("cpu"), cross=True)
+    plain.add(x)
+    cross.add(x, x_ref)
+
+    def error(r) -> float:
+        q = quant.dequantize_weight(r.codes, r.scale, r.zero, scheme, torch.float32)
+        return (x_ref @ w.t() - x @ q.t()).pow(2).sum().item()
+
+    assert error(gptq(w, cross.H, scheme, torch.float32, cross=cross.C)) < 0.7 * error(gptq(w, plain.H, scheme, torch.float32))
+
+
+def test_singular_hessian_retries_with_more_damping(caplog) -> None:
+    x = torch.randn(4, 64)  # rank 4: singular without damping
+    h = Hessian(64, torch.device("cpu"))
+    h.add(x)
+    with caplog.at_level(logging.WARNING):
+        r = gptq(torch.randn(8, 64), h.H, IntScheme(4, True, "group", 32), torch.float32, damp=1e-7)
+    assert torch.isfinite(r.scale).all()
+    assert "not positive definite with damp=1e-07; retrying with damp=1e-06" in caplog.text
+
+
+# -- structure derived from the module tree ---------------------------------------------------------------------
+
+EXPECTED_ABSORBERS = {
+    "llama": {"self_attn.q_proj": "input_layernorm", "self_attn.o_proj": "self_attn.v_proj (heads)",
+              "mlp.gate_proj": "post_attention_layernorm", "mlp.down_proj": "mlp.up_proj"},
+    "opt": {"self_attn.q_proj": "self_attn_layer_norm", "self_attn.out_proj": "self_attn.v_proj",
+            "fc1": "final_layer_norm", "fc2": "fc1"},
+    "gpt2": {"attn.c_attn": "ln_1", "attn.c_proj": None, "mlp.c_fc": "ln_2", "mlp.c_proj": None},
+    "phi3": {"self_attn.qkv_proj": "input_layernorm", "self_attn.o_proj": None,
+             "mlp.gate_up_proj": "post_attention_layernorm", "mlp.down_proj": None},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(EXPECTED_ABSORBERS))
+def test_groups_and_absorbers_come_from_the_structure(arch: str, monkeypatch) -> None:
+    seen = {}
+
+    def record(work, groups):
+        found = original(work, groups)
+        if work.index == 0:
+            seen["groups"] = [[work.local(n) for n in g] for g in groups]
+            seen["absorbers"] = {work.local(k): None if a is None else work.local(a.name) + (" (heads)" if a.index is not None else "")
+                                 for k, a in found.items()}
+        return found
+
+    original = absorbers.find_absorbers
+    monkeypatch.setattr("compress.plugins.awq.find_absorbers", record)
+    model = make_tiny(arch)
+    compress.apply(model, [{"method": "awq", "args": {"group_size": 64, "grid": 2, "clip": False}}],
+                   calib=torch.randint(0, 512, (2, 32)), device="cpu")
+    assert seen["absorbers"] == EXPECTED_ABSORBERS[arch]
+    if arch == "llama":
+        assert seen["groups"] == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                                  ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_block_without_a_norm_before_qkv_is_said_and_still_quantized(caplog) -> None:
+    model = make_tiny("llama")
+    for layer in model.model.layers:
+        layer.input_layernorm = nn.Identity()  # nothing for q/k/v's scales to fold into
+    with caplog.at_level(logging.WARNING):
+        compress.apply(model, [{"method": "awq", "args": {"group_size": 64, "grid": 2}}],
+                       calib=torch.randint(0, 512, (2, 32)), device="cpu")
+    assert ("no op before self_attn.q_proj, self_attn.k_proj, self_attn.v_proj can absorb an input scaling"
+            in caplog.text)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "IntLinear"
+
+
+# -- every test architecture: the smarter methods beat RTN at the same setting ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_calib(tmp_path_factory):
+    text = "\n\n".join(p.read_text() for p in sorted((REPO / "compress").rglob("*.py")))
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(text)
+    tok = load_tokenizer(str(REPO / "recipes" / "models" / "tiny-llama"))
+    return calibration_set(tok, str(path), samples=16, seq_len=128, seed=0)
+
+
+def _logit_error(arch: str, step: dict, calib) -> float:
+    model = make_tiny(arch)
+    held_out = calib.input_ids[-4:]
+    with torch.no_grad():
+        before = model(held_out).logits
+    compress.apply(model, [step], calib=calib.input_ids[:12], device="cpu")
+    with torch.no_grad():
+        return (model(held_out).logits - before).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gptq_and_awq_beat_rtn(arch: str, tiny_calib) -> None:
+    rtn_sym = _logit_error(arch, {"method": "rtn", "args": {"bits": 3, "group_size": 64}}, tiny_calib)
+    gptq_err = _logit_error(arch, {"method": "gptq", "args": {"bits": 3, "group_size": 64}}, tiny_calib)
+    rtn_asym = _logit_error(arch, {"method": "rtn", "args": {"bits": 3, "group_size": 64, "symmetric": False}},
+                            tiny_calib)
+    awq_err = _logit_error(arch, {"method": "awq", "args": {"bits": 3, "group_size": 64, "grid": 10,
+                                                            "clip_tokens": 256}}, tiny_calib)
+    assert gptq_err < rtn_sym, (gptq_err, rtn_sym)
+    assert awq_err < rtn_asym, (awq_err, rtn_asym)
+
+
+# -- ref-a end to end (CPU, small calibration, a slice of valid.txt) --------------------------------------------
+
+WINDOWS = 8
+
+
+@pytest.fixture(scope="module")
+def ref_a_data():
+    tok = load_tokenizer(str(REF_A))
+    calib = calibration_set(tok, str(REFCODE / "calib.txt"), samples=16, seq_len=512, seed=0)
+    text = (REFCODE / "valid.txt").read_text()[: WINDOWS * 1024 * 6]
+    ids = torch.tensor(tok(text, verbose=False)["input_ids"])
+    return calib, ids
+
+
+def _ref_a_ppl(ids, steps=None, calib=None) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(REF_A, dtype=torch.float32).eval()
+    if steps:
+        compress.apply(model, steps, calib=calib, device="cpu")
+    return perplexity(model, ids, Protocol(seq_len=1024, max_tokens=WINDOWS * 1024), progress=False).perplexity
+
+
+@needs_shared
+@pytest.mark.quality
+def test_ref_a_gptq_and_awq_beat_rtn(ref_a_data, record_property) -> None:
+    """Bounds: with 16 x 512 calibration tokens (an eighth of the recipes' 128 x 1024) and the first 8 windows,
+    each method must beat RTN at its setting by a clear margin. Measured on this slice (CPU, fp32): base 4.5924,
+    RTN sym 4.7282 (+2.96%), GPTQ 4.6695 (+1.68%), RTN asym 4.7154 (+2.68%), AWQ 4.6712 (+1.71%); the full-data
+    numbers are in the closing note of the GPTQ/AWQ issue."""
+    calib, ids = ref_a_data
+    base = _ref_a_ppl(ids)
+    gptq_args = {"bits": 4, "group_size": 128, "act_order": True, "mse": True, "fit_original": True}
+    awq_args = {"bits": 4, "group_size": 128, "symmetric": False, "grid": 10, "clip_tokens": 512, "search_tokens": 4096}
+    results = {
+        "rtn": _ref_a_ppl(ids, [{"method": "rtn", "args": {"bits": 4}}]),
+        "gptq": _ref_a_ppl(ids, [{"method": "gptq", "args": gptq_args}], calib),
+        "rtn_asym": _ref_a_ppl(ids, [{"method": "rtn", "args": {"bits": 4, "symmetric": False}}]),
+        "awq": _ref_a_ppl(ids, [{"method": "awq", "args": awq_args}], calib),
+    }
+    increase = {k: v / base - 1 for k, v in results.items()}
+    for k, v in results.items():
+        record_property(k, v)
+    print({k: f"{v:.4f} ({increase[k]:+.2%})" for k, v in results.items()}, f"base {base:.4f}")
+    assert increase["gptq"] < 0.75 * increase["rtn"]
+    assert increase["awq"] < 0.9 * increase["rtn_asym"]
+    assert increase["gptq"] < 0.025 and increase["awq"] < 0.03
