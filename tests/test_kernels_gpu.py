@@ -62,7 +62,8 @@ def test_compiled_decode_has_no_graph_breaks(method, args) -> None:
     with torch.no_grad():  # inference, as generate runs it (the int4 kernel has no backward)
         for _ in range(3):  # warm-up and CUDA-graph replays
             out = compiled(ids).logits
-    assert rel(out, eager) < 2e-2
+    # fp8 activations are quantized per token: a compiled amax/divide may round a few codes differently
+    assert rel(out, eager) < (5e-2 if method == "fp8" else 2e-2)
 
 
 @pytest.mark.parametrize("tokens", [1, 5, 64])

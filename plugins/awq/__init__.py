@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 class AWQConfig(IntWeightConfig):
     symmetric: bool = Field(False, description="fixed zero point (true) or a stored zero point per group (false)")
     grid: int = Field(20, ge=1, description="scale ratios tried per layer group")
+    weight_exponents: list[float] | None = Field(
+        None, description="also search the weight term's exponent over these values (default: 1 - ratio, the "
+                          "AWQ reference's one-dimensional search)")
     clip: bool = Field(True, description="search each weight group's clipping range")
     clip_grid: int = Field(20, ge=1, description="clipping steps of 1/clip_grid tried")
     max_shrink: float = Field(0.5, gt=0, lt=1, description="largest fraction of a group's range clipped away")
@@ -149,7 +152,7 @@ def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: l
     originals = [get_weight(layer).clone() for layer in layers]
     w_mean = channel_weight_mean(torch.cat(originals), scheme)
     best, best_loss = torch.ones_like(stats.mean_abs), float("inf")
-    for s in scale_candidates(stats.mean_abs, w_mean, config.grid):
+    for s in scale_candidates(stats.mean_abs, w_mean, config.grid, config.weight_exponents):
         s = absorber.tie(s)[1]  # a scale the absorbing op can carry
         for layer, w in zip(layers, originals):
             scaled = w.float() * s

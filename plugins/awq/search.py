@@ -23,13 +23,16 @@ def channel_weight_mean(weights: torch.Tensor, scheme: IntScheme) -> torch.Tenso
     return g.reshape(weights.shape).mean(dim=0)
 
 
-def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int) -> Iterator[torch.Tensor]:
-    """The identity, then one scale vector per ratio r = i / grid."""
+def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int,
+                     weight_exponents: list[float] | None = None) -> Iterator[torch.Tensor]:
+    """The identity, then one scale vector per ratio r = i / grid: mean|x|^r / mean(w)^(1 - r), or, with
+    ``weight_exponents``, mean|x|^r / mean(w)^b for each b given (a two-dimensional search)."""
     yield torch.ones_like(x_mean)
     for i in range(grid):
         r = i / grid
-        s = (x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4)).clamp(min=1e-4)
-        yield s / (s.max() * s.min()).sqrt()
+        for b in weight_exponents if weight_exponents is not None else [1 - r]:
+            s = (x_mean.pow(r) / (w_mean.pow(b) + 1e-4)).clamp(min=1e-4)
+            yield s / (s.max() * s.min()).sqrt()
 
 
 @torch.no_grad()
