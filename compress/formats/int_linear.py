@@ -152,7 +152,8 @@ class IntLinear(CompressedLinear):
         return quant.dequantize_weight(self.codes(), self.scales, self.zero_points(), s, dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._int4_weight is not None and x.is_cuda and x.numel() <= self.int4_max_tokens * self.in_features:
+        if (self._int4_weight is not None and x.dtype == torch.bfloat16 and x.is_cuda
+                and x.numel() <= self.int4_max_tokens * self.in_features):  # tinygemm computes in bf16 only
             group = self.int_scheme.group_size if self.int_scheme.granularity == "group" else self.in_features
             y = int4.matmul(x.reshape(-1, self.in_features), self._int4_weight, self._int4_scales_zeros, group)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
