@@ -97,7 +97,8 @@ def broken_checkpoint(checkpoint, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("case, args, message", [
     ("missing data", ["--data", "{tmp}/missing.txt"],
-     r"error: evaluation data file not found: .*missing\.txt; give a text file \(read as is\)"),
+     r"error: evaluation data file not found: .*missing\.txt; give a text file, a \.jsonl/\.parquet file, or a "
+     r"datasets id"),
     ("window too long", ["--seq-len", "4096"],
      r"error: seq_len 4096 is larger than the context of qwen2-w4 \(256 tokens\); use --seq-len 256 or less"),
     ("speed too long", ["--tasks", "speed", "--new-tokens", "300"],
