@@ -63,7 +63,10 @@ def _calibration(plan_: Plan, calib: CalibLike, tokenizer) -> CalibrationSet | N
 
 def _step_runner(step: PlannedStep):
     def run(work: BlockWork) -> None:
-        step.method.compress_block(work, step.config)
+        # Without autograd: a weight that requires grad would otherwise leave every buffer computed from it
+        # holding its whole autograd graph (the float intermediates of every layer) alive.
+        with torch.no_grad():
+            step.method.compress_block(work, step.config)
         if step.method.quantizes(step.config):
             for layer in work.targets.values():
                 if isinstance(layer, CompressedLinear):

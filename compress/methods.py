@@ -90,7 +90,8 @@ class Method:
 
     def compress_block(self, work: BlockWork, config: MethodConfig) -> None:
         """Compress ``work.targets`` (the targeted layers of one decoder block, or of the layers outside
-        the blocks). ``work.inputs`` holds the block's calibration inputs when ``needs`` is CALIBRATION."""
+        the blocks). ``work.inputs`` holds the block's calibration inputs when ``needs`` is CALIBRATION.
+        Runs under ``torch.no_grad()``; a method that optimises something per block enables it locally."""
         raise PluginError(
             f"method {self.name!r} declares needs={self.needs.value!r} but does not override compress_block; "
             "the plugin's author must implement it"

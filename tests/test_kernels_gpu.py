@@ -52,10 +52,11 @@ def test_int4_fast_path_is_taken_for_usual_shapes() -> None:
 
 @pytest.mark.parametrize("method, args", [("rtn", {"bits": 4, "group_size": 64}), ("int8", {}),
                                           ("fp8", {"activations": "dynamic"}), ("fp8", {"activations": "none"})])
-def test_compiled_decode_has_no_graph_breaks(method, args) -> None:
+@pytest.mark.parametrize("tokens", [1, 16])  # 1: the decode-step kernels (int4 tinygemm, fused 8-bit reduction)
+def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
     model = make_tiny("llama", dtype=torch.bfloat16).cuda()
     compress.apply(model, [{"method": method, "args": args}], device="cuda")
-    ids = torch.randint(0, 512, (1, 16), device="cuda")
+    ids = torch.randint(0, 512, (1, tokens), device="cuda")
     with torch.no_grad():
         eager = model(ids).logits
     compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")  # fullgraph: a break raises

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from compress import quant
 from compress.formats import CompressedLinear, register_format
-from compress.kernels import dequant, int4
+from compress.kernels import dequant, int4, reduction
 from compress.linear import get_bias, get_weight
 from compress.methods import MethodConfig
 from compress.quant import IntScheme
@@ -68,6 +68,7 @@ class IntLinear(CompressedLinear):
     # -- building -------------------------------------------------------------------------------------
 
     @classmethod
+    @torch.no_grad()
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: IntScheme,
                    bias: torch.Tensor | None, dtype: torch.dtype) -> IntLinear:
         """Build from uint8 codes [out, in] and [rows, groups] scale / zero (zero ignored if symmetric)."""
@@ -163,14 +164,14 @@ class IntLinear(CompressedLinear):
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def _int8_channel_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """8-bit per-channel: the matmul on the codes, scaled (and zero-corrected) after it; under
-        torch.compile the int8-to-float conversion fuses into the matmul, so weights are read as int8."""
+        """8-bit per-channel: the matmul on the codes, scaled after it; compiled decode steps read the codes
+        once (see :mod:`compress.kernels.reduction`)."""
         scale = self.scales.view(-1).to(x.dtype)
         if self.signed_storage:
-            centred = self.qweight.to(x.dtype)
+            centred = self.qweight
         else:  # q - z lies in [-255, 255]: exact in bf16/fp16, and no cancellation after the matmul
-            centred = self.qweight.to(torch.int16).sub(self.zeros.to(torch.int16)).to(x.dtype)
-        y = F.linear(x, centred) * scale
+            centred = self.qweight.to(torch.int16).sub(self.zeros.to(torch.int16))
+        y = reduction.weight_only_linear(x, centred) * scale
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:

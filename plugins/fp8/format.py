@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from compress.formats import CompressedLinear, register_format
+from compress.kernels import reduction
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -63,6 +63,7 @@ class Fp8Linear(CompressedLinear):
         return result
 
     @classmethod
+    @torch.no_grad()
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, per_channel: bool, activations: str,
                     dtype: torch.dtype, input_scale: torch.Tensor | None = None) -> Fp8Linear:
         """Quantize a float [out, in] weight: its max |w| per row (or overall) maps to the E4M3 maximum."""
@@ -99,18 +100,20 @@ class Fp8Linear(CompressedLinear):
         return token_scales(x2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "none":  # scale after the matmul: under torch.compile the cast fuses into it
-            y = F.linear(x, self.weight_fp8.to(x.dtype)) * self.weight_scale.view(-1).to(x.dtype)
+        if self.activations == "none":  # scale after the matmul; compiled decode steps read the fp8 weight once
+            y = reduction.weight_only_linear(x, self.weight_fp8) * self.weight_scale.view(-1).to(x.dtype)
             return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features)
         xs = self._input_scales(x2)
         xq = quantize_fp8(x2, xs)
-        if self._fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16:
+        if self._fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not reduction.fuses(x2):
             y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs,
                                  scale_b=self.weight_scale.view(1, -1).expand(1, self.out_features).contiguous(),
                                  bias=self.bias, out_dtype=torch.bfloat16)
-        else:  # the same arithmetic, dequantized
-            y = F.linear((xq.float() * xs).to(x.dtype), self.dequantized_weight(x.dtype), self.bias)
+        else:  # the same arithmetic on dequantized activations (a compiled decode step: one kernel, fp8 read once)
+            y = reduction.weight_only_linear((xq.float() * xs).to(x.dtype), self.weight_fp8)
+            y = y * self.weight_scale.view(-1).to(x.dtype)
+            y = y if self.bias is None else y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
