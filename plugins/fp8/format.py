@@ -99,10 +99,14 @@ class Fp8Linear(CompressedLinear):
             return self.input_scale.view(1, 1).expand(x2.shape[0], 1).contiguous()
         return token_scales(x2)
 
+    def _weight_only_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x times the fp8 weight, scaled after the matmul; compiled decode steps read the weight once."""
+        y = reduction.weight_only_linear(x, self.weight_fp8) * self.weight_scale.view(-1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.activations == "none":  # scale after the matmul; compiled decode steps read the fp8 weight once
-            y = reduction.weight_only_linear(x, self.weight_fp8) * self.weight_scale.view(-1).to(x.dtype)
-            return y if self.bias is None else y + self.bias
+        if self.activations == "none":
+            return self._weight_only_linear(x)
         x2 = x.reshape(-1, self.in_features)
         xs = self._input_scales(x2)
         xq = quantize_fp8(x2, xs)
@@ -110,10 +114,8 @@ class Fp8Linear(CompressedLinear):
             y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs,
                                  scale_b=self.weight_scale.view(1, -1).expand(1, self.out_features).contiguous(),
                                  bias=self.bias, out_dtype=torch.bfloat16)
-        else:  # the same arithmetic on dequantized activations (a compiled decode step: one kernel, fp8 read once)
-            y = reduction.weight_only_linear((xq.float() * xs).to(x.dtype), self.weight_fp8)
-            y = y * self.weight_scale.view(-1).to(x.dtype)
-            y = y if self.bias is None else y + self.bias
+        else:  # the same arithmetic on dequantized activations (so in a compiled decode step too)
+            y = self._weight_only_linear((xq.float() * xs).to(x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
