@@ -7,7 +7,7 @@ Per format: decode tok/s at batch 1 (128-token prompt, 256 new tokens; static KV
 bf16 and compress formats, eager dynamic cache for bitsandbytes as in ANCHORS.md), prefill tok/s at batch
 8 x 512 (eager), peak GPU memory during decode, and decode time against the bandwidth floor (bytes of the
 weights read per token over the device-to-device copy bandwidth measured in the same run). Formats:
-``int4`` = RTN 4-bit group 128 symmetric (``--int4-lm-head`` also quantizes an untied lm_head), ``int8`` =
+``int4`` = RTN 4-bit group 128 symmetric (``int4-lm-head``: the output head too), ``int8`` =
 absmax int8 per channel, ``fp8`` = FP8 W8A8 dynamic, ``fp8-wo`` = FP8 weight-only, ``nf4`` / ``llm.int8`` =
 bitsandbytes ``Linear4bit`` / ``Linear8bitLt``.
 """
@@ -27,6 +27,7 @@ from compress.eval.speed import time_generation
 
 STEPS = {
     "int4": [{"method": "rtn", "args": {"bits": 4, "group_size": 128}}],
+    "int4-lm-head": [{"method": "rtn", "args": {"bits": 4, "group_size": 128}, "targets": ["Linear", "lm_head"]}],
     "int8": [{"method": "int8", "args": {"scheme": "absmax", "granularity": "channel"}}],
     "fp8": [{"method": "fp8", "args": {"activations": "dynamic"}}],
     "fp8-wo": [{"method": "fp8", "args": {"activations": "none"}}],
@@ -85,12 +86,10 @@ def to_bitsandbytes(model: nn.Module, kind: str) -> None:
         del module, w
 
 
-def build(shape: str, fmt: str, int4_lm_head: bool) -> nn.Module:
+def build(shape: str, fmt: str) -> nn.Module:
     model = random_model(shape, "cuda", torch.bfloat16)
     if fmt in STEPS:
         steps = [dict(s) for s in STEPS[fmt]]
-        if fmt == "int4" and int4_lm_head and not model.config.tie_word_embeddings:
-            steps[0] = {**steps[0], "targets": ["Linear", "lm_head"]}
         compress.apply(model, steps, device="cuda")
     elif fmt in ("nf4", "llm.int8"):
         to_bitsandbytes(model, fmt)
@@ -105,9 +104,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--formats", default="bf16,int4,int8,fp8,nf4,llm.int8")
-    parser.add_argument("--int4-lm-head", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-prefill", action="store_true")
+    parser.add_argument("--decode-configs", default="compiled-step,static-compile",
+                        help="speed configurations for decode (the first is the headline and sets the floor fraction)")
     parser.add_argument("--json")
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64
@@ -115,11 +115,17 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
     for fmt in args.formats.split(","):
-        model = build(args.shape, fmt, args.int4_lm_head)
-        config = "dynamic" if fmt in ("nf4", "llm.int8") else "static-compile"
-        decode = time_generation(model, config, 1, 128, 256, warmup=2, repeats=args.repeats)
-        row = {"format": fmt, "decode_config": config, "decode_tok_s": decode["decode_tok_s"],
-               "peak_gpu_bytes": decode["peak_gpu_bytes"], "bytes_per_token": bytes_read_per_token(model)}
+        model = build(args.shape, fmt)
+        row = {"format": fmt, "bytes_per_token": bytes_read_per_token(model), "decode": {}}
+        for config in args.decode_configs.split(","):
+            if fmt in ("nf4", "llm.int8"):  # eager only, as in ANCHORS.md
+                config = "dynamic"
+            if config in row["decode"]:
+                continue
+            decode = time_generation(model, config, 1, 128, 256, warmup=2, repeats=args.repeats)
+            row["decode"][config] = decode["decode_tok_s"]
+            row.setdefault("decode_tok_s", decode["decode_tok_s"])
+            row["peak_gpu_bytes"] = max(row.get("peak_gpu_bytes", 0), decode["peak_gpu_bytes"])
         row["floor_fraction"] = (row["bytes_per_token"] / bandwidth) / (1 / row["decode_tok_s"])
         if not args.no_prefill:
             prefill = time_generation(model, "dynamic", 8, 512, 2, warmup=1, repeats=args.repeats)
@@ -129,7 +135,8 @@ def main() -> None:
         print(f"{fmt:<9} decode {row['decode_tok_s']:7.1f} tok/s ({row['decode_tok_s'] / base['decode_tok_s']:.2f}x "
               f"{base['format']}, {row['floor_fraction']:.0%} of floor)  prefill "
               f"{row.get('prefill_tok_s', 0):8.0f} tok/s ({row.get('prefill_tok_s', 0) / base.get('prefill_tok_s', 1):.2f}x)  "
-              f"peak {row['peak_gpu_bytes'] / 2**30:.2f} GiB ({row['peak_gpu_bytes'] / base['peak_gpu_bytes']:.2f}x)",
+              f"peak {row['peak_gpu_bytes'] / 2**30:.2f} GiB ({row['peak_gpu_bytes'] / base['peak_gpu_bytes']:.2f}x)  "
+              + "  ".join(f"{c} {v:.1f} ({v / base['decode'].get(c, v):.2f}x)" for c, v in row["decode"].items()),
               flush=True)
         del model
         gc.collect()

@@ -13,8 +13,8 @@ import triton.testing
 from compress.formats import IntLinear
 from compress.quant import IntScheme
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
-          "lm_head": (128256, 4096)}
+SHAPES = {"o": (4096, 4096), "kv": (1024, 4096),
+          "up": (14336, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
 
 
 def copy_bandwidth() -> float:
@@ -25,47 +25,60 @@ def copy_bandwidth() -> float:
 
 
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    """Milliseconds per call, replayed from a CUDA graph as decode steps run (no launch overhead)."""
+    fn()  # compile and autotune outside the graph
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
+def tinygemm_pack(layer: IntLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """A symmetric 4-bit layer in the layout of torch's tinygemm kernel (``aten._weight_int4pack_mm``, gpt-fast's
+    int4 kernel), the reference the Triton kernel is measured against: w = (q - 8) * scale + zero."""
+    codes = layer.codes()
+    pairs = (codes[:, ::2] << 4) | codes[:, 1::2]  # tinygemm: even column in the high nibble
+    weight = torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), 8)
+    s = layer.scales.float()
+    scales_and_zeros = torch.stack([s, torch.zeros_like(s)], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+    return weight, scales_and_zeros
 
 
 def main() -> None:
-    from compress.kernels import gemv, int4
+    from compress.kernels import gemv
     from compress.plugins.fp8.format import Fp8Linear
 
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     print(f"{'shape':<8} {'M':>5} {'kernel':<22} {'us':>9} {'GB/s':>7} {'of copy':>7}")
     torch._dynamo.config.recompile_limit = 64
+    fused = torch.compile(lambda x, w: (x.unsqueeze(-2).float() * w.float()).sum(dim=-1).to(x.dtype))
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         layer4 = IntLinear.from_weight(w, None, IntScheme(4, True, "group", 128), torch.bfloat16)
         layer8 = IntLinear.from_weight(w, None, IntScheme(8, True, "channel", None, restricted=True), torch.bfloat16)
         fp8 = Fp8Linear.from_weight(w, None, True, "dynamic", torch.bfloat16)
-        fp8wo = Fp8Linear.from_weight(w, None, True, "none", torch.bfloat16)
-        int8_compiled = torch.compile(layer8._int8_channel_linear)
-        fp8wo_compiled = torch.compile(fp8wo.forward)
-        tg = int4.pack(layer4.codes(), layer4.scales, layer4.zero_points()) if layer4._int4_weight is None else (
-            layer4._int4_weight, layer4._int4_scales_zeros)
-        for m in (1, 4096):
+        tg = tinygemm_pack(layer4)
+        s8, s8f = layer8.scales.view(-1), fp8.weight_scale.view(-1).contiguous()
+        for m in (1,):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             kernels = {
                 "bf16 cublas": (lambda: F.linear(x, w), 2 * n * k),
-                "int4 tinygemm": (lambda: int4.matmul(x, tg[0], tg[1], 128), n * k // 2),
-                "int8 compiled": (lambda: int8_compiled(x), n * k),
-                "fp8 scaled_mm": (lambda: fp8(x), n * k),
-                "fp8 w-only compiled": (lambda: fp8wo_compiled(x), n * k),
+                "int4 tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, tg[0], 128, tg[1]), n * k // 2),
             }
             if m <= gemv.MAX_TOKENS:
-                kernels["int4 triton gemv"] = (lambda: gemv.int4_gemv(x, layer4.qweight, layer4.scales, None, 128, 8.0),
-                                               n * k // 2)
-                x8 = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
-                kernels["int4 gemv M=8"] = (lambda: gemv.int4_gemv(x8, layer4.qweight, layer4.scales, None, 128, 8.0),
-                                            n * k // 2)
-                kernels["int4 tinygemm M=8"] = (lambda: int4.matmul(x8, tg[0], tg[1], 128), n * k // 2)
+                kernels.update({
+                    "int4 triton gemv": (lambda: gemv.gemv_int4(x, layer4.qweight, layer4.scales, None, 128, 8.0),
+                                         n * k // 2),
+                    "int8 triton gemv": (lambda: gemv.gemv_8bit(x, layer8.qweight, s8, None), n * k),
+                    "fp8 triton gemv": (lambda: gemv.gemv_8bit(x, fp8.weight_fp8, s8f, None), n * k),
+                    "int8 inductor fused": (lambda: fused(x, layer8.qweight), n * k),
+                })
             else:
                 kernels["int4 dequant+cublas"] = (lambda: F.linear(x, layer4.dequantized_weight(torch.bfloat16)),
                                                   n * k // 2)
-                kernels["int4 dequant alone"] = (lambda: layer4.dequantized_weight(torch.bfloat16), n * k // 2)
+            xq = x.to(torch.float8_e4m3fn)
+            xs = torch.ones(m, 1, device="cuda")
+            kernels["fp8 scaled_mm"] = (lambda: torch._scaled_mm(xq, fp8.weight_fp8.t(), scale_a=xs,
+                                                                  scale_b=s8f.view(1, -1), out_dtype=torch.bfloat16),
+                                        n * k)
             for label, (fn, nbytes) in kernels.items():
                 try:
                     us = bench(fn) * 1e3
@@ -74,7 +87,7 @@ def main() -> None:
                     continue
                 gbs = nbytes / (us / 1e6) / 1e9
                 print(f"{name:<8} {m:>5} {label:<22} {us:9.1f} {gbs:7.0f} {gbs * 1e9 / bw:7.0%}", flush=True)
-        del w, layer4, layer8, fp8, fp8wo
+        del w, layer4, layer8, fp8
         torch.cuda.empty_cache()
 
 

@@ -9,6 +9,11 @@ Configurations:
 * ``static-compile``: a static KV cache with the decode step under ``torch.compile`` (mode reduce-overhead,
   CUDA graphs), through transformers' own ``compile_config`` path, as in the anchors. CUDA only: on a CPU
   the row is reported as skipped.
+* ``compiled-step``: the same compiled decode step and static KV cache, driven by a bare greedy loop (the
+  next token is the argmax, kept on the GPU; no logits processors, stopping checks or host syncs between
+  steps) as gpt-fast and serving engines run it. It times the model's step; ``static-compile`` adds
+  ``generate``'s per-token work on the host, which is the same for every model and so narrows the gap
+  between a fast model and a slow one. CUDA only.
 
 Timing: a logits processor marks the moment each step's logits are ready (a CUDA event on a GPU, so
 marking costs no synchronisation; ``perf_counter`` on a CPU). Prefill time is from the call to the first
@@ -28,7 +33,7 @@ import time
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
-from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList
+from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
 from compress.recipe import SpeedSpec
 
@@ -97,26 +102,56 @@ def random_prompts(model: nn.Module, batch: int, length: int, seed: int = 0) -> 
     return torch.randint(0, vocab, (batch, length), generator=gen).to(model_device(model))
 
 
+def _event():
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+@torch.no_grad()
+def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, warmup: int,
+                        repeats: int) -> tuple[list[float], list[float]]:
+    """Prefill and decode seconds of ``warmup + repeats`` greedy runs of the ``compiled-step`` configuration
+    (timed ones only): an eager prefill into a static KV cache, then ``new_tokens - 1`` compiled steps."""
+    device = model_device(model)
+    ids = random_prompts(model, batch, prompt_len)
+    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+    positions = torch.arange(prompt_len + new_tokens, device=device)
+
+    def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        return logits[:, -1:].argmax(-1)
+
+    compiled = torch.compile(step, fullgraph=COMPILE.fullgraph, dynamic=False, mode=COMPILE.mode)
+    prefill, decode = [], []
+    for run in range(warmup + repeats):
+        cache.reset()
+        synchronize(device)
+        start = _event()
+        token = step(ids, positions[:prompt_len])
+        first = _event()
+        for i in range(prompt_len, prompt_len + new_tokens - 1):
+            torch.compiler.cudagraph_mark_step_begin()
+            token = compiled(token, positions[i:i + 1]).clone()
+        end = _event()
+        end.synchronize()
+        if run >= warmup:
+            prefill.append(start.elapsed_time(first) / 1000)
+            decode.append(first.elapsed_time(end) / 1000)
+    return prefill, decode
+
+
 @torch.no_grad()
 def time_generation(model: nn.Module, config: str, batch: int, prompt_len: int, new_tokens: int, warmup: int,
                     repeats: int, pad_token_id: int = 0) -> dict:
     """One row of the speed table: medians of prefill and decode time, as seconds and tokens per second."""
     device = model_device(model)
-    ids = random_prompts(model, batch, prompt_len)
-    clock = StepClock(device)
-    kwargs = {**config_kwargs(config), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-              "pad_token_id": pad_token_id, "attention_mask": torch.ones_like(ids),
-              "logits_processor": LogitsProcessorList([clock])}
-    prefill, decode = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for run in range(warmup + repeats):
-        synchronize(device)
-        clock.start()
-        model.generate(ids, **kwargs)
-        if run >= warmup:
-            prefill.append(clock.seconds(0, 1))
-            decode.append(clock.seconds(1, -1))
+    if config == "compiled-step":
+        prefill, decode = time_compiled_steps(model, batch, prompt_len, new_tokens, warmup, repeats)
+    else:
+        prefill, decode = _time_generate(model, config, batch, prompt_len, new_tokens, warmup, repeats, pad_token_id)
     prefill_s, decode_s = statistics.median(prefill), statistics.median(decode)
     steps = new_tokens - 1
     return {
@@ -127,6 +162,26 @@ def time_generation(model: nn.Module, config: str, batch: int, prompt_len: int, 
         "ms_per_step": 1000 * decode_s / steps,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
+
+
+def _time_generate(model: nn.Module, config: str, batch: int, prompt_len: int, new_tokens: int, warmup: int,
+                   repeats: int, pad_token_id: int) -> tuple[list[float], list[float]]:
+    """Prefill and decode seconds of the timed runs of ``generate`` in ``config``."""
+    device = model_device(model)
+    ids = random_prompts(model, batch, prompt_len)
+    clock = StepClock(device)
+    kwargs = {**config_kwargs(config), "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+              "pad_token_id": pad_token_id, "attention_mask": torch.ones_like(ids),
+              "logits_processor": LogitsProcessorList([clock])}
+    prefill, decode = [], []
+    for run in range(warmup + repeats):
+        synchronize(device)
+        clock.start()
+        model.generate(ids, **kwargs)
+        if run >= warmup:
+            prefill.append(clock.seconds(0, 1))
+            decode.append(clock.seconds(1, -1))
+    return prefill, decode
 
 
 def skipped_row(config: str, batch: int, spec: SpeedSpec, reason: str) -> dict:
@@ -155,7 +210,7 @@ def speed_table(model: nn.Module, spec: SpeedSpec, pad_token_id: int = 0, progre
     cells = [(c, b) for c in spec.configs for b in spec.batch_sizes]
     with _recompile_headroom():
         for config, batch in tqdm(cells, desc="speed", unit="row", disable=not progress or None):
-            if config == "static-compile" and device.type != "cuda":
+            if config in ("static-compile", "compiled-step") and device.type != "cuda":
                 rows.append(skipped_row(config, batch, spec, "torch.compile with CUDA graphs needs a CUDA device"))
                 continue
             try:

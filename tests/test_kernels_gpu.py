@@ -33,7 +33,7 @@ def test_int_layer_matches_dequantized_reference(out_f, in_f, bits, symmetric, g
     scheme = IntScheme(bits, symmetric, "group" if group else "channel", group)
     layer = IntLinear.from_weight(w, b, scheme, torch.bfloat16)
     reference = layer.dequantized_weight(torch.float32)
-    for tokens in (1, 7, 32, 333):
+    for tokens in (1, 7, 8, 9, 333):  # up to gemv.MAX_TOKENS: the decode kernels; more: dequantize + matmul
         x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
         y = layer(x)
         assert torch.isfinite(y).all()
@@ -41,18 +41,43 @@ def test_int_layer_matches_dequantized_reference(out_f, in_f, bits, symmetric, g
         assert rel(y, expect) <= 1e-2, (tokens, rel(y, expect))
 
 
-def test_int4_fast_path_is_taken_for_usual_shapes() -> None:
-    layer = IntLinear.from_weight(torch.randn(4096, 4096, device="cuda"), None, IntScheme(4, True, "group", 128),
-                                  torch.bfloat16)
-    assert layer._int4_weight is not None
-    odd = IntLinear.from_weight(torch.randn(100, 200, device="cuda"), None, IntScheme(4, True, "group", 40),
-                                torch.bfloat16)
-    assert odd._int4_weight is None  # falls back to dequantize-then-matmul
+class _Spy:
+    """Counts the calls of the decode kernels (IntLinear and Fp8Linear look them up at call time)."""
+
+    def __init__(self, monkeypatch):
+        from compress.kernels import gemv
+
+        self.calls = {"gemv_int4": 0, "gemv_8bit": 0}
+        for name in self.calls:
+            real = getattr(gemv, name)
+            monkeypatch.setattr(gemv, name, self._wrap(name, real))
+
+    def _wrap(self, name, real):
+        def call(*args):
+            self.calls[name] += 1
+            return real(*args)
+        return call
+
+
+@pytest.mark.parametrize("scheme, kernel", [(IntScheme(4, True, "group", 128), "gemv_int4"),
+                                            (IntScheme(3, False, "group", 64), "gemv_int4"),
+                                            (IntScheme(8, True, "channel", None), "gemv_8bit"),
+                                            (IntScheme(8, False, "channel", None), "gemv_8bit"),
+                                            (IntScheme(4, True, "group", 40), None),
+                                            (IntScheme(2, True, "group", 128), None)])
+def test_decode_kernel_is_taken_where_it_applies(scheme, kernel, monkeypatch) -> None:
+    spy = _Spy(monkeypatch)
+    in_f = 640 if scheme.group_size == 40 else 1024
+    layer = IntLinear.from_weight(torch.randn(256, in_f, device="cuda"), None, scheme, torch.bfloat16)
+    layer(torch.randn(1, 1, in_f, device="cuda", dtype=torch.bfloat16))
+    assert spy.calls == {k: int(k == kernel) for k in spy.calls}
+    layer(torch.randn(1, 64, in_f, device="cuda", dtype=torch.bfloat16))  # prefill: dequantize + matmul
+    assert sum(spy.calls.values()) == int(kernel is not None)
 
 
 @pytest.mark.parametrize("method, args", [("rtn", {"bits": 4, "group_size": 64}), ("int8", {}),
                                           ("fp8", {"activations": "dynamic"}), ("fp8", {"activations": "none"})])
-@pytest.mark.parametrize("tokens", [1, 16])  # 1: the decode-step kernels (int4 tinygemm, fused 8-bit reduction)
+@pytest.mark.parametrize("tokens", [1, 16])  # 1: the decode kernels (compress.kernels.gemv); 16: dequantize + matmul
 def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
     torch._dynamo.reset()  # each case compiles new modules: earlier cases' recompiles must not hit dynamo's limit
     model = make_tiny("llama", dtype=torch.bfloat16).cuda()
@@ -61,7 +86,7 @@ def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
     with torch.no_grad():
         eager = model(ids).logits
     compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")  # fullgraph: a break raises
-    with torch.no_grad():  # inference, as generate runs it (the int4 kernel has no backward)
+    with torch.no_grad():  # inference, as generate runs it (the decode kernels have no backward)
         for _ in range(3):  # warm-up and CUDA-graph replays
             out = compiled(ids).logits
     # fp8 activations are quantized per token: a compiled amax/divide may round a few codes differently
@@ -82,32 +107,41 @@ def test_fp8_scaled_mm_matches_emulation(tokens, weights) -> None:
     assert rel(fast.cpu(), emulated) < 1e-2
 
 
-def test_checkpoints_move_between_cpu_and_gpu(tmp_path) -> None:
+def test_checkpoints_move_between_cpu_and_gpu(tmp_path, monkeypatch) -> None:
+    spy = _Spy(monkeypatch)
     cpu_model = make_tiny("qwen2", dtype=torch.bfloat16)
     compress.apply(cpu_model, [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}], device="cpu")
     compress.save(cpu_model, tmp_path / "from-cpu")
     on_gpu = compress.load(tmp_path / "from-cpu", device="cuda")
-    assert all(m._int4_weight is not None for m in on_gpu.modules() if isinstance(m, IntLinear))
     ids = torch.randint(0, 512, (1, 12))
     assert rel(on_gpu(ids.cuda()).logits.cpu(), cpu_model(ids).logits) < 2e-2
+    with torch.no_grad():  # a decode step of the loaded model takes the kernel
+        on_gpu(ids[:, :1].cuda())
+    assert spy.calls["gemv_int4"] == sum(isinstance(m, IntLinear) for m in on_gpu.modules())
 
     gpu_model = make_tiny("qwen2", dtype=torch.bfloat16).cuda()
     compress.apply(gpu_model, [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}], device="cuda")
     compress.save(gpu_model, tmp_path / "from-gpu")
     on_cpu = compress.load(tmp_path / "from-gpu", device="cpu")
-    assert all(m._int4_weight is None for m in on_cpu.modules() if isinstance(m, IntLinear))
     assert rel(on_cpu(ids).logits, gpu_model(ids.cuda()).logits.cpu()) < 2e-2
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 16])
-@pytest.mark.parametrize("out_f, in_f, symmetric", [(4096, 4096, True), (1000, 1024, False), (6144, 4096, False)])
-def test_triton_gemv_matches_reference(tokens, out_f, in_f, symmetric) -> None:
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("out_f, in_f", [(4096, 4096), (1000, 1024), (14336, 4096), (4096, 14336), (333, 4160)])
+def test_decode_kernels_match_reference(tokens, out_f, in_f) -> None:
     from compress.kernels import gemv
+    from compress.plugins.fp8.format import Fp8Linear
 
     g = torch.Generator(device="cuda").manual_seed(tokens + out_f)
-    layer = IntLinear.from_weight(torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02, None,
-                                  IntScheme(4, symmetric, "group", 128), torch.bfloat16)
+    w = torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02
     x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
-    y = gemv.int4_gemv(x, layer.qweight, layer.scales, layer.zeros, 128, 8.0)
-    expect = x.float() @ layer.dequantized_weight(torch.float32).t()
-    assert rel(y, expect) <= 1e-2
+    for symmetric in (True, False):
+        layer = IntLinear.from_weight(w, None, IntScheme(4, symmetric, "group", 64), torch.bfloat16)
+        y = gemv.gemv_int4(x, layer.qweight, layer.scales, layer.zeros, 64, 8.0)
+        assert rel(y, x.float() @ layer.dequantized_weight(torch.float32).t()) <= 1e-2
+        layer = IntLinear.from_weight(w, None, IntScheme(8, symmetric, "channel", None), torch.bfloat16)
+        y = gemv.gemv_8bit(x, layer.qweight, layer.scales, layer.zeros)
+        assert rel(y, x.float() @ layer.dequantized_weight(torch.float32).t()) <= 1e-2
+    fp8 = Fp8Linear.from_weight(w, None, True, "none", torch.bfloat16)
+    y = gemv.gemv_8bit(x, fp8.weight_fp8, fp8.weight_scale.view(-1), None)
+    assert rel(y, x.float() @ fp8.dequantized_weight(torch.float32).t()) <= 1e-2

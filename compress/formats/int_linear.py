@@ -22,7 +22,7 @@ from pydantic import Field
 
 from compress import quant
 from compress.formats import CompressedLinear, register_format
-from compress.kernels import dequant, int4, reduction
+from compress.kernels import dequant, gemv
 from compress.linear import get_bias, get_weight
 from compress.methods import MethodConfig
 from compress.quant import IntScheme
@@ -57,9 +57,6 @@ class IntLinear(CompressedLinear):
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
-        # The fast path's layout, derived from the buffers above for the device they are on (never saved).
-        self.register_buffer("_int4_weight", None, persistent=False)
-        self.register_buffer("_int4_scales_zeros", None, persistent=False)
 
     @property
     def signed_storage(self) -> bool:
@@ -83,7 +80,6 @@ class IntLinear(CompressedLinear):
             layer.zeros.copy_(zero.to(torch.uint8))
         if bias is not None:
             layer.bias.copy_(bias.detach().to(dtype))
-        layer.prepare_kernels()
         return layer
 
     @classmethod
@@ -107,29 +103,16 @@ class IntLinear(CompressedLinear):
 
     # -- fast paths -----------------------------------------------------------------------------------
 
-    #: Up to this many tokens a call goes through the int4 kernel; more (prefill) dequantize once and use the
-    #: dense matmul, which is compute-bound there.
-    int4_max_tokens = 32
-
-    def prepare_kernels(self) -> None:
-        """(Re)build the fast path's layout for the device the layer is on; called after moves and loads."""
-        self._int4_weight = self._int4_scales_zeros = None
+    def _gemv_group(self) -> int | None:
+        """The group size the decode kernel (:mod:`compress.kernels.gemv`) takes this layer with: 0 for 8 bits
+        per channel; None where it does not apply (2-bit codes, per-tensor scales, odd group sizes)."""
         s = self.int_scheme
-        device = self.qweight.device
+        if s.bits == 8:
+            return 0 if s.granularity == "channel" else None
         group = s.group_size if s.granularity == "group" else self.in_features
-        if s.granularity != "tensor" and int4.supported(s.bits, group, self.in_features, self.out_features, device):
-            self._int4_weight, self._int4_scales_zeros = int4.pack(self.codes(), self.scales, self.zero_points())
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        if not self.qweight.is_meta:
-            self.prepare_kernels()
-        return result
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        if not self.qweight.is_meta:
-            self.prepare_kernels()
+        if quant.codes_per_byte(s.bits) != 2 or s.granularity == "tensor" or not 32 <= group <= 1024:
+            return None
+        return group if group & (group - 1) == 0 else None
 
     # -- computing ------------------------------------------------------------------------------------
 
@@ -153,26 +136,16 @@ class IntLinear(CompressedLinear):
         return quant.dequantize_weight(self.codes(), self.scales, self.zero_points(), s, dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._int4_weight is not None and x.dtype == torch.bfloat16 and x.is_cuda
-                and x.numel() <= self.int4_max_tokens * self.in_features):  # tinygemm computes in bf16 only
-            group = self.int_scheme.group_size if self.int_scheme.granularity == "group" else self.in_features
-            y = int4.matmul(x.reshape(-1, self.in_features), self._int4_weight, self._int4_scales_zeros, group)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        group = self._gemv_group()
+        if group is not None and gemv.available(x):  # a decode step on CUDA: read the codes once
+            x2 = x.reshape(-1, self.in_features)
+            if group == 0:
+                y = gemv.gemv_8bit(x2, self.qweight, self.scales, self.zeros)
+            else:
+                y = gemv.gemv_int4(x2, self.qweight, self.scales, self.zeros, group, float(self.int_scheme.sym_zero))
+            y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        if self.int_scheme.bits == 8 and self.int_scheme.granularity == "channel":
-            return self._int8_channel_linear(x)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
-
-    def _int8_channel_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """8-bit per-channel: the matmul on the codes, scaled after it; compiled decode steps read the codes
-        once (see :mod:`compress.kernels.reduction`)."""
-        scale = self.scales.view(-1).to(x.dtype)
-        if self.signed_storage:
-            centred = self.qweight
-        else:  # q - z lies in [-255, 255]: exact in bf16/fp16, and no cancellation after the matmul
-            centred = self.qweight.to(torch.int16).sub(self.zeros.to(torch.int16))
-        y = reduction.weight_only_linear(x, centred) * scale
-        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         s = self.int_scheme

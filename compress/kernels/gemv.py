@@ -1,10 +1,20 @@
-"""Small-batch (decode) matmul on packed 4-bit weights in compress's own layout (a Triton kernel), so the
-GPU holds one copy of the weights, in the format the checkpoint stores.
+"""Weight-only matrix-vector products for decode steps on CUDA: Triton kernels that read a quantized weight
+once, in the layout the checkpoint stores, and multiply it by a few tokens' activations.
 
-y[M, N] = x[M, K] @ dequant(q)[N, K]^T for M <= 16: each program reads a [BLOCK_N, BLOCK_K / 2] tile of
-packed bytes (two codes each, low nibble first) and reduces it against x in fp32 on the CUDA cores (at M of
-a few, the bytes, not the arithmetic, set the time); the K dimension is split over programs (SPLIT_K) when N
-alone gives too few, with fp32 atomic accumulation. Registered as a torch custom op so torch.compile and CUDA graphs take it whole.
+A decode step multiplies one token (a few, when decoding a batch or verifying a draft) by every weight
+matrix, so its time is the time to read the weights. Two kernels:
+
+* :func:`gemv_int4`: packed 4-bit codes [N, K/2] (two a byte, the even column in the low nibble) with
+  group-wise scales and uint8 zero points or a constant zero point (the ``int`` format at 3 and 4 bits);
+* :func:`gemv_8bit`: one byte a weight [N, K] (int8, or float8 E4M3) with per-row scales and optional uint8
+  per-row zero points (the ``int`` format at 8 bits per channel, and ``fp8``).
+
+Each program owns ``BLOCK_N`` output rows and streams their weights in tiles of ``BLOCK_K`` bytes a row,
+accumulating the products elementwise in fp32 registers and reducing over K once at the end (a reduction
+per tile would cost more than the arithmetic). The 4-bit tile is shaped [rows, groups, bytes of a group] so
+each group's scale is loaded once and broadcast. Several tokens are taken one after the other: the rows a
+program streams stay in L2, so the weight is read from memory once. Both are torch custom ops, so
+torch.compile and CUDA graphs take them whole; tile sizes are autotuned per shape on first use.
 """
 
 from __future__ import annotations
@@ -17,72 +27,147 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-MAX_TOKENS = 16
+#: Calls with up to this many tokens take the kernels; more (prefill) dequantize once and use a dense matmul.
+MAX_TOKENS = 8
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the kernels can take input ``x`` [..., K]: on CUDA, with at most MAX_TOKENS tokens."""
+    return triton is not None and x.is_cuda and x.numel() <= MAX_TOKENS * x.shape[-1]
+
 
 if triton is not None:
 
-    def _configs():
-        grid = [(16, 256, 1), (16, 256, 2), (16, 256, 4), (32, 256, 1), (32, 256, 2), (32, 256, 4), (64, 256, 1),
-                (64, 256, 2), (16, 512, 1), (16, 512, 2), (32, 512, 1), (8, 256, 4), (8, 256, 8)]
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=4) for bn, bk, sk in grid]
+    def _configs(block_ks):
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                for bn in (2, 4, 8, 16) for bk in block_ks for w in (4, 8)]
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "K"], reset_to_zero=["y_ptr"])
+    def _bench_graphed(kernel_call, quantiles):
+        # Decode steps run as CUDA graphs: time the candidates the same way, or a small kernel's launch
+        # overhead (tens of microseconds from Python) hides the differences between tile shapes.
+        return triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
+
+    # Integer codes become floats by the exponent trick: the bits 0x4B000000 | c read as a float are 2**23 + c
+    # for 0 <= c < 2**23, and subtracting 2**23 + zero is exact. Two full-rate instructions instead of an int-to-
+    # float conversion, which runs at a quarter of the rate and, at a few tokens, bounds these kernels.
+    MAGIC: tl.constexpr = 0x4B000000
+    TWO_23: tl.constexpr = 8388608.0
+
+    @triton.autotune(configs=_configs((128, 256, 512)), key=["M", "N", "K"], do_bench=_bench_graphed)
     @triton.jit
-    def _int4_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, groups, zero_const, GROUP: tl.constexpr,
-                          HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-        # Low and high nibbles are used as two half-width tiles against the even and odd entries of x, so no
-        # interleaving is needed; each group's zero point comes out as zero * sum(x) over the group.
-        NG: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1  # groups in a tile
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _gemv_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, groups, zero_const, GROUP: tl.constexpr,
+                          HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        GB: tl.constexpr = GROUP // 2  # packed bytes of a group
+        NG: tl.constexpr = BLOCK_K // GB if BLOCK_K > GB else 1  # groups in a tile
+        m = tl.program_id(0) % M
+        n = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
-        half = tl.arange(0, BLOCK_K // 2)
-        chunk = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-        k_start = pid_k * chunk
-        k_end = tl.minimum(k_start + chunk, K)
-        for m in range(0, M):
-            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k0 in range(k_start, k_end, BLOCK_K):
-                packed = tl.load(q_ptr + n[:, None] * (K // 2) + (k0 // 2 + half)[None, :], mask=nmask[:, None],
-                                 other=0)
-                xe = tl.load(x_ptr + m * K + k0 + 2 * half).to(tl.float32)
-                xo = tl.load(x_ptr + m * K + k0 + 2 * half + 1).to(tl.float32)
-                prod = (packed & 15).to(tl.float32) * xe[None, :] + (packed >> 4).to(tl.float32) * xo[None, :]
-                part = tl.sum(tl.reshape(prod, (BLOCK_N, NG, BLOCK_K // (2 * NG))), axis=2)
-                xsum = tl.sum(tl.reshape(xe + xo, (NG, BLOCK_K // (2 * NG))), axis=1)
-                g = k0 // GROUP + tl.arange(0, NG)
-                scale = tl.load(s_ptr + n[:, None] * groups + g[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-                if HAS_ZERO:
-                    zero = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=nmask[:, None], other=0).to(tl.float32)
-                else:
-                    zero = zero_const
-                acc += tl.sum((part - zero * xsum[None, :]) * scale, axis=1)
-            if SPLIT_K == 1:
-                tl.store(y_ptr + m * N + n, acc, mask=nmask)
+        gi = tl.arange(0, NG)
+        j = tl.arange(0, GB)
+        KB = K // 2
+        acc = tl.zeros((BLOCK_N, NG, GB), dtype=tl.float32)
+        for g0 in range(0, groups, NG):
+            g = g0 + gi
+            gmask = g < groups
+            kb = g[:, None] * GB + j[None, :]  # [NG, GB] byte columns
+            wmask = nmask[:, None, None] & gmask[None, :, None]
+            packed = tl.load(q_ptr + n[:, None, None] * KB + kb[None, :, :], mask=wmask, other=0).to(tl.int32)
+            smask = nmask[:, None] & gmask[None, :]
+            s = tl.load(s_ptr + n[:, None] * groups + g[None, :], mask=smask, other=0.0).to(tl.float32)
+            if HAS_ZERO:
+                z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=smask, other=0).to(tl.float32)
             else:
-                tl.atomic_add(y_ptr + m * N + n, acc, mask=nmask)
+                z = tl.zeros((BLOCK_N, NG), dtype=tl.float32) + zero_const
+            offset = (z + TWO_23)[:, :, None]
+            lo = ((packed & 15) | MAGIC).to(tl.float32, bitcast=True) - offset
+            hi = ((packed >> 4) | MAGIC).to(tl.float32, bitcast=True) - offset
+            # x's even and odd entries of the tile, from one contiguous load
+            xk = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+            xpair = tl.load(x_ptr + m * K + xk, mask=gmask[:, None], other=0.0).to(tl.float32)
+            xe, xo = tl.split(tl.reshape(xpair, (NG, GB, 2)))
+            acc += (lo * xe[None, :, :] + hi * xo[None, :, :]) * s[:, :, None]
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+        tl.store(y_ptr + m * N + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
+
+    @triton.autotune(configs=_configs((256, 512, 1024)), key=["M", "N", "K"], do_bench=_bench_graphed)
+    @triton.jit
+    def _gemv_8bit_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KIND: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        # KIND 0: int8 codes (zero 0); 1: uint8 codes with per-row zero points; 2: float8 E4M3 bytes.
+        m = tl.program_id(0) % M
+        n = (tl.program_id(0) // M) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        k = tl.arange(0, BLOCK_K)
+        s = tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)
+        if KIND == 1:
+            offset = tl.load(z_ptr + n, mask=nmask, other=0).to(tl.float32) + TWO_23
+        else:
+            offset = tl.zeros((BLOCK_N,), dtype=tl.float32) + (TWO_23 + 128.0)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + k
+            kmask = kk < K
+            w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+            if KIND == 2:  # float8 E4M3, loaded as its bytes
+                wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            elif KIND == 1:
+                wf = (w.to(tl.int32) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]
+            else:
+                wf = ((w.to(tl.int32) + 128) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]
+            x = tl.load(x_ptr + m * K + kk, mask=kmask, other=0.0).to(tl.float32)
+            acc += wf * x[None, :]
+        y = tl.sum(acc, axis=1)
+        tl.store(y_ptr + m * N + n, (y * s).to(y_ptr.dtype.element_ty), mask=nmask)
 
 
-def supported(bits: int, group_size: int, in_features: int, device: torch.device) -> bool:
-    """Nibble-packed layers with groups of 128-512 and widths a multiple of 512 (whole tiles), on CUDA."""
-    return (triton is not None and device.type == "cuda" and bits in (3, 4) and group_size in (128, 256, 512)
-            and in_features % 512 == 0)
-
-
-@torch.library.custom_op("compress::int4_gemv", mutates_args=())
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+@torch.library.custom_op("compress::gemv_int4", mutates_args=())
+def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
               group_size: int, zero_const: float) -> torch.Tensor:
-    """x [M <= 16, K] (bf16) times the dequantized weight: [M, N] in bf16."""
+    """``x`` [M, K] times the dequantized 4-bit weight: [M, N] in ``x``'s dtype.
+
+    ``qweight`` uint8 [N, K/2], ``scales`` [N, K/group_size], ``zeros`` uint8 like ``scales`` or None (then
+    every zero point is ``zero_const``); w[n, k] = (code - zero) * scale of k's group.
+    """
     M, K = x.shape
     N = qweight.shape[0]
-    y = torch.zeros(M, N, device=x.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-    _int4_gemv_kernel[grid](x.contiguous(), qweight, scales, zeros if zeros is not None else scales, y, M, N, K,
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
+    _gemv_int4_kernel[grid](x.contiguous(), qweight, scales, zeros if zeros is not None else scales, y, M, N, K,
                             scales.shape[1], zero_const, GROUP=group_size, HAS_ZERO=zeros is not None)
-    return y.to(torch.bfloat16)
+    return y
 
 
-@int4_gemv.register_fake
+@gemv_int4.register_fake
 def _(x, qweight, scales, zeros, group_size, zero_const):
-    return x.new_empty(x.shape[0], qweight.shape[0], dtype=torch.bfloat16)
+    return x.new_empty(x.shape[0], qweight.shape[0])
+
+
+@torch.library.custom_op("compress::gemv_8bit", mutates_args=())
+def gemv_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> torch.Tensor:
+    """``x`` [M, K] times an 8-bit weight [N, K] (int8, uint8 or float8): [M, N] in ``x``'s dtype.
+
+    ``scales`` holds N per-row scales (any shape with N elements); ``zeros`` N uint8 zero points or None:
+    w[n, k] = (weight[n, k] - zero[n]) * scale[n].
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
+    if weight.dtype == torch.float8_e4m3fn:
+        kind, weight = 2, weight.view(torch.uint8)
+    elif weight.dtype == torch.uint8:
+        if zeros is None:
+            raise ValueError("gemv_8bit: uint8 codes need their zero points")
+        kind = 1
+    elif weight.dtype == torch.int8:
+        kind = 0
+    else:
+        raise ValueError(f"gemv_8bit: weights of dtype {weight.dtype} are not 8-bit codes")
+    _gemv_8bit_kernel[grid](x.contiguous(), weight, scales.reshape(-1), zeros.reshape(-1) if zeros is not None
+                            else scales, y, M, N, K, KIND=kind)
+    return y
+
+
+@gemv_8bit.register_fake
+def _(x, weight, scales, zeros):
+    return x.new_empty(x.shape[0], weight.shape[0])

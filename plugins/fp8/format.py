@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from compress.formats import CompressedLinear, register_format
-from compress.kernels import reduction
+from compress.kernels import gemv
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -100,9 +101,13 @@ class Fp8Linear(CompressedLinear):
         return token_scales(x2)
 
     def _weight_only_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x times the fp8 weight, scaled after the matmul; compiled decode steps read the weight once."""
-        y = reduction.weight_only_linear(x, self.weight_fp8) * self.weight_scale.view(-1).to(x.dtype)
-        return y if self.bias is None else y + self.bias
+        """x times the dequantized weight; a decode step on CUDA reads the fp8 weight once (one kernel)."""
+        if gemv.available(x):
+            scales = self.weight_scale.view(-1).expand(self.out_features).contiguous()
+            y = gemv.gemv_8bit(x.reshape(-1, self.in_features), self.weight_fp8, scales, None)
+            y = y.reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "none":
@@ -110,11 +115,11 @@ class Fp8Linear(CompressedLinear):
         x2 = x.reshape(-1, self.in_features)
         xs = self._input_scales(x2)
         xq = quantize_fp8(x2, xs)
-        if self._fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not reduction.fuses(x2):
+        if self._fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not gemv.available(x2):
             y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs,
                                  scale_b=self.weight_scale.view(1, -1).expand(1, self.out_features).contiguous(),
                                  bias=self.bias, out_dtype=torch.bfloat16)
-        else:  # the same arithmetic on dequantized activations (so in a compiled decode step too)
+        else:  # the same arithmetic on dequantized activations (decode steps, CPUs, older GPUs)
             y = self._weight_only_linear((xq.float() * xs).to(x.dtype))
         return y.reshape(*x.shape[:-1], self.out_features)
 

@@ -60,29 +60,26 @@ class GPTQResult:
     damp: float  # the damping finally used (fraction of the mean diagonal)
 
 
-def _damped_cholesky(H: torch.Tensor, damp: float, label: str) -> tuple[torch.Tensor, float]:
-    """Lower Cholesky factor of H + damp * mean(diag H) * I, damping raised tenfold until it succeeds, and
-    the damping used."""
+def _damped_factors(H: torch.Tensor, damp: float, label: str,
+                    inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """Lower Cholesky factor L of H + damp * mean(diag H) * I, the upper Cholesky factor of its inverse (if
+    ``inverse``), and the damping used: raised tenfold until both factorizations succeed (a nearly singular
+    H can factor and still give an inverse that does not)."""
     mean_diag = torch.diag(H).mean()
     eye = torch.eye(H.shape[0], device=H.device)
     for attempt in range(MAX_DAMP_RETRIES + 1):
         L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        U = None
+        if int(info) == 0 and inverse:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if int(info) == 0:
-            return L, damp
+            return L, U, damp
         if attempt < MAX_DAMP_RETRIES:
-            log.warning("%s: Hessian not positive definite with damp=%g; retrying with damp=%g", label, damp, damp * 10)
+            log.warning("%s: Hessian or its inverse not positive definite with damp=%g; retrying with damp=%g",
+                        label, damp, damp * 10)
             damp *= 10
     raise CalibrationError(f"{label}: Hessian stays singular up to damp={damp:g}; the calibration data may be "
                            "too small or degenerate for this layer: give more samples, or ignore the layer")
-
-
-def _inverse_cholesky(L: torch.Tensor, label: str) -> torch.Tensor:
-    """Upper Cholesky factor of (L L^T)^-1."""
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-    if int(info) != 0:
-        raise CalibrationError(f"{label}: the inverse Hessian lost positive definiteness (ill-conditioned "
-                               "inputs); raise damp, or ignore the layer")
-    return U
 
 
 def _group_qparams(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, mse: bool,
@@ -110,7 +107,8 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    L, damp = _damped_cholesky(H, damp, label)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    L, U, damp = _damped_factors(H, damp, label, inverse=perm is None)
     if cross is not None:
         W_ref = W if reference_weight is None else reference_weight.to(W.device, torch.float32)
         W += torch.cholesky_solve((W_ref @ cross - W @ H).t(), L).t()
@@ -123,11 +121,9 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
         s, z = _group_qparams(W, scheme, dtype, mse, torch.diag(H))
         scale.copy_(s.float().expand_as(scale))
         zero.copy_(z.expand_as(zero))
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
-        L, damp = _damped_cholesky(H, damp, label)
-    U = _inverse_cholesky(L, label)
+        _, U, damp = _damped_factors(H, damp, label)
     group_of = (perm if perm is not None else torch.arange(columns, device=W.device)) // gs
     codes = torch.empty(out_f, columns, dtype=torch.float32, device=W.device)
     step = math.gcd(gs, block_size) if dynamic_groups else block_size  # dynamic groups start a block
