@@ -119,7 +119,10 @@ def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_token
     positions = torch.arange(prompt_len + new_tokens, device=device)
 
     def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+        # logits of the last position only, as generate asks for them (the prefill's would be [batch,
+        # prompt_len, vocab]: a quantized output head would dequantize itself for them)
+        logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True,
+                       logits_to_keep=1).logits
         return logits[:, -1:].argmax(-1)
 
     compiled = torch.compile(step, fullgraph=COMPILE.fullgraph, dynamic=False, mode=COMPILE.mode)

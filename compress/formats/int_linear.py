@@ -145,7 +145,18 @@ class IntLinear(CompressedLinear):
                 y = gemv.gemv_int4(x2, self.qweight, self.scales, self.zeros, group, float(self.int_scheme.sym_zero))
             y = y.reshape(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
+        if group == 0:
+            return self._int8_channel_linear(x)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _int8_channel_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """8-bit per channel, many tokens: the matmul on the codes, scaled after it (one conversion pass)."""
+        if self.signed_storage:
+            centred = self.qweight.to(x.dtype)
+        else:  # q - z lies in [-255, 255]: exact in bf16/fp16, and no cancellation after the matmul
+            centred = self.qweight.to(x.dtype) - self.zeros.to(x.dtype)
+        y = F.linear(x, centred) * self.scales.view(-1).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         s = self.int_scheme

@@ -50,8 +50,8 @@ if triton is not None:
     # Integer codes become floats by the exponent trick: the bits 0x4B000000 | c read as a float are 2**23 + c
     # for 0 <= c < 2**23, and subtracting 2**23 + zero is exact. Two full-rate instructions instead of an int-to-
     # float conversion, which runs at a quarter of the rate and, at a few tokens, bounds these kernels.
-    MAGIC: tl.constexpr = 0x4B000000
-    TWO_23: tl.constexpr = 8388608.0
+    MAGIC = tl.constexpr(0x4B000000)
+    TWO_23 = tl.constexpr(8388608.0)
 
     @triton.autotune(configs=_configs((128, 256, 512)), key=["M", "N", "K"], do_bench=_bench_graphed)
     @triton.jit

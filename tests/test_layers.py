@@ -1,0 +1,49 @@
+"""Compressed layers' forward on the CPU (the path CPUs, older GPUs and prefill take) against x times their
+dequantized weight, for every storage variant. The CUDA decode kernels are checked in test_gemv_kernels.py
+(CPU interpreter) and test_kernels_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compress.formats.int_linear import IntLinear
+from compress.plugins.fp8.format import Fp8Linear, quantize_fp8
+from compress.quant import IntScheme
+
+
+def _layers(out_f: int, in_f: int, bias: bool) -> dict[str, torch.nn.Module]:
+    gen = torch.Generator().manual_seed(out_f * 31 + in_f)
+    w = torch.randn(out_f, in_f, generator=gen)
+    b = torch.randn(out_f, generator=gen) if bias else None
+    channel = dict(bits=8, granularity="channel", group_size=None)
+    return {
+        "int8 absmax": IntLinear.from_weight(w, b, IntScheme(symmetric=True, **channel), torch.bfloat16),
+        "int8 zero_point": IntLinear.from_weight(w, b, IntScheme(symmetric=False, **channel), torch.bfloat16),
+        "int4 g16 asymmetric": IntLinear.from_weight(w, b, IntScheme(4, False, "group", 16), torch.bfloat16),
+        "int3 g16": IntLinear.from_weight(w, b, IntScheme(3, True, "group", 16), torch.bfloat16),
+        "int2 per channel": IntLinear.from_weight(w, b, IntScheme(2, False, "channel", None), torch.bfloat16),
+        "fp8 weight-only": Fp8Linear.from_weight(w, b, True, "none", torch.bfloat16),
+        "fp8 w8a8": Fp8Linear.from_weight(w, b, False, "dynamic", torch.bfloat16),
+    }
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (200, 136)])
+@pytest.mark.parametrize("tokens", [1, 9])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_matches_dequantized_matmul(shape, tokens, bias) -> None:
+    out_f, in_f = shape
+    x = torch.randn(1, tokens, in_f, generator=torch.Generator().manual_seed(tokens)).bfloat16()
+    for name, layer in _layers(out_f, in_f, bias).items():
+        y = layer(x)
+        if name == "fp8 w8a8":  # reference: the layer's own arithmetic on its dequantized operands
+            xs = layer._input_scales(x.reshape(-1, in_f))
+            xd = (quantize_fp8(x.reshape(-1, in_f), xs).float() * xs).reshape(x.shape)
+        else:
+            xd = x.float()
+        reference = F.linear(xd, layer.dequantized_weight(torch.float32),
+                             None if layer.bias is None else layer.bias.float())
+        assert y.shape == (1, tokens, out_f) and y.dtype == torch.bfloat16
+        rel = ((y.float() - reference).norm() / reference.norm()).item()
+        assert rel <= 1e-2, (name, rel)
