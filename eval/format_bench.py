@@ -1,10 +1,12 @@
 """Decode and prefill speed of compressed formats against bf16 and bitsandbytes, on a random-weight model of a
 real shape built on the GPU, in one run (the issue-5 table)::
 
-    python -m compress.eval.format_bench --shape llama-3-8b --formats bf16,int4,int8,fp8,nf4,llm.int8
+    python -m compress.eval.format_bench --shape llama-3-8b --formats bf16,int4,int4-lm-head,int8,fp8,nf4,llm.int8
 
 Per format: decode tok/s at batch 1 (128-token prompt, 256 new tokens; static KV cache + torch.compile for
-bf16 and compress formats, eager dynamic cache for bitsandbytes as in ANCHORS.md), prefill tok/s at batch
+bf16 and compress formats, in each of ``--decode-configs``: ``compiled-step``, the compiled step in a bare
+greedy loop, is the headline, ``static-compile`` runs it through ``generate``; eager dynamic cache for
+bitsandbytes as in ANCHORS.md), prefill tok/s at batch
 8 x 512 (eager), peak GPU memory during decode, and decode time against the bandwidth floor (bytes of the
 weights read per token over the device-to-device copy bandwidth measured in the same run). Formats:
 ``int4`` = RTN 4-bit group 128 symmetric (``int4-lm-head``: the output head too), ``int8`` =

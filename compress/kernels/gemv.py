@@ -9,12 +9,17 @@ matrix, so its time is the time to read the weights. Two kernels:
 * :func:`gemv_8bit`: one byte a weight [N, K] (int8, or float8 E4M3) with per-row scales and optional uint8
   per-row zero points (the ``int`` format at 8 bits per channel, and ``fp8``).
 
-Each program owns ``BLOCK_N`` output rows and streams their weights in tiles of ``BLOCK_K`` bytes a row,
-accumulating the products elementwise in fp32 registers and reducing over K once at the end (a reduction
-per tile would cost more than the arithmetic). The 4-bit tile is shaped [rows, groups, bytes of a group] so
-each group's scale is loaded once and broadcast. Several tokens are taken one after the other: the rows a
-program streams stay in L2, so the weight is read from memory once. Both are torch custom ops, so
-torch.compile and CUDA graphs take them whole; tile sizes are autotuned per shape on first use.
+Each program owns ``BLOCK_N`` output rows of one token and streams their weights in tiles of ``BLOCK_K`` bytes
+a row, accumulating the products elementwise in fp32 registers and reducing over K once at the end (a
+reduction per tile would cost more than the arithmetic). The 4-bit tile is shaped [rows, groups, bytes of a
+group] so each group's scale is loaded once and broadcast. The programs of one row block for different tokens
+are launched next to each other, so the other tokens can read the weight from L2. Both
+kernels are torch custom ops, so torch.compile and CUDA graphs take them whole; tile sizes are autotuned per
+shape on first use, timed as CUDA-graph replays (as decode steps run).
+
+Measured on an H100 (``python -m compress.eval.kernel_bench``, one token, weights of Llama-3-8B's MLP): the
+8-bit kernel reads int8 and fp8 weights at 82-87% of the copy bandwidth (cuBLAS reads bf16 at 88-94%); the
+4-bit kernel at 47-49%, below torch's tinygemm kernel (58-61%), which needs its own tiled copy of the weights.
 """
 
 from __future__ import annotations
@@ -48,8 +53,9 @@ if triton is not None:
         return triton.testing.do_bench_cudagraph(kernel_call, rep=20, quantiles=quantiles)
 
     # Integer codes become floats by the exponent trick: the bits 0x4B000000 | c read as a float are 2**23 + c
-    # for 0 <= c < 2**23, and subtracting 2**23 + zero is exact. Two full-rate instructions instead of an int-to-
-    # float conversion, which runs at a quarter of the rate and, at a few tokens, bounds these kernels.
+    # for 0 <= c < 2**23, and subtracting 2**23 + zero is exact: two full-rate instructions instead of an
+    # int-to-float conversion, which runs at a quarter of the rate (4-bit kernel on the 14336 x 4096 up
+    # projection, H100: 22.6 -> 19.8 us a call).
     MAGIC = tl.constexpr(0x4B000000)
     TWO_23 = tl.constexpr(8388608.0)
 
