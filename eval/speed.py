@@ -44,6 +44,13 @@ log = logging.getLogger(__name__)
 COMPILE = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
 
 
+def _event() -> torch.cuda.Event:
+    """A CUDA event recorded now on the current stream (marks a time without synchronising)."""
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
 class StepClock(LogitsProcessor):
     """Marks the time each generation step's logits are ready; passes the scores through unchanged."""
 
@@ -52,11 +59,7 @@ class StepClock(LogitsProcessor):
         self.marks: list = []
 
     def _now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
+        return _event() if self.cuda else time.perf_counter()
 
     def start(self) -> None:
         self.marks = [self._now()]
@@ -100,12 +103,6 @@ def random_prompts(model: nn.Module, batch: int, length: int, seed: int = 0) -> 
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.get_text_config().vocab_size
     return torch.randint(0, vocab, (batch, length), generator=gen).to(model_device(model))
-
-
-def _event():
-    event = torch.cuda.Event(enable_timing=True)
-    event.record()
-    return event
 
 
 @torch.no_grad()
