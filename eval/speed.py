@@ -105,6 +105,20 @@ def random_prompts(model: nn.Module, batch: int, length: int, seed: int = 0) -> 
     return torch.randint(0, vocab, (batch, length), generator=gen).to(model_device(model))
 
 
+def decode_step(model: nn.Module, cache: StaticCache, mode: str | None = COMPILE.mode):
+    """The eager step ``(token [batch, n], positions [n]) -> next token [batch, 1]`` (greedy, logits of the last
+    position only) and the same step compiled whole (``fullgraph``, static shapes, ``mode``)."""
+
+    def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        # logits of the last position only, as generate asks for them (the prefill's would be [batch,
+        # prompt_len, vocab]: a quantized output head would dequantize itself for them)
+        logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True,
+                       logits_to_keep=1).logits
+        return logits[:, -1:].argmax(-1)
+
+    return step, torch.compile(step, fullgraph=COMPILE.fullgraph, dynamic=False, mode=mode)
+
+
 @torch.no_grad()
 def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, warmup: int,
                         repeats: int) -> tuple[list[float], list[float]]:
@@ -114,15 +128,7 @@ def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_token
     ids = random_prompts(model, batch, prompt_len)
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
     positions = torch.arange(prompt_len + new_tokens, device=device)
-
-    def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        # logits of the last position only, as generate asks for them (the prefill's would be [batch,
-        # prompt_len, vocab]: a quantized output head would dequantize itself for them)
-        logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True,
-                       logits_to_keep=1).logits
-        return logits[:, -1:].argmax(-1)
-
-    compiled = torch.compile(step, fullgraph=COMPILE.fullgraph, dynamic=False, mode=COMPILE.mode)
+    step, compiled = decode_step(model, cache)
     prefill, decode = [], []
     for run in range(warmup + repeats):
         cache.reset()

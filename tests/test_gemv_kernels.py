@@ -1,4 +1,5 @@
-"""The decode kernels (compress.kernels.gemv) against dequantize-then-matmul, on the CPU through Triton's
+"""The Triton kernels on the CPU through Triton's interpreter: the decode kernels (compress.kernels.gemv) against
+dequantize-then-matmul, and the FP8 activation quantizer against its PyTorch arithmetic. Through the
 interpreter (TRITON_INTERPRET=1, in a subprocess: the switch is read when the kernels are defined). Shapes
 are chosen so that every mask is exercised: rows not a multiple of the row block, widths not a multiple of
 the tile, group counts not a multiple of the groups a tile holds. Each case runs under a small and a large
@@ -64,10 +65,45 @@ print("worst", worst)
 """
 
 
-def test_kernels_match_dequantized_matmul() -> None:
+FP8_SCRIPT = r"""
+import torch
+from compress.plugins.fp8 import activations
+from compress.plugins.fp8.format import quantize_fp8, token_scales
+
+# Inputs that are E4M3 values times a power of two, with each row's max |x| at 448 times it: the scaling is
+# exact and the codes need no rounding (the interpreter rounds E4M3 wrongly where rounding carries into the
+# exponent; the rounding is checked on the GPU, tests/test_kernels_gpu.py).
+gen = torch.Generator().manual_seed(0)
+for rows, width in [(1, 4096), (4, 1000), (3, 14336)]:
+    byte = torch.randint(0, 256, (rows, width), generator=gen, dtype=torch.uint8)
+    byte[(byte & 0x7F) == 0x7F] = 0  # no NaN codes
+    byte[:, width // 3] = 0x7E  # 448
+    exps = torch.tensor([-4, 0, 3, -2])[:rows].view(-1, 1)
+    x = (byte.view(torch.float8_e4m3fn).float() * torch.pow(2.0, exps)).bfloat16()
+    for static in (None, torch.tensor([0.0625])):
+        codes, scales = activations.quantize_rows(x, static)
+        want_scales = token_scales(x) if static is None else static.view(1, 1).expand(rows, 1)
+        want = quantize_fp8(x, want_scales)
+        assert codes.dtype == torch.float8_e4m3fn and scales.shape == (rows, 1), (codes.dtype, scales.shape)
+        assert torch.equal(scales, want_scales), (scales, want_scales)
+        assert torch.equal(codes.view(torch.uint8), want.view(torch.uint8)), (rows, width, static)
+print("equal")
+"""
+
+
+def _interpret(script: str) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    worst = float(done.stdout.split("worst")[-1])
+    return done.stdout
+
+
+def test_kernels_match_dequantized_matmul() -> None:
+    worst = float(_interpret(SCRIPT).split("worst")[-1])
     # bf16 inputs and outputs, fp32 accumulation: the output's bf16 rounding (2**-9 relative) dominates
     assert worst <= 1e-2, worst
+
+
+def test_fp8_activation_kernel_matches_pytorch() -> None:
+    # the same codes and scales bit for bit, dynamic and static (which saturates the larger rows)
+    assert _interpret(FP8_SCRIPT).strip().endswith("equal")

@@ -155,8 +155,12 @@ def test_gptq_and_awq_beat_rtn(arch: str, tiny_calib) -> None:
                             tiny_calib)
     awq_err = _logit_error(arch, {"method": "awq", "args": {"bits": 3, "group_size": 64, "grid": 10,
                                                             "clip_tokens": 256}}, tiny_calib)
+    awq_layers_err = _logit_error(arch, {"method": "awq", "args": {"bits": 3, "group_size": 64, "grid": 10,
+                                                                   "clip_tokens": 256, "objective": "layers"}},
+                                  tiny_calib)
     assert gptq_err < rtn_sym, (gptq_err, rtn_sym)
     assert awq_err < rtn_asym, (awq_err, rtn_asym)
+    assert awq_layers_err < rtn_asym, (awq_layers_err, rtn_asym)
 
 
 # -- ref-a end to end (CPU, small calibration, a slice of valid.txt) --------------------------------------------

@@ -95,8 +95,14 @@ def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
 
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 @pytest.mark.parametrize("weights", ["channel", "tensor"])
-def test_fp8_scaled_mm_matches_emulation(tokens, weights) -> None:
+def test_fp8_scaled_mm_matches_emulation(tokens, weights, monkeypatch) -> None:
+    from compress.kernels import gemv
+    from compress.plugins.fp8 import activations
     from compress.plugins.fp8.format import Fp8Linear
+
+    calls = []
+    real = activations.quantize_rows
+    monkeypatch.setattr(activations, "quantize_rows", lambda *a: calls.append(1) or real(*a))
 
     g = torch.Generator(device="cuda").manual_seed(tokens)
     layer = Fp8Linear.from_weight(torch.randn(512, 1024, device="cuda", generator=g), None, weights == "channel",
@@ -105,6 +111,22 @@ def test_fp8_scaled_mm_matches_emulation(tokens, weights) -> None:
     fast = layer(x)
     emulated = layer.cpu()(x.cpu())
     assert rel(fast.cpu(), emulated) < 1e-2
+    assert len(calls) == (tokens > gemv.MAX_TOKENS)  # prefill quantizes its activations in one kernel pass
+
+
+@pytest.mark.parametrize("rows, width", [(1, 4096), (4096, 4096), (37, 14336), (5, 1000)])
+@pytest.mark.parametrize("static", [False, True])
+def test_fp8_activation_kernel_matches_pytorch_bit_for_bit(rows, width, static) -> None:
+    from compress.plugins.fp8 import activations
+    from compress.plugins.fp8.format import quantize_fp8, token_scales
+
+    g = torch.Generator(device="cuda").manual_seed(rows + width)
+    x = (torch.randn(rows, width, device="cuda", generator=g) * 3).bfloat16()
+    scale = torch.tensor([0.004], device="cuda") if static else None
+    codes, scales = activations.quantize_rows(x, scale)
+    want_scales = scale.view(1, 1).expand(rows, 1) if static else token_scales(x)
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(codes.view(torch.uint8), quantize_fp8(x, want_scales).view(torch.uint8))
 
 
 def test_checkpoints_move_between_cpu_and_gpu(tmp_path, monkeypatch) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from compress.formats.int_linear import IntLinear
-from compress.plugins.fp8.format import Fp8Linear, quantize_fp8
+from compress.plugins.fp8.format import Fp8Linear, quantize_fp8, token_scales
 from compress.quant import IntScheme
 
 
@@ -38,7 +38,7 @@ def test_forward_matches_dequantized_matmul(shape, tokens, bias) -> None:
     for name, layer in _layers(out_f, in_f, bias).items():
         y = layer(x)
         if name == "fp8 w8a8":  # reference: the layer's own arithmetic on its dequantized operands
-            xs = layer._input_scales(x.reshape(-1, in_f))
+            xs = token_scales(x.reshape(-1, in_f))
             xd = (quantize_fp8(x.reshape(-1, in_f), xs).float() * xs).reshape(x.shape)
         else:
             xd = x.float()

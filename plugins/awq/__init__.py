@@ -5,7 +5,8 @@ Per decoder block:
 1. the layer groups (layers reading the same input) and, for each, the op that can absorb a scaling of its
    input (found by :mod:`compress.calibration.absorbers`, for any architecture);
 2. per group with an absorber, in execution order: the per-channel scale whose quantized group best
-   preserves the block's output on the calibration inputs; it is folded into the absorber (divided) and
+   preserves the block's output on the calibration inputs (or, with ``objective: layers``, the group's own
+   outputs on sample rows); it is folded into the absorber (divided) and
    the group's weights (multiplied), so inference costs nothing extra;
 3. per layer: the clipping range of each weight group that best preserves its outputs once quantized;
 4. quantization to the packed ``int`` format (unless ``quantize: false``, which leaves scaled and clipped
@@ -54,6 +55,10 @@ class AWQConfig(IntWeightConfig):
                                                 "(closer to the final weights) instead of min/max")
     fit_original: bool = Field(False, description="search scales against the uncompressed model's block outputs "
                                                   "instead of the block's float outputs on the compressed inputs")
+    objective: Literal["block", "layers"] = Field(
+        "block", description="what a scale candidate is judged by: the error of the block's outputs on the "
+                             "calibration tokens, or of the group's own layer outputs on the sample rows (the AWQ "
+                             "paper's objective; cheaper)")
     inputs: Literal["compressed", "original"] = Field(
         "compressed", description="calibrate each block on its inputs in the compressed model (earlier blocks "
                                   "quantized) or in the original one (as the AWQ reference code)")
@@ -85,7 +90,9 @@ class AWQ(Method):
         _report_missing(work, [g for g in groups if absorbers[g[0]] is None])
         stats = _input_statistics(work, groups, config.clip_tokens)
         limit = _batches_for(work, config.search_tokens)
-        if config.fit_original:
+        if config.objective == "layers":
+            reference = []
+        elif config.fit_original:
             reference = BlockWork(work.index, work.name, work.reference.block, {}, work.reference.inputs,
                                   work.device).forward(limit)
         else:
@@ -162,8 +169,12 @@ def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: l
                 set_weight(layer, quant.fake_quantize_weight(scaled, *qp, scheme) / s)
             else:
                 set_weight(layer, quant.rtn_dequantized(scaled, scheme, w.dtype) / s)
-        outputs = work.forward(limit)
-        loss = sum((o.float() - r.float()).pow(2).mean().item() for o, r in zip(outputs, reference))
+        if config.objective == "layers":
+            loss = sum((stats.rows @ (get_weight(layer).float() - w.float()).t()).pow(2).mean().item()
+                       for layer, w in zip(layers, originals))
+        else:
+            outputs = work.forward(limit)
+            loss = sum((o.float() - r.float()).pow(2).mean().item() for o, r in zip(outputs, reference))
         if loss < best_loss:
             best, best_loss = s, loss
     for layer, w in zip(layers, originals):

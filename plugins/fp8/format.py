@@ -3,7 +3,9 @@ and optionally float8 activations (scaled per token at run time, or by a static 
 on calibration data).
 
 On GPUs with FP8 matrix units (compute capability 8.9+: Ada, Hopper) a W8A8 layer runs through
-``torch._scaled_mm``. Elsewhere, and for weight-only layers, the weight is dequantized for the matmul, and the
+``torch._scaled_mm``, its activations quantized in one Triton pass (``activations.py``; the same codes bit for
+bit as the PyTorch arithmetic here). Decode steps of up to 8 tokens take the 8-bit decode kernel instead
+(``compress.kernels.gemv``). Elsewhere, and for weight-only layers, the weight is dequantized for the matmul, and the
 activation quantization is reproduced numerically, so CPU results match what the GPU computes.
 """
 
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 from compress.formats import CompressedLinear, register_format
 from compress.kernels import gemv
+from compress.plugins.fp8 import activations
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
@@ -95,10 +98,16 @@ class Fp8Linear(CompressedLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.weight_fp8.float() * self.weight_scale).to(dtype or torch.float32)
 
-    def _input_scales(self, x2: torch.Tensor) -> torch.Tensor:
+    def _quantized_input(self, x2: torch.Tensor, kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """E4M3 codes of ``x2`` [M, K] and their scales [M, 1]: in one kernel pass where ``kernel`` and the
+        kernel can run, else in PyTorch (which torch.compile fuses with its neighbours in a decode step)."""
+        if kernel and activations.available(x2):
+            return activations.quantize_rows(x2, self.input_scale)
         if self.activations == "static":
-            return self.input_scale.view(1, 1).expand(x2.shape[0], 1).contiguous()
-        return token_scales(x2)
+            xs = self.input_scale.view(1, 1).expand(x2.shape[0], 1).contiguous()
+        else:
+            xs = token_scales(x2)
+        return quantize_fp8(x2, xs), xs
 
     def _weight_only_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x times the dequantized weight; a decode step on CUDA reads the fp8 weight once (one kernel), more
@@ -115,9 +124,9 @@ class Fp8Linear(CompressedLinear):
         if self.activations == "none":
             return self._weight_only_linear(x)
         x2 = x.reshape(-1, self.in_features)
-        xs = self._input_scales(x2)
-        xq = quantize_fp8(x2, xs)
-        if self._fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not gemv.available(x2):
+        fp8_matmul = self._fp8_matmul and x.is_cuda and x.dtype == torch.bfloat16 and not gemv.available(x2)
+        xq, xs = self._quantized_input(x2, kernel=fp8_matmul)
+        if fp8_matmul:
             y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs,
                                  scale_b=self.weight_scale.view(1, -1).expand(1, self.out_features).contiguous(),
                                  bias=self.bias, out_dtype=torch.bfloat16)
