@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 COMPILE = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
 
 
-def _event() -> torch.cuda.Event:
+def cuda_mark() -> torch.cuda.Event:
     """A CUDA event recorded now on the current stream (marks a time without synchronising)."""
     event = torch.cuda.Event(enable_timing=True)
     event.record()
@@ -59,7 +59,7 @@ class StepClock(LogitsProcessor):
         self.marks: list = []
 
     def _now(self):
-        return _event() if self.cuda else time.perf_counter()
+        return cuda_mark() if self.cuda else time.perf_counter()
 
     def start(self) -> None:
         self.marks = [self._now()]
@@ -133,13 +133,13 @@ def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_token
     for run in range(warmup + repeats):
         cache.reset()
         synchronize(device)
-        start = _event()
+        start = cuda_mark()
         token = step(ids, positions[:prompt_len])
-        first = _event()
+        first = cuda_mark()
         for i in range(prompt_len, prompt_len + new_tokens - 1):
             torch.compiler.cudagraph_mark_step_begin()
             token = compiled(token, positions[i:i + 1]).clone()
-        end = _event()
+        end = cuda_mark()
         end.synchronize()
         if run >= warmup:
             prefill.append(start.elapsed_time(first) / 1000)

@@ -20,7 +20,7 @@ import torch
 from transformers import StaticCache
 
 from compress.eval.format_bench import build
-from compress.eval.speed import _event, decode_step, random_prompts
+from compress.eval.speed import cuda_mark, decode_step, random_prompts
 
 MATMUL_MARKS = ("gemm", "gemv", "cutlass", "xmma", "sm90_", "splitk", "int4pack", "scaled_mm")
 
@@ -53,9 +53,9 @@ def profile_format(model: torch.nn.Module, prompt_len: int, steps: int) -> tuple
     for _ in range(2):  # compile, capture, warm the allocator
         decode(graphed, prefill(), steps, True)
     token = prefill()
-    start = _event()
+    start = cuda_mark()
     decode(graphed, token, steps, True)
-    end = _event()
+    end = cuda_mark()
     end.synchronize()
     wall = start.elapsed_time(end) / 1000 / steps
 

@@ -19,9 +19,7 @@ import torch.nn.functional as F
 from compress.formats import CompressedLinear, register_format
 from compress.kernels import gemv
 from compress.plugins.fp8 import activations
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = float(torch.finfo(FP8).max)  # 448
+from compress.plugins.fp8.activations import FP8, FP8_MAX
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
