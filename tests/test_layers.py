@@ -47,3 +47,19 @@ def test_forward_matches_dequantized_matmul(shape, tokens, bias) -> None:
         assert y.shape == (1, tokens, out_f) and y.dtype == torch.bfloat16
         rel = ((y.float() - reference).norm() / reference.norm()).item()
         assert rel <= 1e-2, (name, rel)
+
+
+def test_fp8_layer_keeps_its_storage_through_dtype_casts() -> None:
+    # model.to(torch.bfloat16) or .half() must not turn the E4M3 weights into 16-bit copies or round the
+    # float32 scales; the bias follows the model's dtype
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(3))
+    layer = Fp8Linear.from_weight(w, torch.randn(24), True, "static", torch.float32, input_scale=torch.tensor([0.03]))
+    codes, scale, input_scale = layer.weight_fp8.clone(), layer.weight_scale.clone(), layer.input_scale.clone()
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half()):
+        cast(layer)
+        assert layer.weight_fp8.dtype == torch.float8_e4m3fn
+        assert torch.equal(layer.weight_fp8.view(torch.uint8), codes.view(torch.uint8))
+        assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+        assert torch.equal(layer.input_scale, input_scale)
+    assert layer.bias.dtype == torch.float16
+    assert layer(torch.randn(2, 64).half()).dtype == torch.float16

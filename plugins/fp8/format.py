@@ -60,7 +60,15 @@ class Fp8Linear(CompressedLinear):
         self._fp8_matmul = False  # set for the device the layer is on (see _apply), not looked up per call
 
     def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
+        # model.to(dtype) / .half() move the layer but keep its storage: E4M3 weights and float32 scales (a cast
+        # would turn the weights into bf16 copies and round the scales). The bias follows the model's dtype.
+        kept = {id(t) for t in (self.weight_fp8, self.weight_scale, self.input_scale) if t is not None}
+
+        def apply_keeping_storage(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if id(t) in kept and out.dtype != t.dtype else out
+
+        result = super()._apply(apply_keeping_storage, recurse)
         self._fp8_matmul = self.activations != "none" and scaled_mm_available(self.weight_fp8.device)
         return result
 
