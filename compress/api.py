@@ -78,13 +78,14 @@ def _step_runner(step: PlannedStep):
 def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device: torch.device) -> None:
     """Run every stage of a checked plan on ``model`` (in place)."""
     batch_size = plan_.recipe.calibration.batch_size if plan_.recipe.calibration else 8
+    compute_dtype = torch.float32 if plan_.recipe.model.compute_dtype == "float32" else None
     for stage in plan_.stages:
         if stage and stage[0].method.needs_for(stage[0].config) == Needs.TRAINING:
             stage[0].method.train(model, stage[0].config, calib, str(device))
             continue
         works = [StepWork(s.method.name, _step_runner(s), s.layers, s.method.needs_for(s.config) == Needs.CALIBRATION,
                           s.method.needs_reference(s.config)) for s in stage]
-        run_stage(model, find_blocks(model), works, calib, device, batch_size)
+        run_stage(model, find_blocks(model), works, calib, device, batch_size, compute_dtype)
     _record_steps(model, plan_)
 
 

@@ -7,10 +7,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from compress.errors import CompressError
+
+if TYPE_CHECKING:
+    from compress.recipe import Recipe
 
 log = logging.getLogger("compress")
 
@@ -111,6 +115,21 @@ def validate_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str 
     click.echo(checked.plan.describe())
 
 
+def _same_recipe(stored: dict | None, recipe: Recipe) -> bool:
+    """Whether a checkpoint's stored recipe is ``recipe``, read with today's defaults (a field added since it
+    was written does not make an old checkpoint a different recipe)."""
+    from pydantic import ValidationError
+
+    from compress.recipe import Recipe
+
+    if stored is None:
+        return False
+    try:
+        return Recipe.model_validate(stored).to_dict() == recipe.to_dict()
+    except ValidationError:
+        return False
+
+
 @cli.command("apply")
 @_recipe_options
 @click.option("--output", "-o", metavar="DIR", help="Where to write the checkpoint (default: the recipe's "
@@ -136,7 +155,7 @@ def apply_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str | N
     target = Path(checked.recipe.output or _default_output(checked.recipe.model.path, recipe))
     if target.exists() and not overwrite:
         stored = read_quantization_config(target) if (target / "config.json").exists() else None
-        if stored is not None and stored.get("recipe") == checked.recipe.to_dict():
+        if stored is not None and _same_recipe(stored.get("recipe"), checked.recipe):
             click.echo(f"{target} is up to date (same recipe and model); use --overwrite to redo it")
             return
         raise UsageError(f"output {target} already exists and was not made by this recipe; pass --overwrite "

@@ -36,6 +36,11 @@ class _Section(BaseModel):
 class ModelSpec(_Section):
     path: str | None = Field(None, description="Hub id or local directory (relative to the recipe file)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    compute_dtype: Literal["model", "float32"] = Field(
+        "model", description="precision of the blocks while they are compressed (calibration forward passes, "
+                             "searches): float32 upcasts each block, and the layers before the first, for its turn "
+                             "and casts it back, so a bf16/fp16 model is calibrated without 16-bit rounding of its "
+                             "activations (slower on large models)")
     device: str = Field("auto", description="execution device: auto, cpu, cuda or cuda:N")
     init: Literal["pretrained", "random"] = "pretrained"
     revision: str | None = None

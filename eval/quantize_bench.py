@@ -2,7 +2,8 @@
 time of several method configurations on one model, in one run.
 
     python -m compress.eval.quantize_bench --model DIR --calib calib.txt --valid valid.txt \\
-        --config '{"method": "gptq", "args": {"bits": 4}}' --config '{"method": "awq", "args": {"bits": 4}}'
+        --config '{"method": "gptq", "args": {"bits": 4}}' --config '{"method": "awq", "args": {"bits": 4}}' \\
+        --config '{"model": {"compute_dtype": "float32"}, "steps": [{"method": "awq", "args": {"bits": 4}}]}'
 
 Each configuration starts from a fresh copy of the model. Times are wall-clock seconds of
 ``compress.apply`` (calibration forward passes included, data tokenisation excluded), with CUDA
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--load-device", default=None, help="where the model sits while compressed (default: --device)")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
-    parser.add_argument("--config", action="append", default=[], help="a step, or a list of steps, as JSON (repeatable)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="a step, a list of steps, or a recipe with a steps key, as JSON (repeatable)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         model = fresh()
         _sync()
         start = time.perf_counter()
-        compress.apply(model, step if isinstance(step, list) else [step], calib=calib, device=args.device)
+        recipe = step if isinstance(step, list) or "steps" in step else [step]
+        compress.apply(model, recipe, calib=calib, device=args.device)
         _sync()
         seconds = time.perf_counter() - start
         value = ppl(model)

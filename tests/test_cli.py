@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -48,6 +49,11 @@ def test_apply_is_idempotent_and_refuses_foreign_outputs(tiny_dirs, tmp_path: Pa
     again = run(["apply", recipe, "--model", model, "--output", str(out)])
     assert again.exit_code == 0 and "is up to date" in again.output
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    # written by an older version, whose recipes lacked a field added since (with its default): still the same
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization_config"]["recipe"]["model"]["compute_dtype"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert "is up to date" in run(["apply", recipe, "--model", model, "--output", str(out)]).output
     other = run(["apply", str(REPO / "recipes" / "w3-rtn.yaml"), "--model", model, "--output", str(out)])
     assert other.exit_code == 2 and "already exists and was not made by this recipe; pass --overwrite" in other.output
     redo = run(["apply", str(REPO / "recipes" / "w3-rtn.yaml"), "--model", model, "--output", str(out), "--overwrite"])

@@ -3,6 +3,7 @@ and end-to-end quality on the shared reference model."""
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 
@@ -161,6 +162,40 @@ def test_gptq_and_awq_beat_rtn(arch: str, tiny_calib) -> None:
     assert gptq_err < rtn_sym, (gptq_err, rtn_sym)
     assert awq_err < rtn_asym, (awq_err, rtn_asym)
     assert awq_layers_err < rtn_asym, (awq_layers_err, rtn_asym)
+
+
+@pytest.mark.parametrize("step", [{"method": "gptq", "args": {"bits": 4, "group_size": 64}},
+                                  {"method": "awq", "args": {"bits": 4, "group_size": 64, "grid": 4,
+                                                             "clip_tokens": 128, "fit_original": True}}])
+def test_float32_compute_equals_compressing_an_upcast_copy(step: dict, tiny_calib) -> None:
+    # model.compute_dtype float32 on a bf16 model: each block is compressed as it would be in a float32 copy of
+    # the model, then cast back; so the result is that copy, compressed and cast to bf16, bit for bit
+    model = make_tiny("llama", dtype=torch.bfloat16)
+    upcast = copy.deepcopy(model).float()
+    calib = tiny_calib.input_ids[:8]
+    compress.apply(model, {"model": {"compute_dtype": "float32"}, "steps": [step]}, calib=calib, device="cpu")
+    compress.apply(upcast, [step], calib=calib, device="cpu")
+    upcast.to(torch.bfloat16)
+    ours, expected = model.state_dict(), upcast.state_dict()
+    assert ours.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+    assert type(model.model.layers[0].mlp.down_proj).__name__ == "IntLinear"
+
+
+def test_blocks_go_back_in_their_own_dtypes() -> None:
+    # a bf16 block with a float32 buffer (a rotary table, say) worked on in float32: the buffer stays float32,
+    # the weights return to bf16 unchanged, and a tensor made meanwhile (a quantized layer's scales) takes bf16
+    from compress.calibration.engine import on_device
+
+    block = nn.Sequential(nn.Linear(4, 4)).bfloat16()
+    block.register_buffer("table", torch.linspace(0, 1, 7))
+    weight = block[0].weight.detach().clone()
+    with on_device(block, torch.device("cpu"), torch.float32):
+        assert block[0].weight.dtype == torch.float32
+        block[0].register_buffer("scales", torch.ones(4))
+    assert block.table.dtype == torch.float32 and block[0].scales.dtype == torch.bfloat16
+    assert block[0].weight.dtype == torch.bfloat16 and torch.equal(block[0].weight, weight)
 
 
 # -- ref-a end to end (CPU, small calibration, a slice of valid.txt) --------------------------------------------

@@ -204,25 +204,48 @@ def _stem_modules(model: nn.Module, blocks_list: nn.Module) -> list[nn.Module]:
     return stem
 
 
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # not float8: that is storage
+
+
+def _floating(module: nn.Module) -> dict[str, torch.Tensor]:
+    tensors = dict(module.named_parameters())
+    tensors.update(module.named_buffers())
+    return {name: t for name, t in tensors.items() if t.dtype in _COMPUTE_DTYPES}
+
+
 @contextlib.contextmanager
-def stem_on(model: nn.Module, blocks: Blocks, device: torch.device) -> Iterator[None]:
-    """Temporarily move everything except the decoder blocks to ``device``."""
-    blocks_list = model.get_submodule(blocks.prefix)
-    stem = _stem_modules(model, blocks_list)
-    homes = [_module_device(m) for m in stem]
-    for m in stem:
-        m.to(device)
+def on_device(module: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Temporarily move ``module`` to ``device`` and, given ``dtype``, cast its floating-point tensors (casting up
+    and back down is exact). On exit it goes back where it was: tensors it had keep their own dtypes (a float32
+    buffer of a bf16 block stays float32), tensors made meanwhile (a quantized layer's scales) take the dtype of
+    the module's first floating-point tensor."""
+    home = _module_device(module)
+    before = {name: t.dtype for name, t in _floating(module).items()} if dtype is not None else {}
+    module.to(device, dtype if before else None)
     try:
         yield
     finally:
-        for m, home in zip(stem, homes):
-            m.to(home)
+        module.to(home, next(iter(before.values()), None))
+        for name, t in _floating(module).items():
+            if name in before and t.dtype != before[name]:
+                t.data = t.data.to(before[name])
+
+
+@contextlib.contextmanager
+def stem_on(model: nn.Module, blocks: Blocks, device: torch.device, dtype: torch.dtype | None = None) -> Iterator[None]:
+    """Temporarily move everything except the decoder blocks to ``device`` (and ``dtype``)."""
+    blocks_list = model.get_submodule(blocks.prefix)
+    with contextlib.ExitStack() as stack:
+        for m in _stem_modules(model, blocks_list):
+            stack.enter_context(on_device(m, device, dtype))
+        yield
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: Blocks, calib: CalibrationSet, device: torch.device,
-                         batch_size: int) -> BlockInputs:
-    """Run the model on each calibration batch up to the first decoder block and keep its arguments."""
+                         batch_size: int, dtype: torch.dtype | None = None) -> BlockInputs:
+    """Run the model (its layers before the first block in ``dtype``, if given) on each calibration batch up
+    to the first decoder block and keep its arguments."""
     calls: list[tuple[tuple, dict]] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -231,7 +254,7 @@ def capture_block_inputs(model: nn.Module, blocks: Blocks, calib: CalibrationSet
 
     handle = blocks.modules[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with stem_on(model, blocks, device):
+        with stem_on(model, blocks, device, dtype):
             for batch in calib.batches(batch_size):
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
@@ -256,12 +279,13 @@ class StepWork:
 
 
 def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: CalibrationSet | None,
-              device: torch.device, batch_size: int = 8) -> None:
-    """Walk the decoder blocks once, applying ``steps`` in order to each block (see the module doc)."""
+              device: torch.device, batch_size: int = 8, compute_dtype: torch.dtype | None = None) -> None:
+    """Walk the decoder blocks once, applying ``steps`` in order to each block (see the module doc). With
+    ``compute_dtype``, each block (and the layers before the first) is in that dtype while it is worked on."""
     needs_inputs = any(s.needs_inputs for s in steps)
     if needs_inputs and calib is None:
         raise ValueError("a step needs calibration inputs but no calibration set was given")
-    inputs = capture_block_inputs(model, blocks, calib, device, batch_size) if needs_inputs else None
+    inputs = capture_block_inputs(model, blocks, calib, device, batch_size, compute_dtype) if needs_inputs else None
     ref_inputs = inputs if any(s.needs_reference for s in steps) else None
     names = blocks.names()
     in_blocks: set[str] = set()
@@ -269,22 +293,22 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
     bar = tqdm(list(zip(names, blocks.modules)), desc=", ".join(s.label for s in steps), unit="block",
                disable=None)
     for i, (name, block) in enumerate(bar):
-        home = _module_device(block)
-        block.to(device)
-        prefix = name + "."
-        reference = Reference(copy.deepcopy(block), ref_inputs) if ref_inputs is not None else None
-        for step in steps:
-            hit = [t for t in step.targets if t.startswith(prefix)]
-            in_blocks.update(hit)
-            if hit:
-                work = BlockWork(i, name, block, {t: model.get_submodule(t) for t in hit}, inputs, device, reference)
-                step.apply(work)
-        if inputs is not None and i < last:
-            inputs = inputs.with_hidden(BlockWork(i, name, block, {}, inputs, device).forward())
-            if reference is not None:
-                ref_inputs = ref_inputs.with_hidden(BlockWork(i, name, reference.block, {}, ref_inputs, device).forward())
-        del reference
-        block.to(home)
+        with on_device(block, device, compute_dtype):
+            prefix = name + "."
+            reference = Reference(copy.deepcopy(block), ref_inputs) if ref_inputs is not None else None
+            for step in steps:
+                hit = [t for t in step.targets if t.startswith(prefix)]
+                in_blocks.update(hit)
+                if hit:
+                    work = BlockWork(i, name, block, {t: model.get_submodule(t) for t in hit}, inputs, device,
+                                     reference)
+                    step.apply(work)
+            if inputs is not None and i < last:
+                inputs = inputs.with_hidden(BlockWork(i, name, block, {}, inputs, device).forward())
+                if reference is not None:
+                    ref_inputs = ref_inputs.with_hidden(BlockWork(i, name, reference.block, {}, ref_inputs,
+                                                                  device).forward())
+            del reference
     for step in steps:  # layers outside the decoder blocks (data-free methods only; checked beforehand)
         rest = [t for t in step.targets if t not in in_blocks]
         if rest:
