@@ -156,12 +156,12 @@ def test_gptq_and_awq_beat_rtn(arch: str, tiny_calib) -> None:
                             tiny_calib)
     awq_err = _logit_error(arch, {"method": "awq", "args": {"bits": 3, "group_size": 64, "grid": 10,
                                                             "clip_tokens": 256}}, tiny_calib)
-    awq_layers_err = _logit_error(arch, {"method": "awq", "args": {"bits": 3, "group_size": 64, "grid": 10,
-                                                                   "clip_tokens": 256, "objective": "layers"}},
-                                  tiny_calib)
+    awq_block_err = _logit_error(arch, {"method": "awq", "args": {"bits": 3, "group_size": 64, "grid": 10,
+                                                                  "clip_tokens": 256, "objective": "block"}},
+                                 tiny_calib)
     assert gptq_err < rtn_sym, (gptq_err, rtn_sym)
     assert awq_err < rtn_asym, (awq_err, rtn_asym)
-    assert awq_layers_err < rtn_asym, (awq_layers_err, rtn_asym)
+    assert awq_block_err < rtn_asym, (awq_block_err, rtn_asym)
 
 
 @pytest.mark.parametrize("step", [{"method": "gptq", "args": {"bits": 4, "group_size": 64}},
