@@ -1,10 +1,12 @@
 """Micro-benchmark of the linear-layer kernels on Llama-3-8B shapes (GPU): time per call and achieved
 bandwidth (weight bytes read per call / time) against a device-to-device copy measured in the same run.
 
-    python -m compress.eval.kernel_bench
+    python -m compress.eval.kernel_bench [--tokens 1,4,8]
 """
 
 from __future__ import annotations
+
+import argparse
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,9 @@ def tinygemm_pack(layer: IntLinear) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1", help="comma-separated token counts (rows of x) to time")
+    tokens = [int(t) for t in parser.parse_args().tokens.split(",")]
     from compress.kernels import gemv
     from compress.plugins.fp8.format import Fp8Linear
 
@@ -57,7 +62,7 @@ def main() -> None:
         fp8 = Fp8Linear.from_weight(w, None, True, "dynamic", torch.bfloat16)
         tg = tinygemm_pack(layer4)
         s8, s8f = layer8.scales.view(-1), fp8.weight_scale.view(-1).contiguous()
-        for m in (1,):
+        for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             kernels = {
                 "bf16 cublas": (lambda: F.linear(x, w), 2 * n * k),
@@ -65,15 +70,14 @@ def main() -> None:
             }
             if m <= gemv.MAX_TOKENS:
                 kernels.update({
-                    "int4 triton gemv": (lambda: gemv.gemv_int4(x, layer4.qweight, layer4.scales, None, 128, 8.0),
-                                         n * k // 2),
+                    "int4 triton": (lambda: gemv.gemv_int4(x, layer4.qweight, layer4.scales, None, 128, 8.0),
+                                    n * k // 2),
                     "int8 triton gemv": (lambda: gemv.gemv_8bit(x, layer8.qweight, s8, None), n * k),
                     "fp8 triton gemv": (lambda: gemv.gemv_8bit(x, fp8.weight_fp8, s8f, None), n * k),
                     "int8 inductor fused": (lambda: fused(x, layer8.qweight), n * k),
                 })
-            else:
-                kernels["int4 dequant+cublas"] = (lambda: F.linear(x, layer4.dequantized_weight(torch.bfloat16)),
-                                                  n * k // 2)
+            kernels["int4 dequant+cublas"] = (lambda: F.linear(x, layer4.dequantized_weight(torch.bfloat16)),
+                                              n * k // 2)
             xq = x.to(torch.float8_e4m3fn)
             xs = torch.ones(m, 1, device="cuda")
             kernels["fp8 scaled_mm"] = (lambda: torch._scaled_mm(xq, fp8.weight_fp8.t(), scale_a=xs,

@@ -2,8 +2,8 @@
 dequantize-then-matmul, and the FP8 activation quantizer against its PyTorch arithmetic. Through the
 interpreter (TRITON_INTERPRET=1, in a subprocess: the switch is read when the kernels are defined). Shapes
 are chosen so that every mask is exercised: rows not a multiple of the row block, widths not a multiple of
-the tile, group counts not a multiple of the groups a tile holds. Each case runs under a small and a large
-tile configuration (the autotuner's benchmark needs a GPU). Their speed and the compiled path are checked on
+the tile, group counts not a multiple of the groups a tile holds or of the K split. Each case runs under a small
+and a large tile configuration (the autotuner's benchmark needs a GPU). Their speed and the compiled path are checked on
 the GPU (test_kernels_gpu.py, compress.eval.kernel_bench)."""
 
 from __future__ import annotations
@@ -37,13 +37,19 @@ for out_f, in_f, bits, sym, group in [(40, 256, 4, True, 128), (24, 384, 4, Fals
     layer = IntLinear.from_weight(torch.randn(out_f, in_f, generator=gen), None, IntScheme(bits, sym, "group", group),
                                   torch.bfloat16)
     ref_w = layer.dequantized_weight(torch.float32)
-    for tokens in (1, 3):
-        x = torch.randn(tokens, in_f, generator=gen).bfloat16()
+    for tokens in (1, 2, gemv.DOT_MIN_TOKENS, gemv.MAX_TOKENS):
+        if tokens < gemv.DOT_MIN_TOKENS:
+            kernel, configs = gemv._gemv_int4_kernel, ({"BLOCK_N": 2, "BLOCK_K": 128}, {"BLOCK_N": 16, "BLOCK_K": 512})
+            dtype = torch.bfloat16
+        else:  # the tensor-core kernel; in float16: the interpreter's tl.dot multiplies bfloat16's bits as integers
+            kernel, configs = gemv._dot_int4_kernel, ({"BLOCK_N": 16, "SPLIT_K": 1}, {"BLOCK_N": 64, "SPLIT_K": 3})
+            dtype = torch.float16
+        x = torch.randn(tokens, in_f, generator=gen).to(dtype)
         ref = x.float() @ ref_w.t()
-        for config in ({"BLOCK_N": 2, "BLOCK_K": 128}, {"BLOCK_N": 16, "BLOCK_K": 512}):
-            y = run(gemv._gemv_int4_kernel, config, lambda: gemv.gemv_int4(
+        for config in configs:
+            y = run(kernel, config, lambda: gemv.gemv_int4(
                 x, layer.qweight, layer.scales, layer.zeros, group, float(layer.int_scheme.sym_zero)))
-            assert y.shape == (tokens, out_f) and y.dtype == torch.bfloat16
+            assert y.shape == (tokens, out_f) and y.dtype == dtype
             worst = max(worst, rel(y, ref))
 for out_f, in_f, kind in [(40, 256, "int8"), (24, 1000, "uint8"), (9, 300, "fp8"), (33, 512, "fp8-tensor")]:
     w = torch.randn(out_f, in_f, generator=gen)

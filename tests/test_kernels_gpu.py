@@ -33,7 +33,9 @@ def test_int_layer_matches_dequantized_reference(out_f, in_f, bits, symmetric, g
     scheme = IntScheme(bits, symmetric, "group" if group else "channel", group)
     layer = IntLinear.from_weight(w, b, scheme, torch.bfloat16)
     reference = layer.dequantized_weight(torch.float32)
-    for tokens in (1, 7, 8, 9, 333):  # up to gemv.MAX_TOKENS: the decode kernels; more: dequantize + matmul
+    # 8-bit: up to gemv.MAX_TOKENS the decode kernel; 4-bit: 1-2 the one-token kernel, 3 to 16 the tensor-core
+    # kernel; more: dequantize + matmul
+    for tokens in (1, 7, 8, 9, 16, 17, 333):
         x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
         y = layer(x)
         assert torch.isfinite(y).all()
@@ -71,13 +73,16 @@ def test_decode_kernel_is_taken_where_it_applies(scheme, kernel, monkeypatch) ->
     layer = IntLinear.from_weight(torch.randn(256, in_f, device="cuda"), None, scheme, torch.bfloat16)
     layer(torch.randn(1, 1, in_f, device="cuda", dtype=torch.bfloat16))
     assert spy.calls == {k: int(k == kernel) for k in spy.calls}
+    layer(torch.randn(1, 12, in_f, device="cuda", dtype=torch.bfloat16))  # 4-bit: the tensor-core kernel
+    assert sum(spy.calls.values()) == int(kernel is not None) + int(kernel == "gemv_int4")
     layer(torch.randn(1, 64, in_f, device="cuda", dtype=torch.bfloat16))  # prefill: dequantize + matmul
-    assert sum(spy.calls.values()) == int(kernel is not None)
+    assert sum(spy.calls.values()) == int(kernel is not None) + int(kernel == "gemv_int4")
 
 
 @pytest.mark.parametrize("method, args", [("rtn", {"bits": 4, "group_size": 64}), ("int8", {}),
                                           ("fp8", {"activations": "dynamic"}), ("fp8", {"activations": "none"})])
-@pytest.mark.parametrize("tokens", [1, 16])  # 1: the decode kernels (compress.kernels.gemv); 16: dequantize + matmul
+# 1, 4: the decode kernels (compress.kernels.gemv); 16: the 4-bit one still, dequantize + matmul for 8 bits
+@pytest.mark.parametrize("tokens", [1, 4, 16])
 def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
     torch._dynamo.reset()  # each case compiles new modules: earlier cases' recompiles must not hit dynamo's limit
     model = make_tiny("llama", dtype=torch.bfloat16).cuda()

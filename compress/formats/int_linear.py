@@ -137,7 +137,8 @@ class IntLinear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self._gemv_group()
-        if group is not None and gemv.available(x):  # a decode step on CUDA: read the codes once
+        # a decode step on CUDA: read the codes once
+        if group is not None and gemv.available(x, four_bit=group > 0):
             x2 = x.reshape(-1, self.in_features)
             if group == 0:
                 y = gemv.gemv_8bit(x2, self.qweight, self.scales, self.zeros)
