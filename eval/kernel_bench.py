@@ -1,7 +1,7 @@
 """Micro-benchmark of the linear-layer kernels on Llama-3-8B shapes (GPU): time per call and achieved
 bandwidth (weight bytes read per call / time) against a device-to-device copy measured in the same run.
 
-    python -m compress.eval.kernel_bench [--tokens 1,4,8]
+    python -m compress.eval.kernel_bench [--tokens 1,4,8,16]
 """
 
 from __future__ import annotations
@@ -68,10 +68,11 @@ def main() -> None:
                 "bf16 cublas": (lambda: F.linear(x, w), 2 * n * k),
                 "int4 tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, tg[0], 128, tg[1]), n * k // 2),
             }
+            if m <= gemv.DOT_BLOCK_M:
+                kernels["int4 triton"] = (lambda: gemv.gemv_int4(x, layer4.qweight, layer4.scales, None, 128, 8.0),
+                                          n * k // 2)
             if m <= gemv.MAX_TOKENS:
                 kernels.update({
-                    "int4 triton": (lambda: gemv.gemv_int4(x, layer4.qweight, layer4.scales, None, 128, 8.0),
-                                    n * k // 2),
                     "int8 triton gemv": (lambda: gemv.gemv_8bit(x, layer8.qweight, s8, None), n * k),
                     "fp8 triton gemv": (lambda: gemv.gemv_8bit(x, fp8.weight_fp8, s8f, None), n * k),
                     "int8 inductor fused": (lambda: fused(x, layer8.qweight), n * k),

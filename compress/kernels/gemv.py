@@ -22,9 +22,9 @@ Measured on an H100 (``python -m compress.eval.kernel_bench``, one token, weight
 8-bit kernel reads int8 and fp8 weights at 82-87% of the copy bandwidth (cuBLAS reads bf16 at 88-94%); the
 4-bit kernel at 47-49%, below torch's tinygemm kernel (58-61%), which needs its own tiled copy of the weights.
 
-The one-token kernels' time grows with the tokens (each program dequantizes for its own token): 8 tokens took
-7x one token's time on the 4-bit MLP weights. For 3-16 tokens the 4-bit op runs a kernel that dequantizes each
-tile once into 16 bits and multiplies it by all the tokens on the tensor cores (``--tokens 1,4,8`` in the
+The one-token kernels' time grows with the tokens (each program dequantizes for its own token): 8 tokens took 7x
+one token's time on the 4-bit MLP weights. For 3-16 tokens the 4-bit op runs a kernel that dequantizes each tile
+once into 16 bits and multiplies it by all the tokens on the tensor cores (``--tokens 1,4,8,16`` in the
 benchmark; 8 tokens, symmetric 4-bit, up / down projection: 49.6 / 49.2 us against 138.7 / 145.5 us for the
 one-token kernel, and 41.7 / 44.8 us for cuBLAS on bf16). The 8-bit op has no such kernel yet.
 """
