@@ -194,7 +194,7 @@ def _split_list(value: str | None) -> list[str] | None:
 @click.option("--draft", metavar="M", help="A draft model for the speculative task (same tokenizer).")
 @click.option("--batch-sizes", metavar="LIST", help="Speed task batch sizes (default 1,8,32).")
 @click.option("--speed-configs", metavar="LIST", help="Speed task configurations, from no-cache, dynamic, static, "
-              "static-compile, compiled-step (default no-cache,dynamic,static-compile).")
+              "static-compile, compiled-step, compiled-verify (default no-cache,dynamic,static-compile).")
 @click.option("--prompt-len", type=int, metavar="N", help="Speed task prompt tokens (default 128).")
 @click.option("--new-tokens", type=int, metavar="N", help="Speed task new tokens (default 256; 64 without a KV cache).")
 @click.option("--repeats", type=int, metavar="N", help="Speed task timed runs, median reported (default 3).")

@@ -71,7 +71,7 @@ class StageSpec(_Section):
 
 
 EVAL_TASKS = ("ppl", "kl", "samples", "memory", "speed", "speculative")
-SPEED_CONFIGS = ("no-cache", "dynamic", "static", "static-compile", "compiled-step")
+SPEED_CONFIGS = ("no-cache", "dynamic", "static", "static-compile", "compiled-step", "compiled-verify")
 
 
 class SpeedSpec(_Section):
@@ -82,7 +82,8 @@ class SpeedSpec(_Section):
     configs: list[Literal[SPEED_CONFIGS]] = Field(
         default_factory=lambda: ["no-cache", "dynamic", "static-compile"], min_length=1,
         description="static-compile: static KV cache + torch.compile through generate; compiled-step: the same "
-                    "compiled step in a bare greedy loop (both CUDA only)")
+                    "compiled step in a bare greedy loop; compiled-verify: that step fed 8-token drafts, as "
+                    "speculative decoding verifies them (all three CUDA only)")
     prompt_len: int = Field(128, ge=1)
     new_tokens: int = Field(256, ge=2)
     no_cache_new_tokens: int = Field(64, ge=2, description="at most this many new tokens without a KV cache "

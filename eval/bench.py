@@ -50,7 +50,7 @@ def random_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0):
 @click.option("--tasks", default="speed", show_default=True, help="speed and/or memory, comma-separated.")
 @click.option("--batch-sizes", default="1", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--speed-configs", default="no-cache,dynamic,static-compile", show_default=True,
-              help="From no-cache, dynamic, static, static-compile, compiled-step.")
+              help="From no-cache, dynamic, static, static-compile, compiled-step, compiled-verify.")
 @click.option("--prompt-len", default=128, show_default=True)
 @click.option("--new-tokens", default=256, show_default=True)
 @click.option("--no-cache-new-tokens", default=64, show_default=True, help="New tokens without a KV cache.")

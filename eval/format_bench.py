@@ -5,8 +5,9 @@ real shape built on the GPU, in one run (the issue-5 table)::
 
 Per format: decode tok/s at batch 1 (128-token prompt, 256 new tokens; static KV cache + torch.compile for
 bf16 and compress formats, in each of ``--decode-configs``: ``compiled-step``, the compiled step in a bare
-greedy loop, is the headline, ``static-compile`` runs it through ``generate``; eager dynamic cache for
-bitsandbytes as in ANCHORS.md), prefill tok/s at batch
+greedy loop, is the headline, ``static-compile`` runs it through ``generate``, ``compiled-verify`` feeds the
+step 8-token drafts as speculative decoding verifies them; eager dynamic cache for bitsandbytes as in
+ANCHORS.md), prefill tok/s at batch
 8 x 512 (eager), peak GPU memory during decode, and decode time against the bandwidth floor (bytes of the
 weights read per token over the device-to-device copy bandwidth measured in the same run). Formats:
 ``int4`` = RTN 4-bit group 128 symmetric (``int4-lm-head``: the output head too), ``int8`` =

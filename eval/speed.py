@@ -14,6 +14,10 @@ Configurations:
   steps) as gpt-fast and serving engines run it. It times the model's step; ``static-compile`` adds
   ``generate``'s per-token work on the host, which is the same for every model and so narrows the gap
   between a fast model and a slow one. CUDA only.
+* ``compiled-verify``: the compiled step fed a draft of DRAFT_TOKENS tokens at a time, as speculative decoding
+  verifies a draft, every draft accepted (the next draft is the step's own greedy tokens). Its tok/s counts
+  every token verified: what speculative decoding reaches with this model verifying and a perfect free
+  drafter, the bound that the 1-token step's weight-read time sets. CUDA only.
 
 Timing: a logits processor marks the moment each step's logits are ready (a CUDA event on a GPU, so
 marking costs no synchronisation; ``perf_counter`` on a CPU). Prefill time is from the call to the first
@@ -42,6 +46,9 @@ log = logging.getLogger(__name__)
 # fullgraph: a graph break fails loudly instead of silently timing a half-compiled model (checked with
 # compress's IntLinear on transformers 5.17 and 5.24); dynamic=False: decode shapes are fixed per batch size.
 COMPILE = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead")
+COMPILED = ("static-compile", "compiled-step", "compiled-verify")
+#: Tokens a ``compiled-verify`` step takes: a typical speculative draft (prompt lookup, a draft model) plus one.
+DRAFT_TOKENS = 8
 
 
 def cuda_mark() -> torch.cuda.Event:
@@ -105,40 +112,43 @@ def random_prompts(model: nn.Module, batch: int, length: int, seed: int = 0) -> 
     return torch.randint(0, vocab, (batch, length), generator=gen).to(model_device(model))
 
 
-def decode_step(model: nn.Module, cache: StaticCache, mode: str | None = COMPILE.mode):
-    """The eager step ``(token [batch, n], positions [n]) -> next token [batch, 1]`` (greedy, logits of the last
-    position only) and the same step compiled whole (``fullgraph``, static shapes, ``mode``)."""
+def decode_step(model: nn.Module, cache: StaticCache, mode: str | None = COMPILE.mode, keep: int = 1):
+    """The eager step ``(token [batch, n], positions [n]) -> next tokens [batch, keep]`` (greedy, from the logits
+    of the last ``keep`` positions only) and the same step compiled whole (``fullgraph``, static shapes,
+    ``mode``). ``keep`` > 1: a draft's tokens checked at once, as speculative decoding does."""
 
     def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        # logits of the last position only, as generate asks for them (the prefill's would be [batch,
+        # logits of the last positions only, as generate asks for them (the prefill's would be [batch,
         # prompt_len, vocab]: a quantized output head would dequantize itself for them)
         logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True,
-                       logits_to_keep=1).logits
-        return logits[:, -1:].argmax(-1)
+                       logits_to_keep=keep).logits
+        return logits[:, -keep:].argmax(-1)
 
     return step, torch.compile(step, fullgraph=COMPILE.fullgraph, dynamic=False, mode=mode)
 
 
 @torch.no_grad()
 def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, warmup: int,
-                        repeats: int) -> tuple[list[float], list[float]]:
+                        repeats: int, draft: int = 1) -> tuple[list[float], list[float]]:
     """Prefill and decode seconds of ``warmup + repeats`` greedy runs of the ``compiled-step`` configuration
-    (timed ones only): an eager prefill into a static KV cache, then ``new_tokens - 1`` compiled steps."""
+    (timed ones only): an eager prefill into a static KV cache, then ``(new_tokens - 1) // draft`` compiled
+    steps of ``draft`` tokens each (``compiled-verify``: draft > 1)."""
     device = model_device(model)
     ids = random_prompts(model, batch, prompt_len)
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
     positions = torch.arange(prompt_len + new_tokens, device=device)
-    step, compiled = decode_step(model, cache)
+    step, _ = decode_step(model, cache, mode=None)
+    _, compiled = decode_step(model, cache, keep=draft)
     prefill, decode = [], []
     for run in range(warmup + repeats):
         cache.reset()
         synchronize(device)
         start = cuda_mark()
-        token = step(ids, positions[:prompt_len])
+        token = step(ids, positions[:prompt_len]).repeat(1, draft)
         first = cuda_mark()
-        for i in range(prompt_len, prompt_len + new_tokens - 1):
+        for i in range(prompt_len, prompt_len + new_tokens - draft, draft):
             torch.compiler.cudagraph_mark_step_begin()
-            token = compiled(token, positions[i:i + 1]).clone()
+            token = compiled(token, positions[i:i + draft]).clone()
         end = cuda_mark()
         end.synchronize()
         if run >= warmup:
@@ -154,17 +164,18 @@ def time_generation(model: nn.Module, config: str, batch: int, prompt_len: int, 
     device = model_device(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if config == "compiled-step":
-        prefill, decode = time_compiled_steps(model, batch, prompt_len, new_tokens, warmup, repeats)
+    draft = DRAFT_TOKENS if config == "compiled-verify" else 1
+    if config in ("compiled-step", "compiled-verify"):
+        prefill, decode = time_compiled_steps(model, batch, prompt_len, new_tokens, warmup, repeats, draft)
     else:
         prefill, decode = _time_generate(model, config, batch, prompt_len, new_tokens, warmup, repeats, pad_token_id)
     prefill_s, decode_s = statistics.median(prefill), statistics.median(decode)
-    steps = new_tokens - 1
+    steps = (new_tokens - 1) // draft
     return {
         "config": config, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "prefill_s": prefill_s, "decode_s": decode_s,
         "prefill_tok_s": batch * prompt_len / prefill_s,
-        "decode_tok_s": batch * steps / decode_s,
+        "decode_tok_s": batch * steps * draft / decode_s,
         "ms_per_step": 1000 * decode_s / steps,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     }
@@ -216,7 +227,7 @@ def speed_table(model: nn.Module, spec: SpeedSpec, pad_token_id: int = 0, progre
     cells = [(c, b) for c in spec.configs for b in spec.batch_sizes]
     with _recompile_headroom():
         for config, batch in tqdm(cells, desc="speed", unit="row", disable=not progress or None):
-            if config in ("static-compile", "compiled-step") and device.type != "cuda":
+            if config in COMPILED and device.type != "cuda":
                 rows.append(skipped_row(config, batch, spec, "torch.compile with CUDA graphs needs a CUDA device"))
                 continue
             try:

@@ -24,7 +24,8 @@ def test_static_compile_matches_dynamic_and_is_timed() -> None:
                            pad_token_id=0, **speed.config_kwargs(c)) for c in ("dynamic", "static-compile")]
     assert torch.equal(outs[0], outs[1])
     assert hasattr(model, "_compiled_call")  # transformers compiled the decode step
-    spec = SpeedSpec(batch_sizes=[1, 4], configs=["dynamic", "static-compile", "compiled-step"], prompt_len=16, new_tokens=16,
+    spec = SpeedSpec(batch_sizes=[1, 4], configs=["dynamic", "static-compile", "compiled-step", "compiled-verify"],
+                     prompt_len=16, new_tokens=16,
                      warmup=2, repeats=2)
     rows = speed.speed_table(model, spec, progress=False)
     assert all("skipped" not in r and r["decode_tok_s"] > 0 and r["peak_gpu_bytes"] > 0 for r in rows)

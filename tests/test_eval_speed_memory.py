@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import StaticCache
 
 import compress
 from compress.eval import memory, speed, throughput
@@ -29,17 +30,34 @@ def test_cache_configurations_generate_the_same_tokens(model) -> None:
 
 
 def test_speed_table_rows(model) -> None:
-    spec = SpeedSpec(batch_sizes=[1, 2], configs=["no-cache", "dynamic", "static", "static-compile"], prompt_len=8,
-                     new_tokens=6, no_cache_new_tokens=4, warmup=1, repeats=2)
+    spec = SpeedSpec(batch_sizes=[1, 2], configs=["no-cache", "dynamic", "static", "static-compile", "compiled-step",
+                                                  "compiled-verify"],
+                     prompt_len=8, new_tokens=6, no_cache_new_tokens=4, warmup=1, repeats=2)
     rows = speed.speed_table(model, spec, progress=False)
     assert [(r["config"], r["batch"]) for r in rows] == [(c, b) for c in spec.configs for b in (1, 2)]
     timed = [r for r in rows if "skipped" not in r]
-    assert [r["config"] for r in rows if "skipped" in r] == ["static-compile"] * 2  # CUDA only
+    assert [r["config"] for r in rows if "skipped" in r] == [c for c in speed.COMPILED for _ in (1, 2)]  # CUDA only
     for r in timed:
         assert r["new_tokens"] == (4 if r["config"] == "no-cache" else 6)
         assert r["decode_tok_s"] == pytest.approx(r["batch"] * (r["new_tokens"] - 1) / r["decode_s"])
         assert r["prefill_tok_s"] == pytest.approx(r["batch"] * 8 / r["prefill_s"])
         assert r["peak_gpu_bytes"] is None
+
+
+@torch.no_grad()
+def test_verify_step_returns_the_greedy_token_after_every_draft_position(model) -> None:
+    # compiled-verify's step, eager: after a prefill into the static cache, a draft of 4 tokens gives the
+    # greedy next token at each of its positions, as one forward over prompt + draft (no cache) does
+    prompt, draft = speed.random_prompts(model, 2, 6), speed.random_prompts(model, 2, 4, seed=1)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    positions = torch.arange(16)
+    prefill, _ = speed.decode_step(model, cache, mode=None)
+    verify, _ = speed.decode_step(model, cache, mode=None, keep=4)
+    first = prefill(prompt, positions[:6])
+    tokens = verify(draft, positions[6:10])
+    full = model(torch.cat([prompt, draft], dim=1), use_cache=False).logits
+    assert torch.equal(first, full[:, 5:6].argmax(-1))
+    assert tokens.shape == (2, 4) and torch.equal(tokens, full[:, 6:10].argmax(-1))
 
 
 def test_step_clock_marks_every_step(model) -> None:
