@@ -14,7 +14,6 @@ processors in a model's own generation config (repetition penalty...) cannot mak
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -23,7 +22,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache, GenerationConfig
 
-from compress.eval.speed import model_device, synchronize
+from compress.eval.speed import cache_keyword, model_device, synchronize
 
 
 class Drafter(Protocol):
@@ -40,10 +39,8 @@ class Drafter(Protocol):
 
 
 def forward_with_cache(model: nn.Module, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
-    """Logits of ``input_ids`` after the positions in ``cache`` (which grows by them). The keyword is
-    ``cache`` from transformers 5.2x (``past_key_values`` before, deprecated after)."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    return model(input_ids=input_ids, use_cache=True, **{name: cache}).logits
+    """Logits of ``input_ids`` after the positions in ``cache`` (which grows by them)."""
+    return model(input_ids=input_ids, use_cache=True, **{cache_keyword(model): cache}).logits
 
 
 def truncate(cache: DynamicCache, length: int) -> None:

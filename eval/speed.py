@@ -30,6 +30,7 @@ for ``new_tokens - 1`` steps. ``min_new_tokens`` keeps an EOS from ending a run 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import statistics
 import time
@@ -112,16 +113,24 @@ def random_prompts(model: nn.Module, batch: int, length: int, seed: int = 0) -> 
     return torch.randint(0, vocab, (batch, length), generator=gen).to(model_device(model))
 
 
+def cache_keyword(model: nn.Module) -> str:
+    """The forward's KV-cache keyword: ``cache`` from transformers 5.2x (``past_key_values`` before, deprecated
+    after)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def decode_step(model: nn.Module, cache: StaticCache, mode: str | None = COMPILE.mode, keep: int = 1):
     """The eager step ``(token [batch, n], positions [n]) -> next tokens [batch, keep]`` (greedy, from the logits
     of the last ``keep`` positions only) and the same step compiled whole (``fullgraph``, static shapes,
     ``mode``). ``keep`` > 1: a draft's tokens checked at once, as speculative decoding does."""
 
+    cached = {cache_keyword(model): cache}
+
     def step(token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         # logits of the last positions only, as generate asks for them (the prefill's would be [batch,
         # prompt_len, vocab]: a quantized output head would dequantize itself for them)
-        logits = model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True,
-                       logits_to_keep=keep).logits
+        logits = model(input_ids=token, cache_position=position, use_cache=True, logits_to_keep=keep,
+                       **cached).logits
         return logits[:, -keep:].argmax(-1)
 
     return step, torch.compile(step, fullgraph=COMPILE.fullgraph, dynamic=False, mode=mode)
