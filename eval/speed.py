@@ -146,14 +146,13 @@ def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_token
     ids = random_prompts(model, batch, prompt_len)
     cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
     positions = torch.arange(prompt_len + new_tokens, device=device)
-    step, _ = decode_step(model, cache, mode=None)
-    _, compiled = decode_step(model, cache, keep=draft)
+    step, compiled = decode_step(model, cache, keep=draft)
     prefill, decode = [], []
     for run in range(warmup + repeats):
         cache.reset()
         synchronize(device)
         start = cuda_mark()
-        token = step(ids, positions[:prompt_len]).repeat(1, draft)
+        token = step(ids, positions[:prompt_len])  # the first draft: the prompt's last greedy tokens
         first = cuda_mark()
         for i in range(prompt_len, prompt_len + new_tokens - draft, draft):
             torch.compiler.cudagraph_mark_step_begin()

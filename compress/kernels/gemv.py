@@ -49,10 +49,11 @@ MAX_TOKENS = 8
 #: k/v projections, 0.83x).
 DOT_MIN_TOKENS = 3
 DOT_BLOCK_M = 16  # the tensor-core tile's rows, the most tokens it takes
+DOT_DTYPES = (torch.bfloat16, torch.float16)  # activations the tensor-core kernel takes
 
 
 def _takes_dot(x: torch.Tensor) -> bool:
-    return DOT_MIN_TOKENS <= x.shape[0] <= DOT_BLOCK_M and x.dtype in (torch.bfloat16, torch.float16)
+    return DOT_MIN_TOKENS <= x.shape[0] <= DOT_BLOCK_M and x.dtype in DOT_DTYPES
 
 
 def _dot_grid(n: int):
@@ -62,7 +63,7 @@ def _dot_grid(n: int):
 def available(x: torch.Tensor, four_bit: bool = False) -> bool:
     """Whether the kernels can take input ``x`` [..., K]: on CUDA, with at most MAX_TOKENS tokens (DOT_BLOCK_M
     for the 4-bit op, ``four_bit``, with 16-bit ``x``)."""
-    limit = DOT_BLOCK_M if four_bit and x.dtype in (torch.bfloat16, torch.float16) else MAX_TOKENS
+    limit = DOT_BLOCK_M if four_bit and x.dtype in DOT_DTYPES else MAX_TOKENS
     return triton is not None and x.is_cuda and x.numel() <= limit * x.shape[-1]
 
 
