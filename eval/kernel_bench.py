@@ -52,7 +52,7 @@ def main() -> None:
 
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"{'shape':<8} {'M':>5} {'kernel':<22} {'us':>9} {'GB/s':>7} {'of copy':>7}")
+    print(f"{'shape':<8} {'M':>5} {'kernel':<24} {'us':>9} {'GB/s':>7} {'of copy':>7}")
     torch._dynamo.config.recompile_limit = 64
     fused = torch.compile(lambda x, w: (x.unsqueeze(-2).float() * w.float()).sum(dim=-1).to(x.dtype))
     for name, (n, k) in SHAPES.items():
@@ -68,9 +68,11 @@ def main() -> None:
                 "bf16 cublas": (lambda: F.linear(x, w), 2 * n * k),
                 "int4 tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, tg[0], 128, tg[1]), n * k // 2),
             }
-            if m <= gemv.DOT_BLOCK_M:
-                kernels["int4 triton"] = (lambda: gemv.gemv_int4(x, layer4.qweight, layer4.scales, None, 128, 8.0),
-                                          n * k // 2)
+            if m <= gemv.DOT_BLOCK_M:  # the op, and each of its two kernels (DOT_MIN_TOKENS picks between them)
+                int4_args = (layer4.qweight, layer4.scales, None, 128, 8.0)
+                kernels["int4 triton"] = (lambda: gemv.gemv_int4(x, *int4_args), n * k // 2)
+                kernels["int4 one-token kernel"] = (lambda: gemv.one_token_int4(x, *int4_args), n * k // 2)
+                kernels["int4 tensor-core kernel"] = (lambda: gemv.dot_int4(x, *int4_args), n * k // 2)
             if m <= gemv.MAX_TOKENS:
                 kernels.update({
                     "int8 triton gemv": (lambda: gemv.gemv_8bit(x, layer8.qweight, s8, None), n * k),
@@ -88,10 +90,10 @@ def main() -> None:
                 try:
                     us = bench(fn) * 1e3
                 except Exception as exc:  # report and go on: one failing kernel must not hide the others
-                    print(f"{name:<8} {m:>5} {label:<22} failed: {type(exc).__name__}: {str(exc)[:120]}")
+                    print(f"{name:<8} {m:>5} {label:<24} failed: {type(exc).__name__}: {str(exc)[:120]}")
                     continue
                 gbs = nbytes / (us / 1e6) / 1e9
-                print(f"{name:<8} {m:>5} {label:<22} {us:9.1f} {gbs:7.0f} {gbs * 1e9 / bw:7.0%}", flush=True)
+                print(f"{name:<8} {m:>5} {label:<24} {us:9.1f} {gbs:7.0f} {gbs * 1e9 / bw:7.0%}", flush=True)
         del w, layer4, layer8, fp8
         torch.cuda.empty_cache()
 

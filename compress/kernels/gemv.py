@@ -202,20 +202,33 @@ def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     ``qweight`` uint8 [N, K/2], ``scales`` [N, K/group_size], ``zeros`` uint8 like ``scales`` or None (then
     every zero point is ``zero_const``); w[n, k] = (code - zero) * scale of k's group.
     """
+    x = x.contiguous()
+    path = dot_int4 if _takes_dot(x) else one_token_int4
+    return path(x, qweight, scales, zeros, group_size, zero_const)
+
+
+def one_token_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   group_size: int, zero_const: float) -> torch.Tensor:
+    """:func:`gemv_int4` by the one-token kernel, whatever the tokens (``x`` contiguous; for benchmarks)."""
     M, K = x.shape
     N = qweight.shape[0]
-    x = x.contiguous()
-    if _takes_dot(x):
-        y32 = torch.zeros(M, N, device=x.device, dtype=torch.float32)
-        _dot_int4_kernel[_dot_grid(N)](x, qweight, scales, zeros if zeros is not None else scales, y32, M, N, K,
-                                       scales.shape[1], zero_const, GROUP=group_size, HAS_ZERO=zeros is not None,
-                                       BLOCK_M=DOT_BLOCK_M)
-        return y32.to(x.dtype)
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
     _gemv_int4_kernel[grid](x, qweight, scales, zeros if zeros is not None else scales, y, M, N, K,
                             scales.shape[1], zero_const, GROUP=group_size, HAS_ZERO=zeros is not None)
     return y
+
+
+def dot_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+             group_size: int, zero_const: float) -> torch.Tensor:
+    """:func:`gemv_int4` by the tensor-core kernel (``x`` contiguous, 16-bit, at most DOT_BLOCK_M tokens)."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    y32 = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    _dot_int4_kernel[_dot_grid(N)](x, qweight, scales, zeros if zeros is not None else scales, y32, M, N, K,
+                                   scales.shape[1], zero_const, GROUP=group_size, HAS_ZERO=zeros is not None,
+                                   BLOCK_M=DOT_BLOCK_M)
+    return y32.to(x.dtype)
 
 
 @gemv_int4.register_fake
