@@ -10,9 +10,9 @@ step 8-token drafts as speculative decoding verifies them; eager dynamic cache f
 ANCHORS.md), prefill tok/s at batch
 8 x 512 (eager), peak GPU memory during decode, and decode time against the bandwidth floor (bytes of the
 weights read per token over the device-to-device copy bandwidth measured in the same run). Formats:
-``int4`` = RTN 4-bit group 128 symmetric (``int4-lm-head``: the output head too), ``int8`` =
-absmax int8 per channel, ``fp8`` = FP8 W8A8 dynamic, ``fp8-wo`` = FP8 weight-only, ``nf4`` / ``llm.int8`` =
-bitsandbytes ``Linear4bit`` / ``Linear8bitLt``.
+``int4`` = RTN 4-bit group 128 symmetric, ``int8`` = absmax int8 per channel, ``fp8`` = FP8 W8A8 dynamic
+(each with ``-lm-head``: the output head too, as torchao's ``quantize_`` does by default), ``fp8-wo`` = FP8
+weight-only, ``nf4`` / ``llm.int8`` = bitsandbytes ``Linear4bit`` / ``Linear8bitLt``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,10 @@ STEPS = {
     "int4": [{"method": "rtn", "args": {"bits": 4, "group_size": 128}}],
     "int4-lm-head": [{"method": "rtn", "args": {"bits": 4, "group_size": 128}, "targets": ["Linear", "lm_head"]}],
     "int8": [{"method": "int8", "args": {"scheme": "absmax", "granularity": "channel"}}],
+    "int8-lm-head": [{"method": "int8", "args": {"scheme": "absmax", "granularity": "channel"},
+                      "targets": ["Linear", "lm_head"]}],
     "fp8": [{"method": "fp8", "args": {"activations": "dynamic"}}],
+    "fp8-lm-head": [{"method": "fp8", "args": {"activations": "dynamic"}, "targets": ["Linear", "lm_head"]}],
     "fp8-wo": [{"method": "fp8", "args": {"activations": "none"}}],
 }
 
