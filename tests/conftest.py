@@ -92,3 +92,29 @@ def calib_text(tmp_path_factory) -> Path:
     text = "\n\n".join(p.read_text() for p in sorted((REPO / "compress").rglob("*.py")))
     path.write_text(text * 3)
     return path
+
+
+#: The tile configuration each autotuned Triton kernel runs with in GPU tests (see one_tile_config); one of the
+#: configurations its autotuner chooses from, picked so that the row and K masks and the K split are exercised.
+PINNED_TILES = {
+    "_gemv_int4_kernel": {"BLOCK_N": 4, "BLOCK_K": 256},
+    "_gemv_8bit_kernel": {"BLOCK_N": 8, "BLOCK_K": 512},
+    "_dot_int4_kernel": {"BLOCK_N": 32, "SPLIT_K": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_tile_config(request, monkeypatch):
+    """GPU tests run each autotuned kernel with one tile configuration (PINNED_TILES) instead of autotuning: the
+    autotuner compiles and times some 24 candidates for every new shape, which made the GPU suite take over
+    15 minutes, most of it tuning. Tests marked ``all_tiles`` keep every candidate (they check each one)."""
+    if request.node.get_closest_marker("gpu") is None or request.node.get_closest_marker("all_tiles"):
+        return
+    from compress.kernels import gemv
+
+    for name, tile in PINNED_TILES.items():
+        kernel = getattr(gemv, name)
+        pinned = [c for c in kernel.configs if c.kwargs == tile]
+        assert pinned, f"PINNED_TILES[{name!r}] = {tile} is not one of the kernel's configurations"
+        monkeypatch.setattr(kernel, "configs", pinned[:1])
+        monkeypatch.setattr(kernel, "cache", {})

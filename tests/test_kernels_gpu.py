@@ -172,3 +172,37 @@ def test_decode_kernels_match_reference(tokens, out_f, in_f) -> None:
     fp8 = Fp8Linear.from_weight(w, None, True, "none", torch.bfloat16)
     y = gemv.gemv_8bit(x, fp8.weight_fp8, fp8.weight_scale.view(-1), None)
     assert rel(y, x.float() @ fp8.dequantized_weight(torch.float32).t()) <= 1e-2
+
+
+@pytest.mark.all_tiles
+@pytest.mark.parametrize("kernel_name, tokens", [("_gemv_int4_kernel", (1, 2)), ("_dot_int4_kernel", (3, 16)),
+                                                 ("_gemv_8bit_kernel", (1, 8))])
+def test_every_tile_config_matches_reference(kernel_name, tokens, monkeypatch) -> None:
+    """Each autotuning candidate of each kernel, not only the one the autotuner picks on this GPU: a candidate
+    that computes wrongly (a miscompiled tile shape) would otherwise pass the tests and be picked elsewhere."""
+    from compress.kernels import gemv
+    from compress.plugins.fp8.format import Fp8Linear
+
+    kernel = getattr(gemv, kernel_name)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(333, 4160, device="cuda", generator=g) * 0.02  # rows and groups off every tile
+    if kernel_name == "_gemv_8bit_kernel":
+        fp8 = Fp8Linear.from_weight(w, None, True, "none", torch.bfloat16)
+        cases = [(lambda x: gemv.gemv_8bit(x, fp8.weight_fp8, fp8.weight_scale.view(-1), None), fp8)]
+        for symmetric in (True, False):
+            layer = IntLinear.from_weight(w, None, IntScheme(8, symmetric, "channel", None), torch.bfloat16)
+            cases.append((lambda x, q=layer: gemv.gemv_8bit(x, q.qweight, q.scales, q.zeros), layer))
+    else:
+        cases = []
+        for symmetric in (True, False):
+            layer = IntLinear.from_weight(w, None, IntScheme(4, symmetric, "group", 64), torch.bfloat16)
+            cases.append((lambda x, q=layer: gemv.gemv_int4(x, q.qweight, q.scales, q.zeros, 64, 8.0), layer))
+    xs = [torch.randn(t, 4160, device="cuda", generator=g, dtype=torch.bfloat16) for t in tokens]
+    expected = [[x.float() @ layer.dequantized_weight(torch.float32).t() for x in xs] for _, layer in cases]
+    for config in list(kernel.configs):
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+        for (op, _), wants in zip(cases, expected):
+            for x, want in zip(xs, wants):
+                y = op(x)
+                assert torch.isfinite(y).all() and rel(y, want) <= 1e-2, (str(config), x.shape[0], rel(y, want))
