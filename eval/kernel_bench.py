@@ -1,7 +1,7 @@
 """Micro-benchmark of the linear-layer kernels on Llama-3-8B shapes (GPU): time per call and achieved
 bandwidth (weight bytes read per call / time) against a device-to-device copy measured in the same run.
 
-    python -m compress.eval.kernel_bench [--tokens 1,4,8,16]
+    python -m compress.eval.kernel_bench [--tokens 1,4,8,16] [--shapes up,down] [--only "bf16,int4 triton"]
 """
 
 from __future__ import annotations
@@ -46,7 +46,17 @@ def tinygemm_pack(layer: IntLinear) -> tuple[torch.Tensor, torch.Tensor]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1", help="comma-separated token counts (rows of x) to time")
-    tokens = [int(t) for t in parser.parse_args().tokens.split(",")]
+    parser.add_argument("--shapes", default=",".join(SHAPES),
+                        help=f"comma-separated layer shapes to time, of: {', '.join(SHAPES)} (default: all)")
+    parser.add_argument("--only", default="", help="time only the kernels whose label contains one of these "
+                                                   "comma-separated words (e.g. 'bf16,int4 triton'; default: all)")
+    args = parser.parse_args()
+    tokens = [int(t) for t in args.tokens.split(",")]
+    shapes = args.shapes.split(",")
+    unknown = sorted(set(shapes) - set(SHAPES))
+    if unknown:
+        parser.error(f"--shapes: unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
+    only = [word for word in args.only.split(",") if word]
     from compress.kernels import gemv
     from compress.plugins.fp8.format import Fp8Linear
 
@@ -55,7 +65,8 @@ def main() -> None:
     print(f"{'shape':<8} {'M':>5} {'kernel':<24} {'us':>9} {'GB/s':>7} {'of copy':>7}")
     torch._dynamo.config.recompile_limit = 64
     fused = torch.compile(lambda x, w: (x.unsqueeze(-2).float() * w.float()).sum(dim=-1).to(x.dtype))
-    for name, (n, k) in SHAPES.items():
+    for name in shapes:
+        n, k = SHAPES[name]
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         layer4 = IntLinear.from_weight(w, None, IntScheme(4, True, "group", 128), torch.bfloat16)
         layer8 = IntLinear.from_weight(w, None, IntScheme(8, True, "channel", None, restricted=True), torch.bfloat16)
@@ -87,6 +98,8 @@ def main() -> None:
                                                                   scale_b=s8f.view(1, -1), out_dtype=torch.bfloat16),
                                         n * k)
             for label, (fn, nbytes) in kernels.items():
+                if only and not any(word in label for word in only):
+                    continue
                 try:
                     us = bench(fn) * 1e3
                 except Exception as exc:  # report and go on: one failing kernel must not hide the others
