@@ -106,6 +106,17 @@ def build(shape: str, fmt: str) -> nn.Module:
     return model
 
 
+def summary(row: dict, base: dict) -> str:
+    """One format's line: its figures and their ratios to the first format's (prefill only where it was timed)."""
+    parts = [f"{row['format']:<9} decode {row['decode_tok_s']:7.1f} tok/s ({row['decode_tok_s'] / base['decode_tok_s']:.2f}x "
+             f"{base['format']}, {row['floor_fraction']:.0%} of floor)"]
+    if "prefill_tok_s" in row:
+        parts.append(f"prefill {row['prefill_tok_s']:8.0f} tok/s ({row['prefill_tok_s'] / base['prefill_tok_s']:.2f}x)")
+    parts.append(f"peak {row['peak_gpu_bytes'] / 2**30:.2f} GiB ({row['peak_gpu_bytes'] / base['peak_gpu_bytes']:.2f}x)")
+    parts += [f"{c} {v:.1f} ({v / base['decode'].get(c, v):.2f}x)" for c, v in row["decode"].items()]
+    return "  ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-3.2-1b")
@@ -137,13 +148,7 @@ def main() -> None:
             prefill = time_generation(model, "dynamic", 8, 512, 2, warmup=1, repeats=args.repeats)
             row["prefill_tok_s"] = prefill["prefill_tok_s"]
         rows.append(row)
-        base = rows[0]
-        print(f"{fmt:<9} decode {row['decode_tok_s']:7.1f} tok/s ({row['decode_tok_s'] / base['decode_tok_s']:.2f}x "
-              f"{base['format']}, {row['floor_fraction']:.0%} of floor)  prefill "
-              f"{row.get('prefill_tok_s', 0):8.0f} tok/s ({row.get('prefill_tok_s', 0) / base.get('prefill_tok_s', 1):.2f}x)  "
-              f"peak {row['peak_gpu_bytes'] / 2**30:.2f} GiB ({row['peak_gpu_bytes'] / base['peak_gpu_bytes']:.2f}x)  "
-              + "  ".join(f"{c} {v:.1f} ({v / base['decode'].get(c, v):.2f}x)" for c, v in row["decode"].items()),
-              flush=True)
+        print(summary(row, rows[0]), flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()

@@ -132,3 +132,16 @@ def test_bench_prints_the_speed_table_of_a_random_model(monkeypatch, tmp_path: P
     assert "error: unknown shape 'llama-9b'; known: llama-3.2-1b, llama-3-8b" in unknown.output
     quality = CliRunner().invoke(bench.main, ["--random", "tiny", "--tasks", "ppl"])
     assert quality.exit_code == 2 and "a random-weight model has no tokenizer" in quality.output
+
+
+def test_format_bench_line_gives_ratios_and_omits_untimed_prefill() -> None:
+    from compress.eval.format_bench import summary
+
+    base = {"format": "bf16", "decode_tok_s": 140.0, "floor_fraction": 0.7, "peak_gpu_bytes": 16 * 2**30,
+            "decode": {"compiled-step": 140.0}}
+    row = {"format": "int8", "decode_tok_s": 224.0, "floor_fraction": 0.57, "peak_gpu_bytes": 8 * 2**30,
+           "decode": {"compiled-step": 224.0}}
+    line = summary(row, base)
+    assert "224.0 tok/s (1.60x bf16, 57% of floor)" in line and "(0.50x)" in line and "prefill" not in line
+    base["prefill_tok_s"], row["prefill_tok_s"] = 30000.0, 27000.0
+    assert "prefill    27000 tok/s (0.90x)" in summary(row, base)
