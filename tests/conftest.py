@@ -116,5 +116,11 @@ def one_tile_config(request, monkeypatch):
         kernel = getattr(gemv, name)
         pinned = [c for c in kernel.configs if c.kwargs == tile]
         assert pinned, f"PINNED_TILES[{name!r}] = {tile} is not one of the kernel's configurations"
-        monkeypatch.setattr(kernel, "configs", pinned[:1])
-        monkeypatch.setattr(kernel, "cache", {})
+        use_tiles(monkeypatch, kernel, pinned[:1])
+
+
+def use_tiles(monkeypatch, kernel, configs: list) -> None:
+    """Make the autotuned Triton ``kernel`` choose among ``configs`` only (one: no tuning), forgetting its earlier
+    picks; undone when the test ends."""
+    monkeypatch.setattr(kernel, "configs", configs)
+    monkeypatch.setattr(kernel, "cache", {})

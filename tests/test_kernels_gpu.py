@@ -9,7 +9,7 @@ import torch.nn as nn
 import compress
 from compress.formats import IntLinear
 from compress.quant import IntScheme
-from conftest import make_tiny
+from conftest import make_tiny, use_tiles
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -153,25 +153,29 @@ def test_checkpoints_move_between_cpu_and_gpu(tmp_path, monkeypatch) -> None:
     assert rel(on_cpu(ids).logits, gpu_model(ids.cuda()).logits.cpu()) < 2e-2
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 8])
-@pytest.mark.parametrize("out_f, in_f", [(4096, 4096), (1000, 1024), (14336, 4096), (4096, 14336), (333, 4160)])
-def test_decode_kernels_match_reference(tokens, out_f, in_f) -> None:
+def _op_cases(w: torch.Tensor, bits: int) -> list:
+    """(the decode op called on x, the layer whose dequantized weight it multiplies) for each storage of ``w`` the
+    op takes: 4-bit group 64, symmetric and asymmetric; or 8 bits: int8 and uint8 per channel, and FP8."""
     from compress.kernels import gemv
     from compress.plugins.fp8.format import Fp8Linear
 
+    if bits == 4:
+        layers = [IntLinear.from_weight(w, None, IntScheme(4, sym, "group", 64), torch.bfloat16) for sym in (True, False)]
+        return [(lambda x, q=q: gemv.gemv_int4(x, q.qweight, q.scales, q.zeros, 64, 8.0), q) for q in layers]
+    layers = [IntLinear.from_weight(w, None, IntScheme(8, sym, "channel", None), torch.bfloat16) for sym in (True, False)]
+    fp8 = Fp8Linear.from_weight(w, None, True, "none", torch.bfloat16)
+    return [(lambda x, q=q: gemv.gemv_8bit(x, q.qweight, q.scales, q.zeros), q) for q in layers] + [
+        (lambda x: gemv.gemv_8bit(x, fp8.weight_fp8, fp8.weight_scale.view(-1), None), fp8)]
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("out_f, in_f", [(4096, 4096), (1000, 1024), (14336, 4096), (4096, 14336), (333, 4160)])
+def test_decode_kernels_match_reference(tokens, out_f, in_f) -> None:
     g = torch.Generator(device="cuda").manual_seed(tokens + out_f)
     w = torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02
     x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
-    for symmetric in (True, False):
-        layer = IntLinear.from_weight(w, None, IntScheme(4, symmetric, "group", 64), torch.bfloat16)
-        y = gemv.gemv_int4(x, layer.qweight, layer.scales, layer.zeros, 64, 8.0)
-        assert rel(y, x.float() @ layer.dequantized_weight(torch.float32).t()) <= 1e-2
-        layer = IntLinear.from_weight(w, None, IntScheme(8, symmetric, "channel", None), torch.bfloat16)
-        y = gemv.gemv_8bit(x, layer.qweight, layer.scales, layer.zeros)
-        assert rel(y, x.float() @ layer.dequantized_weight(torch.float32).t()) <= 1e-2
-    fp8 = Fp8Linear.from_weight(w, None, True, "none", torch.bfloat16)
-    y = gemv.gemv_8bit(x, fp8.weight_fp8, fp8.weight_scale.view(-1), None)
-    assert rel(y, x.float() @ fp8.dequantized_weight(torch.float32).t()) <= 1e-2
+    for op, layer in _op_cases(w, 4) + _op_cases(w, 8):
+        assert rel(op(x), x.float() @ layer.dequantized_weight(torch.float32).t()) <= 1e-2
 
 
 @pytest.mark.all_tiles
@@ -181,27 +185,15 @@ def test_every_tile_config_matches_reference(kernel_name, tokens, monkeypatch) -
     """Each autotuning candidate of each kernel, not only the one the autotuner picks on this GPU: a candidate
     that computes wrongly (a miscompiled tile shape) would otherwise pass the tests and be picked elsewhere."""
     from compress.kernels import gemv
-    from compress.plugins.fp8.format import Fp8Linear
 
     kernel = getattr(gemv, kernel_name)
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(333, 4160, device="cuda", generator=g) * 0.02  # rows and groups off every tile
-    if kernel_name == "_gemv_8bit_kernel":
-        fp8 = Fp8Linear.from_weight(w, None, True, "none", torch.bfloat16)
-        cases = [(lambda x: gemv.gemv_8bit(x, fp8.weight_fp8, fp8.weight_scale.view(-1), None), fp8)]
-        for symmetric in (True, False):
-            layer = IntLinear.from_weight(w, None, IntScheme(8, symmetric, "channel", None), torch.bfloat16)
-            cases.append((lambda x, q=layer: gemv.gemv_8bit(x, q.qweight, q.scales, q.zeros), layer))
-    else:
-        cases = []
-        for symmetric in (True, False):
-            layer = IntLinear.from_weight(w, None, IntScheme(4, symmetric, "group", 64), torch.bfloat16)
-            cases.append((lambda x, q=layer: gemv.gemv_int4(x, q.qweight, q.scales, q.zeros, 64, 8.0), layer))
+    cases = _op_cases(w, 8 if "8bit" in kernel_name else 4)
     xs = [torch.randn(t, 4160, device="cuda", generator=g, dtype=torch.bfloat16) for t in tokens]
     expected = [[x.float() @ layer.dequantized_weight(torch.float32).t() for x in xs] for _, layer in cases]
     for config in list(kernel.configs):
-        monkeypatch.setattr(kernel, "configs", [config])
-        monkeypatch.setattr(kernel, "cache", {})
+        use_tiles(monkeypatch, kernel, [config])
         for (op, _), wants in zip(cases, expected):
             for x, want in zip(xs, wants):
                 y = op(x)
