@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 
@@ -37,20 +38,23 @@ for out_f, in_f, bits, sym, group in [(40, 256, 4, True, 128), (24, 384, 4, Fals
     layer = IntLinear.from_weight(torch.randn(out_f, in_f, generator=gen), None, IntScheme(bits, sym, "group", group),
                                   torch.bfloat16)
     ref_w = layer.dequantized_weight(torch.float32)
-    for tokens in (1, 2, gemv.DOT_MIN_TOKENS, gemv.MAX_TOKENS):
-        if tokens < gemv.DOT_MIN_TOKENS:
-            kernel, configs = gemv._gemv_int4_kernel, ({"BLOCK_N": 2, "BLOCK_K": 128}, {"BLOCK_N": 16, "BLOCK_K": 512})
-            dtype = torch.bfloat16
-        else:  # the tensor-core kernel; in float16: the interpreter's tl.dot multiplies bfloat16's bits as integers
-            kernel, configs = gemv._dot_int4_kernel, ({"BLOCK_N": 16, "SPLIT_K": 1}, {"BLOCK_N": 64, "SPLIT_K": 3})
-            dtype = torch.float16
-        x = torch.randn(tokens, in_f, generator=gen).to(dtype)
-        ref = x.float() @ ref_w.t()
-        for config in configs:
-            y = run(kernel, config, lambda: gemv.gemv_int4(
-                x, layer.qweight, layer.scales, layer.zeros, group, float(layer.int_scheme.sym_zero)))
-            assert y.shape == (tokens, out_f) and y.dtype == dtype
-            worst = max(worst, rel(y, ref))
+    # each kernel called directly (which one the op picks is tested on its own: test_tensor_core_kernel_takes)
+    kernels = [(gemv.one_token_int4, gemv._gemv_int4_kernel, ({"BLOCK_N": 2, "BLOCK_K": 128}, {"BLOCK_N": 16, "BLOCK_K": 512}),
+                # x read as words of two bfloat16 or float16, or float32 in two loads
+                (torch.bfloat16, torch.float16, torch.float32)),
+               # in float16 only: the interpreter's tl.dot multiplies bfloat16's bits as integers
+               (gemv.dot_int4, gemv._dot_int4_kernel, ({"BLOCK_N": 64, "SPLIT_K": 1}, {"BLOCK_N": 128, "SPLIT_K": 3}),
+                (torch.float16,))]
+    for tokens in (1, 2, 7):
+        for path, kernel, configs, dtypes in kernels:
+            for dtype in dtypes:
+                x = torch.randn(tokens, in_f, generator=gen).to(dtype)
+                ref = x.float() @ ref_w.t()
+                for config in configs:
+                    y = run(kernel, config, lambda: path(
+                        x, layer.qweight, layer.scales, layer.zeros, group, float(layer.int_scheme.sym_zero)))
+                    assert y.shape == (tokens, out_f) and y.dtype == dtype
+                    worst = max(worst, rel(y, ref))
 for out_f, in_f, kind in [(40, 256, "int8"), (24, 1000, "uint8"), (9, 300, "fp8"), (33, 512, "fp8-tensor")]:
     w = torch.randn(out_f, in_f, generator=gen)
     if kind.startswith("fp8"):
@@ -108,6 +112,21 @@ def test_kernels_match_dequantized_matmul() -> None:
     worst = float(_interpret(SCRIPT).split("worst")[-1])
     # bf16 inputs and outputs, fp32 accumulation: the output's bf16 rounding (2**-9 relative) dominates
     assert worst <= 1e-2, worst
+
+
+def test_tensor_core_kernel_takes() -> None:
+    """The 4-bit op's choice of kernel: the tensor-core kernel from DOT_MIN_TOKENS tokens (SMALL_DOT_MIN_TOKENS on
+    small layers) to DOT_BLOCK_M, and only for 16-bit activations."""
+    from compress.kernels import gemv
+
+    big, small = gemv.SMALL_LAYER, gemv.SMALL_LAYER - 1
+    assert not gemv.takes_dot(1, big, torch.bfloat16)
+    assert gemv.takes_dot(gemv.DOT_MIN_TOKENS, big, torch.bfloat16)
+    assert gemv.takes_dot(gemv.DOT_BLOCK_M, big, torch.float16)
+    assert not gemv.takes_dot(gemv.DOT_BLOCK_M + 1, big, torch.bfloat16)
+    assert not gemv.takes_dot(gemv.SMALL_DOT_MIN_TOKENS - 1, small, torch.bfloat16)
+    assert gemv.takes_dot(gemv.SMALL_DOT_MIN_TOKENS, small, torch.bfloat16)
+    assert not gemv.takes_dot(4, big, torch.float32)
 
 
 def test_fp8_activation_kernel_matches_pytorch() -> None:

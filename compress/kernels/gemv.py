@@ -6,30 +6,34 @@ matrix, so its time is the time to read the weights. Two ops:
 
 * :func:`gemv_int4`: packed 4-bit codes [N, K/2] (two a byte, the even column in the low nibble) with
   group-wise scales and uint8 zero points or a constant zero point (the ``int`` format at 3 and 4 bits).
-  From DOT_MIN_TOKENS tokens it runs a tensor-core kernel (below);
+  From a few tokens on (:func:`takes_dot`) it runs a tensor-core kernel (below);
 * :func:`gemv_8bit`: one byte a weight [N, K] (int8, or float8 E4M3) with per-row scales and optional uint8
   per-row zero points (the ``int`` format at 8 bits per channel, and ``fp8``).
 
-Each program owns ``BLOCK_N`` output rows of one token and streams their weights in tiles of ``BLOCK_K`` bytes
-a row, accumulating the products elementwise in fp32 registers and reducing over K once at the end (a
-reduction per tile would cost more than the arithmetic). The 4-bit tile is shaped [rows, groups, bytes of a
-group] so each group's scale is loaded once and broadcast. The programs of one row block for different tokens
-are launched next to each other, so the other tokens can read the weight from L2. Both
-kernels are torch custom ops, so torch.compile and CUDA graphs take them whole; tile sizes are autotuned per
-shape on first use, timed as CUDA-graph replays (as decode steps run).
+Each program of the one-token kernels owns ``BLOCK_N`` output rows of one token and streams their weights in
+tiles of ``BLOCK_K`` bytes a row. The 4-bit tile is shaped [rows, groups, bytes of a group], so each group's scale
+and zero point are loaded once and broadcast, and the tile's activations are read as 32-bit words of two 16-bit
+values, the tile's own shape. The programs of one row block for different tokens are launched next to each
+other, so the other tokens can read the weight from L2. All kernels are torch custom ops, so torch.compile and
+CUDA graphs take them whole; tile sizes are autotuned per shape on first use, timed as CUDA-graph replays (as
+decode steps run).
 
-Measured on an H100 (``python -m compress.eval.kernel_bench``, one token, weights of Llama-3-8B's MLP): the
-8-bit kernel reads int8 and fp8 weights at 82-87% of the copy bandwidth (cuBLAS reads bf16 at 88-94%); the
-4-bit kernel at 47-49%, below torch's tinygemm kernel (58-61%), which needs its own tiled copy of the weights.
+Measured on an H100 (``python -m compress.eval.kernel_bench``, weights replayed from L2 as the autotuner times
+them; 2026-11-26): one token, Llama-3-8B's MLP (up / down projection): the 4-bit kernel 18.0 / 18.9 us (52-54% of
+the copy bandwidth; 19.8 / 20.7 before its codes were made floats in PTX), cuBLAS on bf16 41.8 / 44.6 us. The
+8-bit kernel read int8 and fp8 weights at 82-87% of the copy bandwidth (an earlier run).
 
-The one-token kernels' time grows with the tokens (each program dequantizes for its own token): 8 tokens took 7x
-one token's time on the 4-bit MLP weights. For 3-16 tokens the 4-bit op runs a kernel that dequantizes each tile
-once into 16 bits and multiplies it by all the tokens on the tensor cores (``--tokens 1,4,8,16`` in the
-benchmark; 8 tokens, symmetric 4-bit, up / down projection: 49.6 / 49.2 us against 138.7 / 145.5 us for the
-one-token kernel, and 41.7 / 44.8 us for cuBLAS on bf16). The 8-bit op has no such kernel yet.
+The one-token kernels' time grows with the tokens (each program dequantizes for its own token). From 2 tokens
+(5 on layers under 2**23 weights) the 4-bit op runs a kernel that turns each weight tile into 16 bits once and
+multiplies it by all the tokens on the tensor cores, the weights as the left operand (wgmma reads it from
+registers on Hopper). Same benchmark, 8 / 16 tokens, up projection: 31.8 / 35.3 us, against 121.9 / 239.3 us for
+the one-token kernel and 41.9 / 42.3 us for cuBLAS on bf16; 49.0 / 66.8 us for this kernel's previous version,
+which had the tokens as the left operand. The 8-bit op has no such kernel yet.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -44,16 +48,22 @@ except ImportError:  # CPU-only installs
 #: 16 tokens, Llama-3-8B shapes: 1.1-2.6x faster than dequantizing for cuBLAS).
 MAX_TOKENS = 8
 #: 4-bit calls with at least this many tokens (and 16-bit activations) take the tensor-core kernel, which
-#: dequantizes each weight once for all the tokens; fewer take the one-token kernel (H100: at 2 tokens the two
-#: are level, 0.6-1.3x by layer shape; at 4 the tensor-core kernel is 1.5-2.3x faster on all but the 1024-row
-#: k/v projections, 0.83x).
-DOT_MIN_TOKENS = 3
+#: dequantizes each weight once for all the tokens; fewer take the one-token kernel. Its fixed costs (a zeroed
+#: float32 output, atomic adds, the cast back) weigh on small layers, which take it from SMALL_DOT_MIN_TOKENS
+#: (H100, 2-4 tokens, us one-token / tensor-core: k/v 1024x4096 4.8 / 7.0, 5.7 / 6.9, 6.7 / 7.0; o 4096x4096
+#: 10.8 / 10.2, 15.4 / 10.3, 19.6 / 10.2; up 14336x4096 33.1 / 30.8 at 2 tokens).
+DOT_MIN_TOKENS = 2
+SMALL_DOT_MIN_TOKENS = 5
+SMALL_LAYER = 2**23  # weights (N * K) below which a layer is small
 DOT_BLOCK_M = 16  # the tensor-core tile's rows, the most tokens it takes
 DOT_DTYPES = (torch.bfloat16, torch.float16)  # activations the tensor-core kernel takes
 
 
-def _takes_dot(x: torch.Tensor) -> bool:
-    return DOT_MIN_TOKENS <= x.shape[0] <= DOT_BLOCK_M and x.dtype in DOT_DTYPES
+def takes_dot(tokens: int, weights: int, dtype: torch.dtype) -> bool:
+    """Whether a 4-bit call with ``tokens`` rows of ``dtype`` activations, on a layer of ``weights`` weights
+    (N * K), runs the tensor-core kernel rather than the one-token kernel."""
+    first = DOT_MIN_TOKENS if weights >= SMALL_LAYER else SMALL_DOT_MIN_TOKENS
+    return first <= tokens <= DOT_BLOCK_M and dtype in DOT_DTYPES
 
 
 def _dot_grid(n: int):
@@ -80,15 +90,89 @@ if triton is not None:
 
     # Integer codes become floats by the exponent trick: the bits 0x4B000000 | c read as a float are 2**23 + c
     # for 0 <= c < 2**23, and subtracting 2**23 + zero is exact: two full-rate instructions instead of an
-    # int-to-float conversion, which runs at a quarter of the rate (4-bit kernel on the 14336 x 4096 up
-    # projection, H100: 22.6 -> 19.8 us a call).
+    # int-to-float conversion, which runs at a quarter of the rate (the 8-bit kernel).
     MAGIC = tl.constexpr(0x4B000000)
     TWO_23 = tl.constexpr(8388608.0)
+    ONE = tl.constexpr(0x3F800000)  # 1.0f
+
+    # The 4-bit kernels turn a byte's two codes into floats in inline PTX, four bytes an instance (pack=4: byte i
+    # of $in is element i; a 16-bit output holds elements 0, 1 in its first register, low half first). Where PTX
+    # cannot run (Triton's interpreter, AMD GPUs) the same floats come from Triton's integer ops.
+    # One-token kernel: code c -> 1 + c/16, c in the top four mantissa bits of 1.0f, by a shift and one lop3
+    # ((a & b) | c, immediate 0xEA) a code, against 3-4 instructions for extracting the byte and the exponent trick
+    # (H100/H200, one token, Llama-3-8B shapes, cold L2: 5-18% faster).
+    UNIT_PTX = tl.constexpr("""{
+    .reg .b32 t<8>;
+    shl.b32 t0, $8, 19; shl.b32 t1, $8, 15; shl.b32 t2, $8, 11; shl.b32 t3, $8, 7;
+    shl.b32 t4, $8, 3;  shr.u32 t5, $8, 1;  shr.u32 t6, $8, 5;  shr.u32 t7, $8, 9;
+    lop3.b32 $0, t0, 0x00780000, 0x3F800000, 0xEA; lop3.b32 $1, t2, 0x00780000, 0x3F800000, 0xEA;
+    lop3.b32 $2, t4, 0x00780000, 0x3F800000, 0xEA; lop3.b32 $3, t6, 0x00780000, 0x3F800000, 0xEA;
+    lop3.b32 $4, t1, 0x00780000, 0x3F800000, 0xEA; lop3.b32 $5, t3, 0x00780000, 0x3F800000, 0xEA;
+    lop3.b32 $6, t5, 0x00780000, 0x3F800000, 0xEA; lop3.b32 $7, t7, 0x00780000, 0x3F800000, 0xEA;
+    }""")
+    # Tensor-core kernel: code c -> BASE + c in 16 bits (bfloat16 0x4300 | c = 128 + c; float16 0x6400 | c =
+    # 1024 + c): bytes spread to 16-bit lanes by prmt, then one lop3 per two codes.
+    HALVES_PTX = """{
+    .reg .b32 t0, t1;
+    prmt.b32 t0, $4, 0, 0x7170; prmt.b32 t1, $4, 0, 0x7372;
+    lop3.b32 $0, t0, 0x000F000F, MAGIC2, 0xEA; lop3.b32 $1, t1, 0x000F000F, MAGIC2, 0xEA;
+    shr.b32 t0, t0, 4; shr.b32 t1, t1, 4;
+    lop3.b32 $2, t0, 0x000F000F, MAGIC2, 0xEA; lop3.b32 $3, t1, 0x000F000F, MAGIC2, 0xEA;
+    }"""
+    BF16_PTX = tl.constexpr(HALVES_PTX.replace("MAGIC2", "0x43004300"))
+    FP16_PTX = tl.constexpr(HALVES_PTX.replace("MAGIC2", "0x64006400"))
+
+    @triton.jit
+    def _unit_floats(packed, PTX: tl.constexpr):
+        """uint8 bytes -> (1 + low nibble / 16, 1 + high nibble / 16) in float32."""
+        if PTX:
+            lo, hi = tl.inline_asm_elementwise(UNIT_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [packed],
+                                               dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            p = packed.to(tl.int32)
+            lo = (((p << 19) & 0x00780000) | ONE).to(tl.float32, bitcast=True)
+            hi = (((p << 15) & 0x00780000) | ONE).to(tl.float32, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _based_halves(packed, IS_BF16: tl.constexpr, PTX: tl.constexpr):
+        """uint8 bytes -> (BASE + low nibble, BASE + high nibble) in bfloat16 (BASE 128) or float16 (1024)."""
+        dtype: tl.constexpr = tl.bfloat16 if IS_BF16 else tl.float16
+        if PTX:
+            lo, hi = tl.inline_asm_elementwise(BF16_PTX if IS_BF16 else FP16_PTX, "=r,=r,=r,=r,r", [packed],
+                                               dtype=(dtype.value, dtype.value), is_pure=True, pack=4)
+        else:
+            magic: tl.constexpr = 0x4300 if IS_BF16 else 0x6400
+            p = packed.to(tl.int16)
+            lo = ((p & 15) | magic).to(dtype, bitcast=True)
+            hi = (((p >> 4) & 15) | magic).to(dtype, bitcast=True)
+        return lo, hi
+
+    @triton.jit
+    def _x_pairs(x_ptr, m, K, kb, mask, X_WORDS: tl.constexpr):
+        """Token m's activations at the even and odd columns of byte columns ``kb``, in float32. 16-bit x is read
+        as int32 words (even column in the low half), the shape of the packed bytes, so nothing reshuffles it;
+        ``X_WORDS``: 1 bfloat16, 2 float16, 0 float32 (two strided loads)."""
+        if X_WORDS == 0:
+            xe = tl.load(x_ptr + m * K + 2 * kb, mask=mask, other=0.0)
+            xo = tl.load(x_ptr + m * K + 2 * kb + 1, mask=mask, other=0.0)
+        else:
+            w = tl.load(x_ptr + m * (K // 2) + kb, mask=mask, other=0)
+            if X_WORDS == 1:
+                xe = (w << 16).to(tl.float32, bitcast=True)
+                xo = (w & -65536).to(tl.float32, bitcast=True)
+            else:
+                xe = w.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                xo = (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return xe, xo
 
     @triton.autotune(configs=_configs((128, 256, 512)), key=["M", "N", "K"], do_bench=_bench_graphed)
     @triton.jit
     def _gemv_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, groups, zero_const, GROUP: tl.constexpr,
-                          HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_ZERO: tl.constexpr, X_WORDS: tl.constexpr, PTX: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+        # With u = 1 + c/16, sum((c - zero) x) = 16 sum(u x) - (16 + zero) sum(x): a group's products need no
+        # subtraction, and its sum of x is shared by the tile's rows.
         GB: tl.constexpr = GROUP // 2  # packed bytes of a group
         NG: tl.constexpr = BLOCK_K // GB if BLOCK_K > GB else 1  # groups in a tile
         m = tl.program_id(0) % M
@@ -97,28 +181,25 @@ if triton is not None:
         gi = tl.arange(0, NG)
         j = tl.arange(0, GB)
         KB = K // 2
-        acc = tl.zeros((BLOCK_N, NG, GB), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, NG), dtype=tl.float32)
         for g0 in range(0, groups, NG):
             g = g0 + gi
             gmask = g < groups
             kb = g[:, None] * GB + j[None, :]  # [NG, GB] byte columns
-            wmask = nmask[:, None, None] & gmask[None, :, None]
-            packed = tl.load(q_ptr + n[:, None, None] * KB + kb[None, :, :], mask=wmask, other=0).to(tl.int32)
+            packed = tl.load(q_ptr + n[:, None, None] * KB + kb[None, :, :],
+                             mask=nmask[:, None, None] & gmask[None, :, None], other=0)
             smask = nmask[:, None] & gmask[None, :]
             s = tl.load(s_ptr + n[:, None] * groups + g[None, :], mask=smask, other=0.0).to(tl.float32)
             if HAS_ZERO:
                 z = tl.load(z_ptr + n[:, None] * groups + g[None, :], mask=smask, other=0).to(tl.float32)
             else:
                 z = tl.zeros((BLOCK_N, NG), dtype=tl.float32) + zero_const
-            offset = (z + TWO_23)[:, :, None]
-            lo = ((packed & 15) | MAGIC).to(tl.float32, bitcast=True) - offset
-            hi = ((packed >> 4) | MAGIC).to(tl.float32, bitcast=True) - offset
-            # x's even and odd entries of the tile, from one contiguous load
-            xk = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-            xpair = tl.load(x_ptr + m * K + xk, mask=gmask[:, None], other=0.0).to(tl.float32)
-            xe, xo = tl.split(tl.reshape(xpair, (NG, GB, 2)))
-            acc += (lo * xe[None, :, :] + hi * xo[None, :, :]) * s[:, :, None]
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)
+            xe, xo = _x_pairs(x_ptr, m, K, kb, gmask[:, None], X_WORDS)
+            lo, hi = _unit_floats(packed, PTX)
+            ux = tl.sum(lo * xe[None, :, :] + hi * xo[None, :, :], axis=2)
+            sx = tl.sum(xe + xo, axis=1)
+            acc += (16.0 * ux - (16.0 + z) * sx[None, :]) * s
+        y = tl.sum(acc, axis=1)
         tl.store(y_ptr + m * N + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
     @triton.autotune(configs=_configs((256, 512, 1024)), key=["M", "N", "K"], do_bench=_bench_graphed)
@@ -158,40 +239,51 @@ if triton is not None:
     # that narrow layers still fill the GPU, adding their partial sums atomically into a zeroed float32 output.
     def _dot_configs():
         return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=4, num_stages=st)
-                for bn in (16, 32, 64) for sk in (1, 2, 4, 8) for st in (2, 4)]
+                for bn in (64, 128) for sk in (1, 2, 4, 8) for st in (2, 3, 4)]
 
     @triton.autotune(configs=_dot_configs(), key=["N", "K"], do_bench=_bench_graphed, reset_to_zero=["y_ptr"])
     @triton.jit(do_not_specialize=["SPLIT_K"])
     def _dot_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, groups, zero_const, GROUP: tl.constexpr,
-                         HAS_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K):
-        # One group a step: the codes minus their zero point are small integers, exact in 16 bits, so the group's
-        # products are summed by the tensor cores and scaled once, per row, in float32.
+                         HAS_ZERO: tl.constexpr, PTX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         SPLIT_K):
+        # The weight tile is the tensor cores' left operand ([BLOCK_N rows, K] times x's [K, BLOCK_M tokens]): on
+        # Hopper, wgmma reads it from registers, where the codes were turned into 16 bits, and only the small x
+        # tile goes through shared memory. One group a step: BASE + code minus BASE + zero is a small integer,
+        # exact in 16 bits, so the group's products are summed by the tensor cores and scaled once, in float32.
         GB: tl.constexpr = GROUP // 2
         CB: tl.constexpr = GB if GB < 64 else 64
+        IS_BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16  # else float16
+        BASE: tl.constexpr = 128.0 if IS_BF16 else 1024.0
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < N
         m = tl.arange(0, BLOCK_M)
         mmask = m < M
         j = tl.arange(0, CB)
         KB = K // 2
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for g in range(tl.program_id(1), groups, SPLIT_K):
             if HAS_ZERO:
-                offset = tl.load(z_ptr + n * groups + g, mask=nmask, other=0).to(tl.float32) + TWO_23
+                offset = tl.load(z_ptr + n * groups + g, mask=nmask, other=0).to(tl.float32) + BASE
             else:
-                offset = tl.zeros((BLOCK_N,), dtype=tl.float32) + (zero_const + TWO_23)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                offset = tl.zeros((BLOCK_N,), dtype=tl.float32) + (zero_const + BASE)
+            offset = offset.to(x_ptr.dtype.element_ty)[:, None]
+            part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for c in tl.static_range(0, GB, CB):  # large groups in chunks of CB bytes a row
                 b = g * GB + c + j
-                packed = tl.load(q_ptr + n[:, None] * KB + b[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-                xe = tl.load(x_ptr + m[:, None] * K + 2 * b[None, :], mask=mmask[:, None], other=0.0)
-                xo = tl.load(x_ptr + m[:, None] * K + 2 * b[None, :] + 1, mask=mmask[:, None], other=0.0)
-                lo = (((packed & 15) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]).to(xe.dtype)
-                hi = (((packed >> 4) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]).to(xe.dtype)
-                part += tl.dot(xe, tl.trans(lo)) + tl.dot(xo, tl.trans(hi))
+                packed = tl.load(q_ptr + n[:, None] * KB + b[None, :], mask=nmask[:, None], other=0)
+                xe = tl.load(x_ptr + m[None, :] * K + 2 * b[:, None], mask=mmask[None, :], other=0.0)
+                xo = tl.load(x_ptr + m[None, :] * K + 2 * b[:, None] + 1, mask=mmask[None, :], other=0.0)
+                lo, hi = _based_halves(packed, IS_BF16, PTX)
+                part = tl.dot(lo - offset, xe, part)
+                part = tl.dot(hi - offset, xo, part)
             s = tl.load(s_ptr + n * groups + g, mask=nmask, other=0.0).to(tl.float32)
-            acc += part * s[None, :]
-        tl.atomic_add(y_ptr + m[:, None] * N + n[None, :], acc, mask=mmask[:, None] & nmask[None, :], sem="relaxed")
+            acc += part * s[:, None]
+        tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=nmask[:, None] & mmask[None, :], sem="relaxed")
+
+
+def _ptx(x: torch.Tensor) -> bool:
+    """Whether the 4-bit kernels may use inline PTX for ``x``: on NVIDIA GPUs, not in Triton's interpreter."""
+    return x.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 @torch.library.custom_op("compress::gemv_int4", mutates_args=())
@@ -203,7 +295,7 @@ def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     every zero point is ``zero_const``); w[n, k] = (code - zero) * scale of k's group.
     """
     x = x.contiguous()
-    path = dot_int4 if _takes_dot(x) else one_token_int4
+    path = dot_int4 if takes_dot(x.shape[0], qweight.shape[0] * x.shape[1], x.dtype) else one_token_int4
     return path(x, qweight, scales, zeros, group_size, zero_const)
 
 
@@ -214,8 +306,10 @@ def one_token_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     N = qweight.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
-    _gemv_int4_kernel[grid](x, qweight, scales, zeros if zeros is not None else scales, y, M, N, K,
-                            scales.shape[1], zero_const, GROUP=group_size, HAS_ZERO=zeros is not None)
+    words = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
+    _gemv_int4_kernel[grid](x.view(torch.int32) if words else x, qweight, scales,
+                            zeros if zeros is not None else scales, y, M, N, K, scales.shape[1], zero_const,
+                            GROUP=group_size, HAS_ZERO=zeros is not None, X_WORDS=words, PTX=_ptx(x))
     return y
 
 
@@ -227,7 +321,7 @@ def dot_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     y32 = torch.zeros(M, N, device=x.device, dtype=torch.float32)
     _dot_int4_kernel[_dot_grid(N)](x, qweight, scales, zeros if zeros is not None else scales, y32, M, N, K,
                                    scales.shape[1], zero_const, GROUP=group_size, HAS_ZERO=zeros is not None,
-                                   BLOCK_M=DOT_BLOCK_M)
+                                   PTX=_ptx(x), BLOCK_M=DOT_BLOCK_M)
     return y32.to(x.dtype)
 
 
