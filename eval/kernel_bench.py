@@ -84,10 +84,16 @@ def main() -> None:
                 kernels["int4 triton"] = (lambda: gemv.gemv_int4(x, *int4_args), n * k // 2)
                 kernels["int4 one-token kernel"] = (lambda: gemv.one_token_int4(x, *int4_args), n * k // 2)
                 kernels["int4 tensor-core kernel"] = (lambda: gemv.dot_int4(x, *int4_args), n * k // 2)
-            if m <= gemv.MAX_TOKENS:
+            if m <= gemv.MAX_TOKENS:  # the op, and each of its two kernels
+                int8_args = gemv.kernel_args_8bit(layer8.qweight, s8, None)
+                fp8_args = gemv.kernel_args_8bit(fp8.weight_fp8, s8f, None)
                 kernels.update({
                     "int8 triton gemv": (lambda: gemv.gemv_8bit(x, layer8.qweight, s8, None), n * k),
+                    "int8 one-token kernel": (lambda: gemv.one_token_8bit(x, *int8_args), n * k),
+                    "int8 tensor-core kernel": (lambda: gemv.dot_8bit(x, *int8_args), n * k),
                     "fp8 triton gemv": (lambda: gemv.gemv_8bit(x, fp8.weight_fp8, s8f, None), n * k),
+                    "fp8 one-token kernel": (lambda: gemv.one_token_8bit(x, *fp8_args), n * k),
+                    "fp8 tensor-core kernel": (lambda: gemv.dot_8bit(x, *fp8_args), n * k),
                     "int8 inductor fused": (lambda: fused(x, layer8.qweight), n * k),
                 })
             kernels["int4 dequant+cublas"] = (lambda: F.linear(x, layer4.dequantized_weight(torch.bfloat16)),

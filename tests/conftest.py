@@ -100,6 +100,7 @@ PINNED_TILES = {
     "_gemv_int4_kernel": {"BLOCK_N": 4, "BLOCK_K": 256},
     "_gemv_8bit_kernel": {"BLOCK_N": 8, "BLOCK_K": 512},
     "_dot_int4_kernel": {"BLOCK_N": 64, "SPLIT_K": 2},
+    "_dot_8bit_kernel": {"BLOCK_N": 64, "SPLIT_K": 2},
 }
 
 

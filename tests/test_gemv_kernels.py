@@ -64,13 +64,19 @@ for out_f, in_f, kind in [(40, 256, "int8"), (24, 1000, "uint8"), (9, 300, "fp8"
         layer = IntLinear.from_weight(w, None, IntScheme(8, kind == "int8", "channel", None), torch.bfloat16)
         codes, scales, zeros = layer.qweight, layer.scales, layer.zeros
     ref_w = layer.dequantized_weight(torch.float32)
+    args = gemv.kernel_args_8bit(codes, scales, zeros)
+    kernels = [(gemv.one_token_8bit, gemv._gemv_8bit_kernel, ({"BLOCK_N": 2, "BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 1024}),
+                torch.bfloat16),
+               (gemv.dot_8bit, gemv._dot_8bit_kernel, ({"BLOCK_N": 64, "SPLIT_K": 1}, {"BLOCK_N": 128, "SPLIT_K": 3}),
+                torch.float16)]
     for tokens in (1, 5):
-        x = torch.randn(tokens, in_f, generator=gen).bfloat16()
-        ref = x.float() @ ref_w.t()
-        for config in ({"BLOCK_N": 2, "BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 1024}):
-            y = run(gemv._gemv_8bit_kernel, config, lambda: gemv.gemv_8bit(x, codes, scales, zeros))
-            assert y.shape == (tokens, out_f) and y.dtype == torch.bfloat16
-            worst = max(worst, rel(y, ref))
+        for path, kernel, configs, dtype in kernels:
+            x = torch.randn(tokens, in_f, generator=gen).to(dtype)
+            ref = x.float() @ ref_w.t()
+            for config in configs:
+                y = run(kernel, config, lambda: path(x, *args))
+                assert y.shape == (tokens, out_f) and y.dtype == dtype
+                worst = max(worst, rel(y, ref))
 print("worst", worst)
 """
 
@@ -115,8 +121,8 @@ def test_kernels_match_dequantized_matmul() -> None:
 
 
 def test_tensor_core_kernel_takes() -> None:
-    """The 4-bit op's choice of kernel: the tensor-core kernel from DOT_MIN_TOKENS tokens (SMALL_DOT_MIN_TOKENS on
-    small layers) to DOT_BLOCK_M, and only for 16-bit activations."""
+    """The ops' choice of kernel: the tensor-core kernel from DOT_MIN_TOKENS tokens (DOT_MIN_TOKENS_8BIT for the
+    8-bit op; SMALL_DOT_MIN_TOKENS on small layers) to DOT_BLOCK_M, and only for 16-bit activations."""
     from compress.kernels import gemv
 
     big, small = gemv.SMALL_LAYER, gemv.SMALL_LAYER - 1
@@ -127,6 +133,8 @@ def test_tensor_core_kernel_takes() -> None:
     assert not gemv.takes_dot(gemv.SMALL_DOT_MIN_TOKENS - 1, small, torch.bfloat16)
     assert gemv.takes_dot(gemv.SMALL_DOT_MIN_TOKENS, small, torch.bfloat16)
     assert not gemv.takes_dot(4, big, torch.float32)
+    assert not gemv.takes_dot(gemv.DOT_MIN_TOKENS_8BIT - 1, big, torch.bfloat16, gemv.DOT_MIN_TOKENS_8BIT)
+    assert gemv.takes_dot(gemv.DOT_MIN_TOKENS_8BIT, big, torch.bfloat16, gemv.DOT_MIN_TOKENS_8BIT)
 
 
 def test_fp8_activation_kernel_matches_pytorch() -> None:

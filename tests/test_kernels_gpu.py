@@ -81,8 +81,9 @@ def test_decode_kernel_is_taken_where_it_applies(scheme, kernel, monkeypatch) ->
 
 @pytest.mark.parametrize("method, args", [("rtn", {"bits": 4, "group_size": 64}), ("int8", {}),
                                           ("fp8", {"activations": "dynamic"}), ("fp8", {"activations": "none"})])
-# 1, 4: the decode kernels (compress.kernels.gemv); 16: the 4-bit one still, dequantize + matmul for 8 bits
-@pytest.mark.parametrize("tokens", [1, 4, 16])
+# the decode kernels (compress.kernels.gemv): 1 the one-token kernels, 5 the tensor-core kernels (on these small
+# layers, takes_dot); 16: the 4-bit tensor-core kernel still, dequantize + matmul for 8 bits
+@pytest.mark.parametrize("tokens", [1, 5, 16])
 def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
     torch._dynamo.reset()  # each case compiles new modules: earlier cases' recompiles must not hit dynamo's limit
     model = make_tiny("llama", dtype=torch.bfloat16).cuda()
@@ -183,7 +184,7 @@ def test_decode_kernels_match_reference(tokens, out_f, in_f, dtype) -> None:
 
 @pytest.mark.all_tiles
 @pytest.mark.parametrize("kernel_name, tokens", [("_gemv_int4_kernel", (1, 2)), ("_dot_int4_kernel", (5, 16)),
-                                                 ("_gemv_8bit_kernel", (1, 8))])
+                                                 ("_gemv_8bit_kernel", (1, 4)), ("_dot_8bit_kernel", (5, 8))])
 def test_every_tile_config_matches_reference(kernel_name, tokens, monkeypatch) -> None:
     """Each autotuning candidate of each kernel, not only the one the autotuner picks on this GPU: a candidate
     that computes wrongly (a miscompiled tile shape) would otherwise pass the tests and be picked elsewhere."""

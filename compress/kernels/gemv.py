@@ -8,7 +8,7 @@ matrix, so its time is the time to read the weights. Two ops:
   group-wise scales and uint8 zero points or a constant zero point (the ``int`` format at 3 and 4 bits).
   From a few tokens on (:func:`takes_dot`) it runs a tensor-core kernel (below);
 * :func:`gemv_8bit`: one byte a weight [N, K] (int8, or float8 E4M3) with per-row scales and optional uint8
-  per-row zero points (the ``int`` format at 8 bits per channel, and ``fp8``).
+  per-row zero points (the ``int`` format at 8 bits per channel, and ``fp8``); a tensor-core kernel too.
 
 Each program of the one-token kernels owns ``BLOCK_N`` output rows of one token and streams their weights in
 tiles of ``BLOCK_K`` bytes a row. The 4-bit tile is shaped [rows, groups, bytes of a group], so each group's scale
@@ -28,7 +28,9 @@ The one-token kernels' time grows with the tokens (each program dequantizes for 
 multiplies it by all the tokens on the tensor cores, the weights as the left operand (wgmma reads it from
 registers on Hopper). Same benchmark, 8 / 16 tokens, up projection: 31.8 / 35.3 us, against 121.9 / 239.3 us for
 the one-token kernel and 41.9 / 42.3 us for cuBLAS on bf16; 49.0 / 66.8 us for this kernel's previous version,
-which had the tokens as the left operand. The 8-bit op has no such kernel yet.
+which had the tokens as the left operand. The 8-bit op has one too, from 3 tokens (5 on small layers), up to
+MAX_TOKENS: 8 tokens, up projection, 30.0 us (int8) / 29.3 us (fp8) against 121.0 / 84.7 us for its one-token
+kernel.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ except ImportError:  # CPU-only installs
 
 #: Calls with up to this many tokens take the kernels; more (prefill) dequantize once and use a dense matmul.
 #: 4-bit calls with 16-bit activations take them up to DOT_BLOCK_M tokens (the tensor-core kernel's tile; H100,
-#: 16 tokens, Llama-3-8B shapes: 1.1-2.6x faster than dequantizing for cuBLAS).
+#: 16 tokens, Llama-3-8B shapes: 1.8-3.6x faster than dequantizing for cuBLAS).
 MAX_TOKENS = 8
 #: 4-bit calls with at least this many tokens (and 16-bit activations) take the tensor-core kernel, which
 #: dequantizes each weight once for all the tokens; fewer take the one-token kernel. Its fixed costs (a zeroed
@@ -53,16 +55,21 @@ MAX_TOKENS = 8
 #: (H100, 2-4 tokens, us one-token / tensor-core: k/v 1024x4096 4.8 / 7.0, 5.7 / 6.9, 6.7 / 7.0; o 4096x4096
 #: 10.8 / 10.2, 15.4 / 10.3, 19.6 / 10.2; up 14336x4096 33.1 / 30.8 at 2 tokens).
 DOT_MIN_TOKENS = 2
+#: The 8-bit op's one-token kernel holds out longer (H100, 2 tokens, us one-token / tensor-core: int8 o 10.7 /
+#: 10.7, up 35.2 / 28.8; fp8 o 7.2 / 10.3, up 28.2 / 28.4; 3 tokens: int8 15.4 / 10.6, 50.2 / 28.8; fp8 10.8 /
+#: 10.3, 36.5 / 28.7).
+DOT_MIN_TOKENS_8BIT = 3
 SMALL_DOT_MIN_TOKENS = 5
 SMALL_LAYER = 2**23  # weights (N * K) below which a layer is small
 DOT_BLOCK_M = 16  # the tensor-core tile's rows, the most tokens it takes
 DOT_DTYPES = (torch.bfloat16, torch.float16)  # activations the tensor-core kernel takes
 
 
-def takes_dot(tokens: int, weights: int, dtype: torch.dtype) -> bool:
-    """Whether a 4-bit call with ``tokens`` rows of ``dtype`` activations, on a layer of ``weights`` weights
-    (N * K), runs the tensor-core kernel rather than the one-token kernel."""
-    first = DOT_MIN_TOKENS if weights >= SMALL_LAYER else SMALL_DOT_MIN_TOKENS
+def takes_dot(tokens: int, weights: int, dtype: torch.dtype, min_tokens: int = DOT_MIN_TOKENS) -> bool:
+    """Whether a call with ``tokens`` rows of ``dtype`` activations, on a layer of ``weights`` weights (N * K),
+    runs the op's tensor-core kernel rather than its one-token kernel (``min_tokens``: the op's threshold on
+    layers that are not small, DOT_MIN_TOKENS for 4 bits, DOT_MIN_TOKENS_8BIT for 8)."""
+    first = min_tokens if weights >= SMALL_LAYER else SMALL_DOT_MIN_TOKENS
     return first <= tokens <= DOT_BLOCK_M and dtype in DOT_DTYPES
 
 
@@ -121,7 +128,6 @@ if triton is not None:
     }"""
     BF16_PTX = tl.constexpr(HALVES_PTX.replace("MAGIC2", "0x43004300"))
     FP16_PTX = tl.constexpr(HALVES_PTX.replace("MAGIC2", "0x64006400"))
-
     @triton.jit
     def _unit_floats(packed, PTX: tl.constexpr):
         """uint8 bytes -> (1 + low nibble / 16, 1 + high nibble / 16) in float32."""
@@ -281,6 +287,38 @@ if triton is not None:
         tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=nmask[:, None] & mmask[None, :], sem="relaxed")
 
 
+    @triton.autotune(configs=_dot_configs(), key=["N", "K"], do_bench=_bench_graphed, reset_to_zero=["y_ptr"])
+    @triton.jit(do_not_specialize=["SPLIT_K"])
+    def _dot_8bit_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, SPLIT_K):
+        # As _dot_int4_kernel, for _gemv_8bit_kernel's KINDs: codes minus zero points (|v| <= 255) and E4M3 values
+        # are exact in 16 bits; the row scales apply once, at the end.
+        BLOCK_K: tl.constexpr = 128
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < N
+        m = tl.arange(0, BLOCK_M)
+        mmask = m < M
+        k = tl.arange(0, BLOCK_K)
+        if KIND == 1:
+            offset = tl.load(z_ptr + n, mask=nmask, other=0).to(tl.float32) + TWO_23
+        else:
+            offset = tl.zeros((BLOCK_N,), dtype=tl.float32) + (TWO_23 + 128.0)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT_K * BLOCK_K):
+            kk = k0 + k
+            kmask = kk < K
+            w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+            x = tl.load(x_ptr + m[None, :] * K + kk[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
+            if KIND == 2:
+                wf = w.to(tl.float8e4nv, bitcast=True).to(x.dtype)
+            elif KIND == 1:
+                wf = ((w.to(tl.int32) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]).to(x.dtype)
+            else:
+                wf = (((w.to(tl.int32) + 128) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]).to(x.dtype)
+            acc = tl.dot(wf, x, acc)
+        acc *= tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)[:, None]
+        tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=nmask[:, None] & mmask[None, :], sem="relaxed")
+
 def _ptx(x: torch.Tensor) -> bool:
     """Whether the 4-bit kernels may use inline PTX for ``x``: on NVIDIA GPUs, not in Triton's interpreter."""
     return x.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") != "1"
@@ -337,10 +375,15 @@ def gemv_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     ``scales`` holds N per-row scales (any shape with N elements); ``zeros`` N uint8 zero points or None:
     w[n, k] = (weight[n, k] - zero[n]) * scale[n].
     """
-    M, K = x.shape
-    N = weight.shape[0]
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
+    x = x.contiguous()
+    takes = takes_dot(x.shape[0], weight.shape[0] * x.shape[1], x.dtype, DOT_MIN_TOKENS_8BIT)
+    path = dot_8bit if takes else one_token_8bit
+    return path(x, *kernel_args_8bit(weight, scales, zeros))
+
+
+def kernel_args_8bit(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple:
+    """:func:`gemv_8bit`'s weight arguments as its kernels take them: (the weight's bytes, flat scales, flat zero
+    points or None, kind: 0 int8, 1 uint8 with zero points, 2 float8 E4M3)."""
     if weight.dtype == torch.float8_e4m3fn:
         kind, weight = 2, weight.view(torch.uint8)
     elif weight.dtype == torch.uint8:
@@ -351,9 +394,31 @@ def gemv_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
         kind = 0
     else:
         raise ValueError(f"gemv_8bit: weights of dtype {weight.dtype} are not 8-bit codes")
-    _gemv_8bit_kernel[grid](x.contiguous(), weight, scales.reshape(-1), zeros.reshape(-1) if zeros is not None
-                            else scales, y, M, N, K, KIND=kind)
+    return weight, scales.reshape(-1), zeros.reshape(-1) if zeros is not None else None, kind
+
+
+def one_token_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                   kind: int) -> torch.Tensor:
+    """:func:`gemv_8bit` by the one-token kernel, whatever the tokens (``x`` contiguous; ``weight`` as bytes of
+    ``kind`` 0 int8, 1 uint8 with ``zeros``, 2 float8 E4M3; ``scales`` and ``zeros`` flat; for benchmarks)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
+    _gemv_8bit_kernel[grid](x, weight, scales, zeros if zeros is not None else scales, y, M, N, K, KIND=kind)
     return y
+
+
+def dot_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+             kind: int) -> torch.Tensor:
+    """:func:`gemv_8bit` by the tensor-core kernel (arguments as :func:`one_token_8bit`; ``x`` 16-bit, at most
+    DOT_BLOCK_M tokens)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y32 = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    _dot_8bit_kernel[_dot_grid(N)](x, weight, scales, zeros if zeros is not None else scales, y32, M, N, K,
+                                   KIND=kind, BLOCK_M=DOT_BLOCK_M)
+    return y32.to(x.dtype)
 
 
 @gemv_8bit.register_fake
