@@ -20,8 +20,8 @@ decode steps run).
 
 Measured on an H100 (``python -m compress.eval.kernel_bench``, weights replayed from L2 as the autotuner times
 them; 2026-11-26): one token, Llama-3-8B's MLP (up / down projection): the 4-bit kernel 18.0 / 18.9 us (52-54% of
-the copy bandwidth; 19.8 / 20.7 before its codes were made floats in PTX), cuBLAS on bf16 41.8 / 44.6 us. The
-8-bit kernel read int8 and fp8 weights at 82-87% of the copy bandwidth (an earlier run).
+the copy bandwidth; 19.8 / 20.7 before its codes were made floats in PTX), cuBLAS on bf16 41.8 / 44.6 us; the
+8-bit kernel 23.3 / 22.6 us for int8 / fp8 on the up projection (84 / 87%).
 
 The one-token kernels' time grows with the tokens (each program dequantizes for its own token). From 2 tokens
 (5 on layers under 2**23 weights) the 4-bit op runs a kernel that turns each weight tile into 16 bits once and
@@ -97,7 +97,7 @@ if triton is not None:
 
     # Integer codes become floats by the exponent trick: the bits 0x4B000000 | c read as a float are 2**23 + c
     # for 0 <= c < 2**23, and subtracting 2**23 + zero is exact: two full-rate instructions instead of an
-    # int-to-float conversion, which runs at a quarter of the rate (the 8-bit kernel).
+    # int-to-float conversion, which runs at a quarter of the rate (the 8-bit kernels).
     MAGIC = tl.constexpr(0x4B000000)
     TWO_23 = tl.constexpr(8388608.0)
     ONE = tl.constexpr(0x3F800000)  # 1.0f
@@ -107,7 +107,8 @@ if triton is not None:
     # cannot run (Triton's interpreter, AMD GPUs) the same floats come from Triton's integer ops.
     # One-token kernel: code c -> 1 + c/16, c in the top four mantissa bits of 1.0f, by a shift and one lop3
     # ((a & b) | c, immediate 0xEA) a code, against 3-4 instructions for extracting the byte and the exponent trick
-    # (H100/H200, one token, Llama-3-8B shapes, cold L2: 5-18% faster).
+    # (one token, Llama-3-8B shapes: 5-18% faster on an H200 with a cold L2; on an H100 with weights in L2, 9-10%
+    # on o, up and down, level on k/v).
     UNIT_PTX = tl.constexpr("""{
     .reg .b32 t<8>;
     shl.b32 t0, $8, 19; shl.b32 t1, $8, 15; shl.b32 t2, $8, 11; shl.b32 t3, $8, 7;
@@ -128,6 +129,7 @@ if triton is not None:
     }"""
     BF16_PTX = tl.constexpr(HALVES_PTX.replace("MAGIC2", "0x43004300"))
     FP16_PTX = tl.constexpr(HALVES_PTX.replace("MAGIC2", "0x64006400"))
+
     @triton.jit
     def _unit_floats(packed, PTX: tl.constexpr):
         """uint8 bytes -> (1 + low nibble / 16, 1 + high nibble / 16) in float32."""
