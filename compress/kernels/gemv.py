@@ -288,7 +288,6 @@ if triton is not None:
             acc += part * s[:, None]
         tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=nmask[:, None] & mmask[None, :], sem="relaxed")
 
-
     @triton.autotune(configs=_dot_configs(), key=["N", "K"], do_bench=_bench_graphed, reset_to_zero=["y_ptr"])
     @triton.jit(do_not_specialize=["SPLIT_K"])
     def _dot_8bit_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -321,9 +320,34 @@ if triton is not None:
         acc *= tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)[:, None]
         tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=nmask[:, None] & mmask[None, :], sem="relaxed")
 
+
 def _ptx(x: torch.Tensor) -> bool:
     """Whether the 4-bit kernels may use inline PTX for ``x``: on NVIDIA GPUs, not in Triton's interpreter."""
     return x.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
+def _one_token(kernel, x: torch.Tensor, x_arg: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor | None, *extra, **meta) -> torch.Tensor:
+    """Runs a one-token ``kernel`` (a program for each BLOCK_N rows and token) on ``x`` [M, K], passed as
+    ``x_arg``: [M, N] in ``x``'s dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    grid = lambda tile: (triton.cdiv(N, tile["BLOCK_N"]) * M,)  # noqa: E731
+    kernel[grid](x_arg, weight, scales, zeros if zeros is not None else scales, y, M, N, K, *extra, **meta)
+    return y
+
+
+def _tensor_cores(kernel, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  *extra, **meta) -> torch.Tensor:
+    """Runs a tensor-core ``kernel`` (its split-K programs add into a zeroed float32 output) on ``x`` [M, K]:
+    [M, N] in ``x``'s dtype."""
+    M, K = x.shape
+    N = weight.shape[0]
+    y32 = torch.zeros(M, N, device=x.device, dtype=torch.float32)
+    kernel[_dot_grid(N)](x, weight, scales, zeros if zeros is not None else scales, y32, M, N, K, *extra,
+                         BLOCK_M=DOT_BLOCK_M, **meta)
+    return y32.to(x.dtype)
 
 
 @torch.library.custom_op("compress::gemv_int4", mutates_args=())
@@ -342,27 +366,17 @@ def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
 def one_token_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                    group_size: int, zero_const: float) -> torch.Tensor:
     """:func:`gemv_int4` by the one-token kernel, whatever the tokens (``x`` contiguous; for benchmarks)."""
-    M, K = x.shape
-    N = qweight.shape[0]
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
     words = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 0)
-    _gemv_int4_kernel[grid](x.view(torch.int32) if words else x, qweight, scales,
-                            zeros if zeros is not None else scales, y, M, N, K, scales.shape[1], zero_const,
-                            GROUP=group_size, HAS_ZERO=zeros is not None, X_WORDS=words, PTX=_ptx(x))
-    return y
+    return _one_token(_gemv_int4_kernel, x, x.view(torch.int32) if words else x, qweight, scales, zeros,
+                      scales.shape[1], zero_const, GROUP=group_size, HAS_ZERO=zeros is not None, X_WORDS=words,
+                      PTX=_ptx(x))
 
 
 def dot_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              group_size: int, zero_const: float) -> torch.Tensor:
     """:func:`gemv_int4` by the tensor-core kernel (``x`` contiguous, 16-bit, at most DOT_BLOCK_M tokens)."""
-    M, K = x.shape
-    N = qweight.shape[0]
-    y32 = torch.zeros(M, N, device=x.device, dtype=torch.float32)
-    _dot_int4_kernel[_dot_grid(N)](x, qweight, scales, zeros if zeros is not None else scales, y32, M, N, K,
-                                   scales.shape[1], zero_const, GROUP=group_size, HAS_ZERO=zeros is not None,
-                                   PTX=_ptx(x), BLOCK_M=DOT_BLOCK_M)
-    return y32.to(x.dtype)
+    return _tensor_cores(_dot_int4_kernel, x, qweight, scales, zeros, scales.shape[1], zero_const,
+                         GROUP=group_size, HAS_ZERO=zeros is not None, PTX=_ptx(x))
 
 
 @gemv_int4.register_fake
@@ -403,24 +417,14 @@ def one_token_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
                    kind: int) -> torch.Tensor:
     """:func:`gemv_8bit` by the one-token kernel, whatever the tokens (``x`` contiguous; ``weight`` as bytes of
     ``kind`` 0 int8, 1 uint8 with ``zeros``, 2 float8 E4M3; ``scales`` and ``zeros`` flat; for benchmarks)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
-    _gemv_8bit_kernel[grid](x, weight, scales, zeros if zeros is not None else scales, y, M, N, K, KIND=kind)
-    return y
+    return _one_token(_gemv_8bit_kernel, x, x, weight, scales, zeros, KIND=kind)
 
 
 def dot_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              kind: int) -> torch.Tensor:
     """:func:`gemv_8bit` by the tensor-core kernel (arguments as :func:`one_token_8bit`; ``x`` 16-bit, at most
     DOT_BLOCK_M tokens)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    y32 = torch.zeros(M, N, device=x.device, dtype=torch.float32)
-    _dot_8bit_kernel[_dot_grid(N)](x, weight, scales, zeros if zeros is not None else scales, y32, M, N, K,
-                                   KIND=kind, BLOCK_M=DOT_BLOCK_M)
-    return y32.to(x.dtype)
+    return _tensor_cores(_dot_8bit_kernel, x, weight, scales, zeros, KIND=kind)
 
 
 @gemv_8bit.register_fake
