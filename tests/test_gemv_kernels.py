@@ -31,6 +31,8 @@ def run(kernel, config, fn):
 def rel(y, ref):
     return float((y.float() - ref).norm() / ref.norm())
 
+DOT_TILES = ({"BLOCK_N": 64, "SPLIT_K": 1}, {"BLOCK_N": 128, "SPLIT_K": 3})  # both tensor-core kernels' tiles
+
 worst = 0.0
 gen = torch.Generator().manual_seed(0)
 for out_f, in_f, bits, sym, group in [(40, 256, 4, True, 128), (24, 384, 4, False, 64), (8, 1024, 4, True, 512),
@@ -43,7 +45,7 @@ for out_f, in_f, bits, sym, group in [(40, 256, 4, True, 128), (24, 384, 4, Fals
                 # x read as words of two bfloat16 or float16, or float32 in two loads
                 (torch.bfloat16, torch.float16, torch.float32)),
                # in float16 only: the interpreter's tl.dot multiplies bfloat16's bits as integers
-               (gemv.dot_int4, gemv._dot_int4_kernel, ({"BLOCK_N": 64, "SPLIT_K": 1}, {"BLOCK_N": 128, "SPLIT_K": 3}),
+               (gemv.dot_int4, gemv._dot_int4_kernel, DOT_TILES,
                 (torch.float16,))]
     for tokens in (1, 2, 7):
         for path, kernel, configs, dtypes in kernels:
@@ -67,7 +69,7 @@ for out_f, in_f, kind in [(40, 256, "int8"), (24, 1000, "uint8"), (9, 300, "fp8"
     args = gemv.kernel_args_8bit(codes, scales, zeros)
     kernels = [(gemv.one_token_8bit, gemv._gemv_8bit_kernel, ({"BLOCK_N": 2, "BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 1024}),
                 torch.bfloat16),
-               (gemv.dot_8bit, gemv._dot_8bit_kernel, ({"BLOCK_N": 64, "SPLIT_K": 1}, {"BLOCK_N": 128, "SPLIT_K": 3}),
+               (gemv.dot_8bit, gemv._dot_8bit_kernel, DOT_TILES,
                 torch.float16)]
     for tokens in (1, 5):
         for path, kernel, configs, dtype in kernels:

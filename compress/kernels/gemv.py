@@ -210,6 +210,28 @@ if triton is not None:
         y = tl.sum(acc, axis=1)
         tl.store(y_ptr + m * N + n, y.to(y_ptr.dtype.element_ty), mask=nmask)
 
+    @triton.jit
+    def _byte_offsets(z_ptr, n, nmask, KIND: tl.constexpr):
+        """The 8-bit kernels' per-row 2**23 + zero point (KIND 1: loaded; int8 codes: 128, the +128 of
+        :func:`_byte_values`)."""
+        if KIND == 1:
+            offset = tl.load(z_ptr + n, mask=nmask, other=0).to(tl.float32) + TWO_23
+        else:
+            offset = tl.zeros(n.shape, dtype=tl.float32) + (TWO_23 + 128.0)
+        return offset
+
+    @triton.jit
+    def _byte_values(w, offset, KIND: tl.constexpr, like):
+        """8-bit weights [rows, k] as values in ``like``'s dtype: E4M3 bytes (KIND 2) decoded, integer codes
+        (KIND 0 int8, 1 uint8) minus their zero points by the exponent trick, ``offset`` from :func:`_byte_offsets`."""
+        if KIND == 2:  # float8 E4M3, loaded as its bytes
+            wf = w.to(tl.float8e4nv, bitcast=True).to(like.dtype)
+        elif KIND == 1:
+            wf = ((w.to(tl.int32) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]).to(like.dtype)
+        else:
+            wf = (((w.to(tl.int32) + 128) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]).to(like.dtype)
+        return wf
+
     @triton.autotune(configs=_configs((256, 512, 1024)), key=["M", "N", "K"], do_bench=_bench_graphed)
     @triton.jit
     def _gemv_8bit_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KIND: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -220,21 +242,13 @@ if triton is not None:
         nmask = n < N
         k = tl.arange(0, BLOCK_K)
         s = tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)
-        if KIND == 1:
-            offset = tl.load(z_ptr + n, mask=nmask, other=0).to(tl.float32) + TWO_23
-        else:
-            offset = tl.zeros((BLOCK_N,), dtype=tl.float32) + (TWO_23 + 128.0)
+        offset = _byte_offsets(z_ptr, n, nmask, KIND)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + k
             kmask = kk < K
             w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
-            if KIND == 2:  # float8 E4M3, loaded as its bytes
-                wf = w.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            elif KIND == 1:
-                wf = (w.to(tl.int32) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]
-            else:
-                wf = ((w.to(tl.int32) + 128) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]
+            wf = _byte_values(w, offset, KIND, offset)
             x = tl.load(x_ptr + m * K + kk, mask=kmask, other=0.0).to(tl.float32)
             acc += wf * x[None, :]
         y = tl.sum(acc, axis=1)
@@ -300,22 +314,14 @@ if triton is not None:
         m = tl.arange(0, BLOCK_M)
         mmask = m < M
         k = tl.arange(0, BLOCK_K)
-        if KIND == 1:
-            offset = tl.load(z_ptr + n, mask=nmask, other=0).to(tl.float32) + TWO_23
-        else:
-            offset = tl.zeros((BLOCK_N,), dtype=tl.float32) + (TWO_23 + 128.0)
+        offset = _byte_offsets(z_ptr, n, nmask, KIND)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT_K * BLOCK_K):
             kk = k0 + k
             kmask = kk < K
             w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
             x = tl.load(x_ptr + m[None, :] * K + kk[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
-            if KIND == 2:
-                wf = w.to(tl.float8e4nv, bitcast=True).to(x.dtype)
-            elif KIND == 1:
-                wf = ((w.to(tl.int32) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]).to(x.dtype)
-            else:
-                wf = (((w.to(tl.int32) + 128) | MAGIC).to(tl.float32, bitcast=True) - offset[:, None]).to(x.dtype)
+            wf = _byte_values(w, offset, KIND, x)
             acc = tl.dot(wf, x, acc)
         acc *= tl.load(s_ptr + n, mask=nmask, other=0.0).to(tl.float32)[:, None]
         tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=nmask[:, None] & mmask[None, :], sem="relaxed")
