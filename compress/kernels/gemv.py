@@ -14,12 +14,14 @@ Each program of the one-token kernels owns ``BLOCK_N`` output rows of one token 
 tiles of ``BLOCK_K`` bytes a row. The 4-bit tile is shaped [rows, groups, bytes of a group], so each group's scale
 and zero point are loaded once and broadcast, and the tile's activations are read as 32-bit words of two 16-bit
 values, the tile's own shape. The programs of one row block for different tokens are launched next to each
-other, so the other tokens can read the weight from L2. Every kernel loads the weights with L1's evict-first
-hint: they are read once, and the hint leaves L1 to the activations, which each row tile reads again (H100,
+other, so the other tokens can read the weight from L2. They load the weights with L1's evict-first hint: the
+weights are read once, and the hint leaves L1 to the activations, which each row tile reads again (H100,
 Llama-3-8B decode step, old and new code in one call: int4 with its head 256.7 -> 264.7 tok/s, int8 218.4 ->
 227.9; bypassing L1 (``.cg``) instead gained nothing, and an evict-last hint on the activations cost instructions
-and gained nothing). All kernels are torch custom ops, so torch.compile and CUDA graphs take them whole; tile
-sizes are autotuned per shape on first use, timed as CUDA-graph replays (as decode steps run).
+and gained nothing; the tensor-core kernels below, whose activations go through shared memory, gained nothing
+from it either: 8 tokens a step, 1303.0 -> 1305.1 tok/s int4, 1361.6 -> 1341.8 int8, and do without). All
+kernels are torch custom ops, so torch.compile and CUDA graphs take them whole; tile sizes are autotuned per shape
+on first use, timed as CUDA-graph replays (as decode steps run).
 
 Measured on an H100 (``python -m compress.eval.kernel_bench``, weights replayed from L2 as the autotuner times
 them; 2026-11-26): one token, Llama-3-8B's MLP (up / down projection): the 4-bit kernel 18.0 / 18.9 us (52-54% of
@@ -296,8 +298,7 @@ if triton is not None:
             part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for c in tl.static_range(0, GB, CB):  # large groups in chunks of CB bytes a row
                 b = g * GB + c + j
-                packed = tl.load(q_ptr + n[:, None] * KB + b[None, :], mask=nmask[:, None], other=0,
-                                 eviction_policy="evict_first")
+                packed = tl.load(q_ptr + n[:, None] * KB + b[None, :], mask=nmask[:, None], other=0)
                 xe = tl.load(x_ptr + m[None, :] * K + 2 * b[:, None], mask=mmask[None, :], other=0.0)
                 xo = tl.load(x_ptr + m[None, :] * K + 2 * b[:, None] + 1, mask=mmask[None, :], other=0.0)
                 lo, hi = _based_halves(packed, IS_BF16, PTX)
@@ -324,8 +325,7 @@ if triton is not None:
         for k0 in range(tl.program_id(1) * BLOCK_K, K, SPLIT_K * BLOCK_K):
             kk = k0 + k
             kmask = kk < K
-            w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0,
-                        eviction_policy="evict_first")
+            w = tl.load(w_ptr + n[:, None] * K + kk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
             x = tl.load(x_ptr + m[None, :] * K + kk[:, None], mask=kmask[:, None] & mmask[None, :], other=0.0)
             wf = _byte_values(w, offset, KIND, x)
             acc = tl.dot(wf, x, acc)
