@@ -14,9 +14,9 @@ Each program of the one-token kernels owns ``BLOCK_N`` output rows of one token 
 tiles of ``BLOCK_K`` bytes a row. The 4-bit tile is shaped [rows, groups, bytes of a group], so each group's scale
 and zero point are loaded once and broadcast, and the tile's activations are read as 32-bit words of two 16-bit
 values, the tile's own shape. The programs of one row block for different tokens are launched next to each
-other, so the other tokens can read the weight from L2. They load the weights with L1's evict-first hint: the
-weights are read once, and the hint leaves L1 to the activations, which each row tile reads again (H100,
-Llama-3-8B decode step, old and new code in one call: int4 with its head 256.7 -> 264.7 tok/s, int8 218.4 ->
+other, so the other tokens can read the weight from L2. The one-token kernels load the weights with L1's
+evict-first hint: the weights are read once, and the hint leaves L1 to the activations, which each row tile
+reads again (H100, Llama-3-8B decode step, old and new code in one call: int4 with its head 256.7 -> 264.7 tok/s, int8 218.4 ->
 227.9; bypassing L1 (``.cg``) instead gained nothing, and an evict-last hint on the activations cost instructions
 and gained nothing; the tensor-core kernels below, whose activations go through shared memory, gained nothing
 from it either: 8 tokens a step, 1303.0 -> 1305.1 tok/s int4, 1361.6 -> 1341.8 int8, and do without). All
