@@ -16,8 +16,8 @@ and zero point are loaded once and broadcast, and the tile's activations are rea
 values, the tile's own shape. The programs of one row block for different tokens are launched next to each
 other, so the other tokens can read the weight from L2. The one-token kernels load the weights with L1's
 evict-first hint: the weights are read once, and the hint leaves L1 to the activations, which each row tile
-reads again (H100, Llama-3-8B decode step, old and new code in one call: int4 with its head 256.7 -> 264.7 tok/s, int8 218.4 ->
-227.9; bypassing L1 (``.cg``) instead gained nothing, and an evict-last hint on the activations cost instructions
+reads again (H100, Llama-3-8B decode step, old and new code in one call: int4 with its head 256.7 -> 264.7
+tok/s, int8 218.4 -> 227.9; bypassing L1 (``.cg``) instead gained nothing, and an evict-last hint on the activations cost instructions
 and gained nothing; the tensor-core kernels below, whose activations go through shared memory, gained nothing
 from it either: 8 tokens a step, 1303.0 -> 1305.1 tok/s int4, 1361.6 -> 1341.8 int8, and do without). All
 kernels are torch custom ops, so torch.compile and CUDA graphs take them whole; tile sizes are autotuned per shape
