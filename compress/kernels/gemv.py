@@ -10,18 +10,18 @@ matrix, so its time is the time to read the weights. Two ops:
 * :func:`gemv_8bit`: one byte a weight [N, K] (int8, or float8 E4M3) with per-row scales and optional uint8
   per-row zero points (the ``int`` format at 8 bits per channel, and ``fp8``); a tensor-core kernel too.
 
-Each program of the one-token kernels owns ``BLOCK_N`` output rows of one token and streams their weights in
-tiles of ``BLOCK_K`` bytes a row. The 4-bit tile is shaped [rows, groups, bytes of a group], so each group's scale
-and zero point are loaded once and broadcast, and the tile's activations are read as 32-bit words of two 16-bit
-values, the tile's own shape. The programs of one row block for different tokens are launched next to each
-other, so the other tokens can read the weight from L2. The one-token kernels load the weights with L1's
-evict-first hint: the weights are read once, and the hint leaves L1 to the activations, which each row tile
-reads again (H100, Llama-3-8B decode step, old and new code in one call: int4 with its head 256.7 -> 264.7
-tok/s, int8 218.4 -> 227.9; bypassing L1 (``.cg``) instead gained nothing, and an evict-last hint on the activations cost instructions
-and gained nothing; the tensor-core kernels below, whose activations go through shared memory, gained nothing
-from it either: 8 tokens a step, 1303.0 -> 1305.1 tok/s int4, 1361.6 -> 1341.8 int8, and do without). All
-kernels are torch custom ops, so torch.compile and CUDA graphs take them whole; tile sizes are autotuned per shape
-on first use, timed as CUDA-graph replays (as decode steps run).
+Each program of the one-token kernels owns ``BLOCK_N`` output rows of one token and streams their weights in tiles
+of ``BLOCK_K`` bytes a row. The 4-bit tile is shaped [rows, groups, bytes of a group], so each group's scale and
+zero point are loaded once and broadcast, and the tile's activations are read as 32-bit words of two 16-bit values,
+the tile's own shape. The programs of one row block for different tokens are launched next to each other, so the
+other tokens can read the weight from L2. The one-token kernels load the weights with L1's evict-first hint: the
+weights are read once, and the hint leaves L1 to the activations, which each row tile reads again (H100, Llama-3-8B
+decode step, old and new code in one call: int4 with its head 256.7 -> 264.7 tok/s, int8 218.4 -> 227.9; bypassing
+L1 (``.cg``) instead gained nothing, and an evict-last hint on the activations cost instructions and gained nothing;
+the tensor-core kernels below, whose activations go through shared memory, gained nothing from it either: 8 tokens a
+step, 1303.0 -> 1305.1 tok/s int4, 1361.6 -> 1341.8 int8, and do without). All kernels are torch custom ops, so
+torch.compile and CUDA graphs take them whole; tile sizes are autotuned per shape on first use, timed as CUDA-graph
+replays (as decode steps run).
 
 Measured on an H100 (``python -m compress.eval.kernel_bench``, weights replayed from L2 as the autotuner times
 them; 2026-11-26): one token, Llama-3-8B's MLP (up / down projection): the 4-bit kernel 18.0 / 18.9 us (52-54% of
