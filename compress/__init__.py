@@ -15,6 +15,7 @@ from compress.calibration.data import CalibrationSet
 from compress.checkpoint import load, save
 from compress.errors import CompressError, RecipeError
 from compress.formats import CompressedLinear, register_format
+from compress.fusion import fuse_projections, unfuse_projections
 from compress.hf import register as _register_with_transformers
 from compress.methods import Method, MethodConfig, Needs
 from compress.registry import registry
@@ -25,5 +26,5 @@ _register_with_transformers()
 
 __all__ = [
     "CalibrationSet", "CompressError", "CompressedLinear", "Method", "MethodConfig", "Needs", "RecipeError",
-    "apply", "load", "register_format", "registry", "save",
+    "apply", "fuse_projections", "load", "register_format", "registry", "save", "unfuse_projections",
 ]

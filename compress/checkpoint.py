@@ -25,6 +25,7 @@ import yaml
 
 from compress.errors import CheckpointError, PluginError, UsageError
 from compress.formats import CompressedLinear, format_class
+from compress.fusion import is_fused
 from compress.hf import QUANT_METHOD, CompressQuantizationConfig
 from compress.linear import linear_shape
 from compress.model import DTYPES, resolve_device
@@ -108,6 +109,9 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict]
     ``steps`` and ``recipe`` default to what :func:`compress.apply` recorded on the model.
     """
     target = Path(output).expanduser().resolve()
+    if is_fused(model):
+        raise UsageError(f"cannot save to {target}: the model's projections are fused for inference "
+                         "(compress.fuse_projections); call compress.unfuse_projections(model) first")
     if target.exists() and not overwrite:
         raise UsageError(f"output {target} already exists; pass --overwrite (overwrite=True) to replace it, "
                          "or choose another output")

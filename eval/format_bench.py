@@ -12,7 +12,8 @@ ANCHORS.md), prefill tok/s at batch
 weights read per token over the device-to-device copy bandwidth measured in the same run). Formats:
 ``int4`` = RTN 4-bit group 128 symmetric, ``int8`` = absmax int8 per channel, ``fp8`` = FP8 W8A8 dynamic
 (each with ``-lm-head``: the output head too, as torchao's ``quantize_`` does by default), ``fp8-wo`` = FP8
-weight-only, ``nf4`` / ``llm.int8`` = bitsandbytes ``Linear4bit`` / ``Linear8bitLt``.
+weight-only, ``nf4`` / ``llm.int8`` = bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; bf16 or a compress format
+with ``+fused`` (``int4+fused``) has its q/k/v and gate/up layers fused (``compress.fuse_projections``).
 """
 
 from __future__ import annotations
@@ -132,8 +133,13 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
     for fmt in args.formats.split(","):
-        model = build(args.shape, fmt)
+        name, _, fusion = fmt.partition("+")
+        model = build(args.shape, name)
         row = {"format": fmt, "bytes_per_token": bytes_read_per_token(model), "decode": {}}
+        if fusion:
+            if fusion != "fused" or name not in (*STEPS, "bf16"):
+                raise SystemExit(f"unknown format {fmt!r}: only bf16 and compress formats take '+fused'")
+            compress.fuse_projections(model)  # after counting the bytes: the fused layers' views share them
         for config in args.decode_configs.split(","):
             if fmt in ("nf4", "llm.int8"):  # eager only, as in ANCHORS.md
                 config = "dynamic"

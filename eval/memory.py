@@ -38,16 +38,22 @@ def _hub_snapshot(ref: str) -> Path | None:
 
 
 def tensor_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
-    """Bytes of the parameters and buffers in memory, by dtype; tensors shared by several modules (tied
-    embeddings) are counted once."""
-    seen: set[tuple[int, int]] = set()
-    by_dtype: dict[str, int] = defaultdict(int)
+    """Bytes of the parameters and buffers in memory, by dtype; bytes that several tensors view (tied embeddings;
+    fused projections, whose members' buffers are views of the fused layer's) are counted once."""
+    spans: dict[int, list[tuple[int, int, str]]] = defaultdict(list)  # storage -> (start, end, dtype) in bytes
     for tensor in [*model.parameters(), *model.buffers()]:
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if tensor.device.type == "meta" or key in seen:
+        if tensor.device.type == "meta":
             continue
-        seen.add(key)
-        by_dtype[str(tensor.dtype).removeprefix("torch.")] += tensor.numel() * tensor.element_size()
+        start = tensor.storage_offset() * tensor.element_size()
+        spans[tensor.untyped_storage().data_ptr()].append(
+            (start, start + tensor.numel() * tensor.element_size(), str(tensor.dtype).removeprefix("torch.")))
+    by_dtype: dict[str, int] = defaultdict(int)
+    for ranges in spans.values():
+        covered = 0  # bytes of this storage counted so far, from its start
+        for start, end, dtype in sorted(ranges):
+            if end > max(start, covered):
+                by_dtype[dtype] += end - max(start, covered)
+                covered = end
     return dict(sorted(by_dtype.items()))
 
 

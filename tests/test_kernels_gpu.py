@@ -99,6 +99,29 @@ def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
     assert rel(out, eager) < (5e-2 if method == "fp8" else 2e-2)
 
 
+@pytest.mark.parametrize("method, args, kernel", [("rtn", {"bits": 4, "group_size": 64}, "gemv_int4"),
+                                                  ("fp8", {"activations": "dynamic"}, "gemv_8bit")])
+def test_fused_projections_decode_compiled_with_fewer_kernels(method, args, kernel, monkeypatch) -> None:
+    """compress.fuse_projections on the GPU: a compiled decode step (CUDA graphs, no graph break) computes what
+    the unfused model does, calling the decode kernel once for q/k/v and once for gate/up."""
+    torch._dynamo.reset()
+    model = make_tiny("llama", dtype=torch.bfloat16).cuda()
+    compress.apply(model, [{"method": method, "args": args}], device="cuda")
+    ids = torch.randint(0, 512, (1, 1), device="cuda")
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        eager = model(ids).logits
+        separate = spy.calls[kernel]
+        assert compress.fuse_projections(model) == 2 * model.config.num_hidden_layers
+        spy.calls[kernel] = 0
+        model(ids)
+        assert spy.calls[kernel] == separate - 3 * model.config.num_hidden_layers  # q/k/v: 3 -> 1, gate/up: 2 -> 1
+        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")  # fullgraph: a break raises
+        for _ in range(3):  # warm-up and CUDA-graph replays
+            out = compiled(ids).logits
+    assert rel(out, eager) < (5e-2 if method == "fp8" else 2e-2)
+
+
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 @pytest.mark.parametrize("weights", ["channel", "tensor"])
 def test_fp8_scaled_mm_matches_emulation(tokens, weights, monkeypatch) -> None:
