@@ -41,7 +41,7 @@ class _Group:
 
 
 class FusedProjection(nn.Module):
-    """Stands in for member ``index`` of a fused group; ``layer`` is the original layer (its buffers are views
+    """Stands in for member ``index`` of a fused group; ``layer`` is the original layer (its tensors are views
     of ``fused``'s, which only the first member holds)."""
 
     def __init__(self, layer: nn.Module, group: _Group, index: int, fused: nn.Module | None):
@@ -79,8 +79,8 @@ def fuse_projections(model: nn.Module) -> int:
     """Fuse ``model``'s linear layers (compressed, or ``nn.Linear``) that read the same input, in place; returns
     the number of groups fused (0 if there are none, or if the model is fused already).
 
-    Call it once the model is on the device it will run on: moving it afterwards copies the fused buffers and
-    the members' views apart.
+    Call it once the model is on the device it will run on: moving it afterwards copies the fused tensors and
+    the members' views apart. For inference: a fused ``nn.Linear``'s gradients would go to the fused weight.
     """
     if is_fused(model):
         return 0
@@ -126,6 +126,10 @@ def _shared_inputs(model: nn.Module, layers: dict[str, nn.Module]) -> list[list[
             first = next(iter(layers.values()))
             device = next(iter([*first.parameters(), *first.buffers()])).device
             model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
+    except Exception as exc:  # noqa: BLE001 -- fusion only speeds a model up: without it the model still runs
+        log.warning("fusion: nothing fused: the model's forward on two tokens of input_ids failed (%s: %s)",
+                    type(exc).__name__, exc)
+        return []
     finally:
         for hook in hooks:
             hook.remove()

@@ -77,3 +77,18 @@ def test_fused_model_compiles_without_graph_breaks() -> None:
     compiled = torch.compile(model, fullgraph=True, backend="eager")  # fullgraph: a graph break raises
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_model_whose_forward_needs_more_is_left_unfused(caplog) -> None:
+    class NeedsMask(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask):
+            return self.q(attention_mask) + self.k(attention_mask)
+
+    model = NeedsMask()
+    assert compress.fuse_projections(model) == 0
+    assert "nothing fused" in caplog.text and "attention_mask" in caplog.text
+    assert isinstance(model.q, torch.nn.Linear)
