@@ -7,11 +7,12 @@ and v under grouped-query attention: 2 MB each in 4 bits at Llama-3-8B) run far 
 kernel over q/k/v's rows and one over gate/up's reads the same bytes in fewer, larger launches.
 
 :func:`fuse_projections` finds the groups by running the model once on two tokens and noting which layers
-receive the very same input tensor; it needs no list of architectures. Layers fuse when they have the same
-class, input width and stored scheme (dtype, for ``nn.Linear``), and every tensor either has one row a output
-(it is stacked) or is the same in all of them (it is shared: a per-tensor scale two layers happen to share, a
-static input scale of layers that read the same input). The members' tensors become row views of the fused
-layer's, so no byte is held twice.
+receive the very same input tensor; it needs no list of architectures. It considers ``nn.Linear`` itself (not
+its subclasses, such as bitsandbytes' layers) and the compressed formats that declare ``rows_stack``. Layers
+fuse when they have the same class, input width and stored scheme (dtype, for ``nn.Linear``), and every tensor
+either has one row an output (it is stacked) or is the same in all of them (it is shared: a per-tensor scale
+two layers happen to share, a static input scale of layers that read the same input). The members' tensors
+become row views of the fused layer's, so no byte is held twice.
 
 At run time the first member (in the order the model calls them) computes the whole group's output and keeps
 it, with its input; each other member returns its slice when it is called with that same tensor, and computes
@@ -84,7 +85,8 @@ def fuse_projections(model: nn.Module) -> int:
     """
     if is_fused(model):
         return 0
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, (CompressedLinear, nn.Linear))}
+    layers = {name: m for name, m in model.named_modules()
+              if type(m) is nn.Linear or isinstance(m, CompressedLinear) and m.rows_stack}  # not nn.Linear's subclasses
     groups = _shared_inputs(model, layers)
     fused = 0
     for names in groups:
@@ -175,12 +177,12 @@ def _unfusable(members: list[nn.Module]) -> str | None:
             if any(u is not None for u in tensors):
                 return f"{key} is set in some layers only"
         elif not _stacked(key, members) and not all(torch.equal(u, t) for u in tensors[1:]):
-            return f"{key} differs and has no row a output"
+            return f"{key} differs and has no row an output"
     return None
 
 
 def _stacked(key: str, members: list[nn.Module]) -> bool:
-    """Whether tensor ``key`` has one row a output in every member (then the fused layer stacks it)."""
+    """Whether tensor ``key`` has one row an output in every member (then the fused layer stacks it)."""
     return all(_tensors(m)[key].dim() > 0 and _tensors(m)[key].shape[0] == m.out_features for m in members)
 
 

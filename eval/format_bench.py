@@ -132,13 +132,15 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
-    for fmt in args.formats.split(","):
-        name, _, fusion = fmt.partition("+")
+    formats = [fmt.partition("+") for fmt in args.formats.split(",")]
+    for name, _, fusion in formats:  # before any model is built
+        if fusion and (fusion != "fused" or name not in (*STEPS, "bf16")):
+            raise SystemExit(f"unknown format {name}+{fusion!r}: only bf16 and compress formats take '+fused'")
+    for name, _, fusion in formats:
+        fmt = f"{name}+{fusion}" if fusion else name
         model = build(args.shape, name)
         row = {"format": fmt, "bytes_per_token": bytes_read_per_token(model), "decode": {}}
         if fusion:
-            if fusion != "fused" or name not in (*STEPS, "bf16"):
-                raise SystemExit(f"unknown format {fmt!r}: only bf16 and compress formats take '+fused'")
             compress.fuse_projections(model)  # after counting the bytes: the fused layers' views share them
         for config in args.decode_configs.split(","):
             if fmt in ("nf4", "llm.int8"):  # eager only, as in ANCHORS.md

@@ -70,16 +70,16 @@ def prepare(spec: EvalSpec, refs: list[str], has_baseline: bool) -> tuple[EvalSp
 
 
 def load_subject(ref: str, device: str, dtype: str) -> Subject:
-    """A Hub id, a model directory or a compress checkpoint, on ``device``, for inference (a checkpoint's
-    layers that read the same input fused: :func:`compress.fuse_projections`)."""
+    """A Hub id, a model directory or a compress checkpoint, on ``device``, for inference, with its layers that
+    read the same input fused (:func:`compress.fuse_projections`: every model of a run alike)."""
     from compress.checkpoint import load
     from compress.fusion import fuse_projections
 
     if is_local_reference(ref):
         module = load(ref, device=device, dtype=None if dtype == "auto" else dtype)
-        fuse_projections(module)
     else:
         module = load_model(ref, dtype).eval().to(device)
+    fuse_projections(module)
     return Subject(module, ref, label_of(ref))
 
 

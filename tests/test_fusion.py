@@ -92,3 +92,25 @@ def test_model_whose_forward_needs_more_is_left_unfused(caplog) -> None:
     assert compress.fuse_projections(model) == 0
     assert "nothing fused" in caplog.text and "attention_mask" in caplog.text
     assert isinstance(model.q, torch.nn.Linear)
+
+
+def test_only_layers_that_stack_by_rows_are_fused(monkeypatch) -> None:
+    """nn.Linear's subclasses (bitsandbytes' layers hold packed weights) and compressed formats that do not
+    declare rows_stack are left alone."""
+
+    class Packed(torch.nn.Linear):
+        pass
+
+    model = make_tiny("llama")
+    for layer in model.model.layers:
+        layer.mlp.gate_proj.__class__ = Packed
+        layer.mlp.up_proj.__class__ = Packed
+    assert compress.fuse_projections(model) == model.config.num_hidden_layers  # q/k/v only
+    assert all(isinstance(layer.mlp.up_proj, Packed) for layer in model.model.layers)
+
+    from compress.formats import IntLinear
+
+    monkeypatch.setattr(IntLinear, "rows_stack", False)
+    model = make_tiny("llama")
+    compress.apply(model, [dict(s) for s in STEPS["int4"]], device="cpu")
+    assert compress.fuse_projections(model) == 0

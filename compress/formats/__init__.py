@@ -22,6 +22,10 @@ class CompressedLinear(nn.Module, ABC):
     format: ClassVar[str]
     in_features: int
     out_features: int
+    #: Whether layers of this format that read the same input may be fused (``compress.fuse_projections``) by
+    #: stacking their buffers: every buffer whose first dimension is ``out_features`` holds one row an output, in
+    #: order. Off unless a format says so (a format may store a weight transposed).
+    rows_stack: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod

@@ -33,6 +33,7 @@ class IntLinear(CompressedLinear):
     """A linear layer whose weight is stored as k-bit integer codes with scales (and zero points)."""
 
     format = "int"
+    rows_stack = True
 
     def __init__(self, in_features: int, out_features: int, scheme: IntScheme, bias: bool,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):

@@ -41,6 +41,7 @@ class Fp8Linear(CompressedLinear):
     """A linear layer with E4M3 weights (and optionally E4M3 activations)."""
 
     format = "fp8"
+    rows_stack = True
 
     def __init__(self, in_features: int, out_features: int, per_channel: bool, activations: str, bias: bool,
                  dtype: torch.dtype, device: torch.device | str = "cpu"):
