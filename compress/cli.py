@@ -203,13 +203,15 @@ def _split_list(value: str | None) -> list[str] | None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Compute dtype (auto: the checkpoint's).")
+@click.option("--no-fuse", is_flag=True, help="Run the models as they are, without fusing the layers that read "
+              "the same input (q/k/v, gate/up: compress.fuse_projections, done by default).")
 @click.pass_context
 @_friendly_errors
 def eval_cmd(ctx: click.Context, model: str, baseline: str | None, tasks: str | None, data: str | None,
              seq_len: int | None, stride: int | None, bos: bool, max_tokens: int | None, batch_size: int | None,
              prompts: str | None, draft: str | None, batch_sizes: str | None, speed_configs: str | None,
              prompt_len: int | None, new_tokens: int | None, repeats: int | None, json_path: str | None,
-             output: str | None, device: str, dtype: str) -> None:
+             output: str | None, device: str, dtype: str, no_fuse: bool) -> None:
     """Evaluate MODEL (a Hub id, a model directory or a compress checkpoint), against --baseline.
 
     \b
@@ -223,6 +225,7 @@ def eval_cmd(ctx: click.Context, model: str, baseline: str | None, tasks: str | 
 
     spec = eval_spec({"tasks": _split_list(tasks), "data": _cwd_path(data), "seq_len": seq_len, "stride": stride,
                       "bos": bos or None, "max_tokens": max_tokens, "batch_size": batch_size,
+                      "fuse": False if no_fuse else None,
                       "prompts": _cwd_path(prompts), "speculative": {"draft": _cwd_path(draft)},
                       "speed": {"batch_sizes": _split_list(batch_sizes), "configs": _split_list(speed_configs),
                                 "prompt_len": prompt_len, "new_tokens": new_tokens, "repeats": repeats}})

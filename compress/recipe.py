@@ -126,6 +126,8 @@ class EvalSpec(_Section):
     prompts: str | None = Field(None, description="a file of prompts, one a line (default: a built-in set)")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per prompt (samples task)")
     seed: int = 0
+    fuse: bool = Field(True, description="run every model with its layers that read the same input fused "
+                       "(compress.fuse_projections: q/k/v, gate/up; faster decoding, the same outputs)")
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
     speculative: SpeculativeSpec = Field(default_factory=SpeculativeSpec)
     output: str | None = Field(None, description="folder for report.json, report.md and report.html")

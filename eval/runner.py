@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch.nn as nn
+
 from compress.errors import UsageError
 from compress.eval.checks import (
     check_generation_lengths,
@@ -69,23 +71,30 @@ def prepare(spec: EvalSpec, refs: list[str], has_baseline: bool) -> tuple[EvalSp
     return spec, load_eval_text(spec.data) if needs_text(spec) else None
 
 
-def load_subject(ref: str, device: str, dtype: str) -> Subject:
-    """A Hub id, a model directory or a compress checkpoint, on ``device``, for inference, with its layers that
-    read the same input fused (:func:`compress.fuse_projections`: every model of a run alike)."""
+def load_subject(ref: str, device: str, dtype: str, fuse: bool) -> Subject:
+    """A Hub id, a model directory or a compress checkpoint, on ``device``, for inference; with ``fuse``, its
+    layers that read the same input fused (:func:`compress.fuse_projections`; every model of a run alike)."""
     from compress.checkpoint import load
-    from compress.fusion import fuse_projections
 
     if is_local_reference(ref):
         module = load(ref, device=device, dtype=None if dtype == "auto" else dtype)
     else:
         module = load_model(ref, dtype).eval().to(device)
-    fuse_projections(module)
+    return _subject(module, ref, fuse)
+
+
+def _subject(module: nn.Module, ref: str, fuse: bool) -> Subject:
+    """``module`` loaded from ``ref`` as a run's subject, fused where ``fuse``."""
+    from compress.fusion import fuse_projections
+
+    if fuse:
+        fuse_projections(module)
     return Subject(module, ref, label_of(ref))
 
 
 def _draft(spec: EvalSpec, device: str, dtype: str) -> Subject | None:
     if spec.speculative.draft and "speculative" in spec.tasks:
-        return load_subject(spec.speculative.draft, device, dtype)
+        return load_subject(spec.speculative.draft, device, dtype, spec.fuse)
     return None
 
 
@@ -107,8 +116,8 @@ def evaluate(model_ref: str, spec: EvalSpec, baseline_ref: str | None = None, de
     spec, text = prepare(spec, [r for r in (model_ref, baseline_ref) if r], baseline_ref is not None)
     device = resolve_device(device)
     tokenizer = _tokenizer(model_ref, baseline_ref)
-    model = load_subject(model_ref, device, dtype)
-    baseline = load_subject(baseline_ref, device, dtype) if baseline_ref else None
+    model = load_subject(model_ref, device, dtype, spec.fuse)
+    baseline = load_subject(baseline_ref, device, dtype, spec.fuse) if baseline_ref else None
     if baseline is not None:
         baseline.label += " (baseline)"
     return evaluate_subjects(model, spec, tokenizer, baseline, text, _draft(spec, device, dtype), progress)
@@ -132,9 +141,10 @@ def run_recipe_eval(recipe: Recipe, checkpoint_dir: str | Path) -> str:
     m = recipe.model
     spec, text = prepare(recipe.eval, [str(checkpoint_dir), m.path], has_baseline=True)
     device = resolve_device(m.device)
-    model = load_subject(str(checkpoint_dir), device, m.dtype)
+    model = load_subject(str(checkpoint_dir), device, m.dtype, spec.fuse)
     original = load_model(m.path, m.dtype, m.init, m.revision, m.trust_remote_code).eval().to(device)
-    baseline = Subject(original, m.path, label_of(m.path) + " (baseline)")
+    baseline = _subject(original, m.path, spec.fuse)
+    baseline.label += " (baseline)"
     tokenizer = _tokenizer(str(checkpoint_dir), m.path)
     report = evaluate_subjects(model, spec, tokenizer, baseline, text, _draft(spec, device, m.dtype))
     written = write_outputs(report, None, spec.output or Path("reports") / Path(checkpoint_dir).name)

@@ -41,6 +41,29 @@ def checkpoint(tiny_dirs, tmp_path_factory) -> Path:
     return path
 
 
+def test_eval_fuses_every_model_unless_told_not_to(checkpoint, tiny_dirs, text, tmp_path, monkeypatch) -> None:
+    """The checkpoint and the baseline both run with q/k/v and gate/up fused, or neither (--no-fuse), with the
+    same perplexities either way."""
+    from compress import fusion
+
+    groups = []
+    real = fusion.fuse_projections
+    monkeypatch.setattr(fusion, "fuse_projections", lambda model: groups.append(real(model)) or groups[-1])
+    layers = compress.load(checkpoint).config.num_hidden_layers
+    reports = {}
+    for flag, fused_groups in ((), [2 * layers] * 2), (("--no-fuse",), []):
+        groups.clear()
+        out = tmp_path / f"{len(flag)}.json"
+        result = run(["eval", str(checkpoint), "--baseline", str(tiny_dirs["qwen2"]), "--data", str(text), *FAST,
+                      "--tasks", "ppl", "--json", str(out), *flag])
+        assert result.exit_code == 0, result.output
+        assert groups == fused_groups  # model and baseline: q/k/v and gate/up in every layer, or nothing
+        reports[flag] = json.loads(out.read_text())
+    assert reports[()]["perplexity"] == pytest.approx(reports[("--no-fuse",)]["perplexity"], rel=1e-4)
+    assert reports[()]["baseline"]["perplexity"] == pytest.approx(
+        reports[("--no-fuse",)]["baseline"]["perplexity"], rel=1e-4)
+
+
 def test_eval_against_a_baseline_writes_every_report(checkpoint, tiny_dirs, text, tmp_path: Path) -> None:
     out, report_dir = tmp_path / "run.json", tmp_path / "reports"
     result = run(["eval", str(checkpoint), "--baseline", str(tiny_dirs["qwen2"]), "--data", str(text), *FAST,
