@@ -128,16 +128,15 @@ def main() -> None:
                         help="speed configurations for decode (the first is the headline and sets the floor fraction)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    formats = [(fmt, *fmt.partition("+")[::2]) for fmt in args.formats.split(",")]
+    for fmt, name, fusion in formats:  # before any GPU work
+        if fusion and (fusion != "fused" or name not in (*STEPS, "bf16")):
+            raise SystemExit(f"unknown format {fmt!r}: only bf16 and compress formats take '+fused'")
     torch._dynamo.config.recompile_limit = 64
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
-    formats = [fmt.partition("+") for fmt in args.formats.split(",")]
-    for name, _, fusion in formats:  # before any model is built
-        if fusion and (fusion != "fused" or name not in (*STEPS, "bf16")):
-            raise SystemExit(f"unknown format {name}+{fusion!r}: only bf16 and compress formats take '+fused'")
-    for name, _, fusion in formats:
-        fmt = f"{name}+{fusion}" if fusion else name
+    for fmt, name, fusion in formats:
         model = build(args.shape, name)
         row = {"format": fmt, "bytes_per_token": bytes_read_per_token(model), "decode": {}}
         if fusion:

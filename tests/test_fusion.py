@@ -9,9 +9,9 @@ import torch
 import compress
 from compress.errors import UsageError
 from compress.eval.memory import tensor_bytes_by_dtype
-from compress.formats import CompressedLinear
+from compress.formats import CompressedLinear, IntLinear
 from compress.fusion import FusedProjection
-from tests.conftest import make_tiny
+from conftest import make_tiny
 
 STEPS = {"dense": [],  # the model's own nn.Linear layers
          "int4": [{"method": "rtn", "args": {"bits": 4, "group_size": 32}}],
@@ -107,8 +107,6 @@ def test_only_layers_that_stack_by_rows_are_fused(monkeypatch) -> None:
         layer.mlp.up_proj.__class__ = Packed
     assert compress.fuse_projections(model) == model.config.num_hidden_layers  # q/k/v only
     assert all(isinstance(layer.mlp.up_proj, Packed) for layer in model.model.layers)
-
-    from compress.formats import IntLinear
 
     monkeypatch.setattr(IntLinear, "rows_stack", False)
     model = make_tiny("llama")
