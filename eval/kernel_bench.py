@@ -1,7 +1,7 @@
 """Micro-benchmark of the linear-layer kernels on Llama-3-8B shapes (GPU): time per call and achieved
 bandwidth (weight bytes read per call / time) against a device-to-device copy measured in the same run.
 
-    python -m compress.eval.kernel_bench [--tokens 1,4,8,16] [--shapes up,down] [--only "bf16,int4 triton"]
+    python -m compress.eval.kernel_bench [--tokens 1,4,8,16] [--shapes up,down] [--only "bf16,int4 cuda"]
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import triton.testing
 from compress.formats import IntLinear
 from compress.quant import IntScheme
 
-SHAPES = {"o": (4096, 4096), "kv": (1024, 4096),
-          "up": (14336, 4096), "down": (4096, 14336), "lm_head": (128256, 4096)}
+SHAPES = {"o": (4096, 4096), "kv": (1024, 4096), "up": (14336, 4096), "down": (4096, 14336),
+          "lm_head": (128256, 4096), "qkv": (6144, 4096), "gate_up": (28672, 4096)}  # the last two: fused layers
 
 
 def copy_bandwidth() -> float:
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES),
                         help=f"comma-separated layer shapes to time, of: {', '.join(SHAPES)} (default: all)")
     parser.add_argument("--only", default="", help="time only the kernels whose label contains one of these "
-                                                   "comma-separated words (e.g. 'bf16,int4 triton'; default: all)")
+                                                   "comma-separated words (e.g. 'bf16,int4 cuda'; default: all)")
     args = parser.parse_args()
     tokens = [int(t) for t in args.tokens.split(",")]
     shapes = args.shapes.split(",")
@@ -57,7 +57,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--shapes: unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
     only = [word for word in args.only.split(",") if word]
-    from compress.kernels import gemv
+    from compress.kernels import cuda_int4, gemv
     from compress.plugins.fp8.format import Fp8Linear
 
     bw = copy_bandwidth()
@@ -81,9 +81,13 @@ def main() -> None:
             }
             if m <= gemv.DOT_BLOCK_M:  # the op, and each of its two kernels (gemv.takes_dot picks between them)
                 int4_args = (layer4.qweight, layer4.scales, None, 128, 8.0)
-                kernels["int4 triton"] = (lambda: gemv.gemv_int4(x, *int4_args), n * k // 2)
+                kernels["int4 op"] = (lambda: gemv.gemv_int4(x, *int4_args), n * k // 2)
                 kernels["int4 one-token kernel"] = (lambda: gemv.one_token_int4(x, *int4_args), n * k // 2)
                 kernels["int4 tensor-core kernel"] = (lambda: gemv.dot_int4(x, *int4_args), n * k // 2)
+            if m <= cuda_int4.MAX_TOKENS:  # the CUDA kernel at each block size
+                for warps in (4, 8, 16):
+                    kernels[f"int4 cuda {warps} warps"] = (
+                        lambda warps=warps: cuda_int4.int4_mma(x, *int4_args, warps=warps), n * k // 2)
             if m <= gemv.MAX_TOKENS:  # the op, and each of its two kernels
                 int8_args = gemv.kernel_args_8bit(layer8.qweight, s8, None)
                 fp8_args = gemv.kernel_args_8bit(fp8.weight_fp8, s8f, None)

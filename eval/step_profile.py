@@ -1,6 +1,6 @@
 """Where a compiled decode step's GPU time goes, kernel by kernel (GPU): the breakdown behind a speed figure::
 
-    python -m compress.eval.step_profile --shape llama-3-8b --formats bf16,int4
+    python -m compress.eval.step_profile --shape llama-3-8b --formats bf16,int4,int4-lm-head+fused
 
 Per format, on a random-weight model of ``--shape`` at batch 1: the compiled step's wall time per token (CUDA
 graphs, as ``compiled-step`` times it) and the GPU time of each kernel per step, from torch.profiler over the
@@ -19,10 +19,12 @@ import gc
 import torch
 from transformers import StaticCache
 
+import compress
+
 from compress.eval.format_bench import build
 from compress.eval.speed import cuda_mark, decode_step, random_prompts
 
-MATMUL_MARKS = ("gemm", "gemv", "cutlass", "xmma", "sm90_", "splitk", "int4pack", "scaled_mm")
+MATMUL_MARKS = ("gemm", "gemv", "cutlass", "xmma", "sm90_", "splitk", "int4pack", "scaled_mm", "int4_mma")
 
 
 def is_matmul(kernel: str) -> bool:
@@ -93,7 +95,12 @@ def main() -> None:
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64
     for fmt in args.formats.split(","):
-        model = build(args.shape, fmt)
+        name, _, fusion = fmt.partition("+")
+        model = build(args.shape, name)
+        if fusion == "fused":
+            compress.fuse_projections(model)
+        elif fusion:
+            raise SystemExit(f"unknown format {fmt!r}: the only suffix is '+fused'")
         wall, kernels = profile_format(model, 128, args.steps)
         report(fmt, wall, kernels, args.top)
         del model

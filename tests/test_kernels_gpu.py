@@ -225,3 +225,48 @@ def test_every_tile_config_matches_reference(kernel_name, tokens, monkeypatch) -
             for x, want in zip(xs, wants):
                 y = op(x)
                 assert torch.isfinite(y).all() and rel(y, want) <= 1e-2, (str(config), x.shape[0], rel(y, want))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits, symmetric, group", [(4, True, 128), (4, False, 128), (3, False, 256), (4, True, None)])
+@pytest.mark.parametrize("out_f, in_f", [(16, 128), (4096, 4096), (6144, 4096), (4096, 14336), (1040, 1152)])
+def test_cuda_int4_kernel_matches_reference(out_f, in_f, bits, symmetric, group, dtype) -> None:
+    """The CUDA kernel (compress/kernels/int4_mma.cu) at every block size and token count it takes."""
+    from compress.kernels import cuda_int4
+
+    if group and in_f % group:
+        pytest.skip("group does not divide in_features")
+    g = torch.Generator(device="cuda").manual_seed(out_f + in_f + bits)
+    w = torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02
+    scheme = IntScheme(bits, symmetric, "group" if group else "channel", group)
+    layer = IntLinear.from_weight(w, None, scheme, dtype)
+    size = group or in_f
+    reference = layer.dequantized_weight(torch.float32)
+    for tokens in range(1, cuda_int4.MAX_TOKENS + 1):
+        x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=dtype)
+        assert cuda_int4.applies(x, layer.qweight, layer.scales, size)
+        want = x.float() @ reference.t()
+        for warps in (1, 2, 4, 8, 16):
+            y = cuda_int4.int4_mma(x, layer.qweight, layer.scales, layer.zeros, size, layer.int_scheme.sym_zero, warps)
+            assert y.dtype == dtype and torch.isfinite(y).all(), (tokens, warps)
+            assert rel(y, want) <= 1e-2, (tokens, warps, rel(y, want))
+
+
+def test_cuda_int4_kernel_is_taken_only_where_it_applies() -> None:
+    from compress.kernels import cuda_int4
+
+    def layer(out_f, in_f, group, dtype=torch.bfloat16):
+        return IntLinear.from_weight(torch.randn(out_f, in_f, device="cuda"), None, IntScheme(4, True, "group", group),
+                                     dtype)
+
+    def takes(q, tokens, dtype=torch.bfloat16, offset=0):
+        x = torch.randn(tokens * q.in_features + offset, device="cuda", dtype=dtype)[offset:]
+        return cuda_int4.applies(x.view(tokens, q.in_features), q.qweight, q.scales, q.int_scheme.group_size)
+
+    assert takes(layer(256, 512, 128), 1) and takes(layer(256, 512, 128), 8)
+    assert not takes(layer(256, 512, 128), 9)  # more tokens than the tile's columns
+    assert not takes(layer(256, 512, 64), 1)  # group of 64: the Triton kernels
+    assert not takes(layer(264, 512, 128), 1)  # rows not a multiple of 16
+    assert takes(layer(256, 640, 128), 1)  # five chunks of 128
+    assert not takes(layer(256, 512, 128), 1, offset=1)  # activations off 16-byte alignment
+    assert not takes(layer(256, 512, 128, torch.float16), 1)  # fp16 scales, bf16 activations

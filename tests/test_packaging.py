@@ -37,3 +37,20 @@ def test_entry_points_name_importable_classes() -> None:
         module, _, attr = target.partition(":")
         cls = getattr(importlib.import_module(module), attr)
         assert issubclass(cls, Method) and cls.name == name, (name, target)
+
+
+def test_every_data_file_in_a_package_is_shipped() -> None:
+    """Files other than Python modules inside a package folder (the CUDA source the kernels compile at run time)
+    are matched by package-data, or a wheel would leave them out."""
+    config = _setuptools()
+    data = config.get("package-data", {})
+    folders = {name: ROOT / path for name, path in config["package-dir"].items()}
+    missing = []
+    for name, folder in folders.items():
+        for path in folder.rglob("*"):
+            if path.is_dir() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
+                continue
+            package = ".".join((name, *path.parent.relative_to(folder).parts))
+            if not any(path.match(pattern) for pattern in data.get(package, [])):
+                missing.append(str(path.relative_to(ROOT)))
+    assert missing == [], "package files not in pyproject's package-data"

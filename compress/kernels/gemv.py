@@ -6,7 +6,11 @@ matrix, so its time is the time to read the weights. Two ops:
 
 * :func:`gemv_int4`: packed 4-bit codes [N, K/2] (two a byte, the even column in the low nibble) with
   group-wise scales and uint8 zero points or a constant zero point (the ``int`` format at 3 and 4 bits).
-  From a few tokens on (:func:`takes_dot`) it runs a tensor-core kernel (below);
+  Where :func:`compress.kernels.cuda_int4.applies` (1-8 tokens, groups of 128 times a power of two, the
+  shapes of common models) it runs the CUDA kernel there, which feeds the codes to the tensor cores as they are
+  stored and is 1.7-1.9x faster than the Triton kernels below (H100, Llama-3-8B shapes, one token: up
+  projection 10.5 against 18.9 us, down 11.7 against 21.9 us, weights replayed from L2). Otherwise the Triton
+  kernels: from a few tokens on (:func:`takes_dot`) a tensor-core kernel (below), else the one-token kernel;
 * :func:`gemv_8bit`: one byte a weight [N, K] (int8, or float8 E4M3) with per-row scales and optional uint8
   per-row zero points (the ``int`` format at 8 bits per channel, and ``fp8``); a tensor-core kernel too.
 
@@ -43,6 +47,8 @@ from __future__ import annotations
 import os
 
 import torch
+
+from compress.kernels import cuda_int4
 
 try:
     import triton
@@ -371,6 +377,8 @@ def gemv_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zero
     every zero point is ``zero_const``); w[n, k] = (code - zero) * scale of k's group.
     """
     x = x.contiguous()
+    if cuda_int4.applies(x, qweight, scales, group_size):
+        return cuda_int4.int4_mma(x, qweight, scales, zeros, group_size, zero_const)
     path = dot_int4 if takes_dot(x.shape[0], qweight.shape[0] * x.shape[1], x.dtype) else one_token_int4
     return path(x, qweight, scales, zeros, group_size, zero_const)
 

@@ -1,0 +1,99 @@
+"""The 4-bit decode kernel in CUDA (``int4_mma.cu``): 1-8 tokens of 16-bit activations times packed 4-bit
+codes on the tensor cores, reading the ``int`` format's bytes as stored (no repacking, no second copy).
+
+It is compiled at first use by NVRTC through ``torch.cuda._compile_kernel`` (no build step at install time,
+and no compiler needed beyond the NVRTC library PyTorch's CUDA builds ship). Where that is missing or fails,
+:func:`applies` says no (logging why, once) and :mod:`compress.kernels.gemv`'s Triton kernels take the call.
+Setting the environment variable ``COMPRESS_CUDA_INT4=0`` turns the kernel off the same way (to compare, or to
+rule it out).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from importlib import resources
+
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 8  # the mma tile's 8 columns
+CHUNK = 128  # codes of a row a warp takes at a time: K and the group size must be multiples of it
+ROWS = 16  # output rows a block owns (the mma tile's rows)
+
+
+def _shape_ok(tokens: int, n: int, k: int, group_size: int) -> bool:
+    return (1 <= tokens <= MAX_TOKENS and n % ROWS == 0 and k % CHUNK == 0 and group_size % CHUNK == 0
+            and (group_size & (group_size - 1) == 0 or group_size >= k))
+
+
+def applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_size: int) -> bool:
+    """Whether :func:`int4_mma` takes ``x`` [M, K] against packed ``qweight`` [N, K/2]: 1-8 tokens of bf16 or
+    fp16 (the scales' dtype too) on an NVIDIA GPU of compute capability 8.0 or later, N a multiple of 16, K a
+    multiple of 128, groups of 128 times a power of two (or one group a row), 16-byte aligned operands, and the
+    kernel compiled."""
+    if os.environ.get("COMPRESS_CUDA_INT4", "1") == "0":
+        return False
+    if not (x.is_cuda and torch.version.hip is None and x.dtype in (torch.bfloat16, torch.float16)
+            and scales.dtype == x.dtype):
+        return False
+    if not _shape_ok(x.shape[0], qweight.shape[0], x.shape[1], group_size):
+        return False
+    if x.data_ptr() % 16 or qweight.data_ptr() % 16 or qweight.stride(0) != x.shape[1] // 2:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 0) and _compiles(x.device.index or 0)
+
+
+def default_warps(n: int, k: int) -> int:
+    """Warps a block (16 rows) splits its row's chunks over: as many as keep the whole grid to about 4096 warps
+    (31 for each of an H100's 132 multiprocessors), from 16 down to 4, and no more than the row's chunks.
+
+    H100, one token, weights replayed from L2, us for 4 / 8 / 16 warps (``kernel_bench``): o 4096x4096 6.8 / 5.0 /
+    4.4; q/k/v fused 6144x4096 7.7 / 5.6 / 6.0; up 14336x4096 10.5 / 12.4 / 12.3; gate/up fused 28672x4096 25.7 /
+    24.0 / 26.4; down 4096x14336 28.4 / 16.3 / 11.7.
+    """
+    blocks = n // ROWS
+    warps = 16
+    while warps > 4 and blocks * warps > 4096:
+        warps //= 2
+    while warps > 1 and warps > k // CHUNK:
+        warps //= 2
+    return warps
+
+
+def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+             group_size: int, zero_const: float, warps: int | None = None) -> torch.Tensor:
+    """``x`` [M, K] (contiguous, 1-8 tokens) times the 4-bit weight: [M, N] in ``x``'s dtype; arguments as
+    :func:`compress.kernels.gemv.gemv_int4` (check :func:`applies` first). ``warps`` overrides the block's
+    warps (1, 2, 4, 8 or 16; for benchmarks)."""
+    M, K = x.shape
+    N = qweight.shape[0]
+    warps = warps or default_warps(N, K)
+    shift = 31 if group_size >= K else (group_size // CHUNK).bit_length() - 1
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    kernel = _kernel(x.dtype == torch.bfloat16, zeros is not None, warps, x.device.index or 0)
+    kernel(grid=(N // ROWS, 1, 1), block=(32 * warps, 1, 1),
+           args=[x, qweight, scales.contiguous(), zeros if zeros is not None else qweight, y, M, N, K,
+                 scales.shape[1], shift, int(zero_const)])
+    return y
+
+
+@functools.cache
+def _kernel(bf16: bool, has_zero: bool, warps: int, device: int):
+    source = resources.files("compress.kernels").joinpath("int4_mma.cu").read_text()
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(source, "int4_mma", nvcc_options=[
+            f"-DIS_BF16={int(bf16)}", f"-DHAS_ZERO={int(has_zero)}", f"-DWARPS={warps}"])
+
+
+@functools.cache
+def _compiles(device: int) -> bool:
+    try:
+        _kernel(True, False, default_warps(4096, 4096), device)
+    except Exception as err:  # no NVRTC, no CUDA headers, an old PyTorch: the Triton kernels serve instead
+        log.warning("the CUDA 4-bit decode kernel is unavailable (%s: %s); 4-bit layers use the Triton kernels",
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return False
+    return True

@@ -1,0 +1,190 @@
+// 4-bit weight-only matrix product for decode steps (1-8 tokens) on the tensor cores, reading the ``int``
+// format's packed codes as the checkpoint stores them: uint8 [N, K/2], two codes a byte, the even column in
+// the low nibble; scales [N, K/GROUP] in the activations' 16-bit type; uint8 zero points or a constant.
+//
+// Compiled at run time by NVRTC (compress/kernels/cuda_int4.py) with IS_BF16, HAS_ZERO and WARPS defined. No
+// header is included: 16-bit values travel as raw bits and every conversion is inline PTX.
+//
+// A block owns 16 output rows; its WARPS warps take turns over the row's chunks of 128 codes (one 64-byte
+// segment of a row: a group of 128, or part of a larger group) and the warps' sums are added in shared memory.
+// In a warp, lane (g, t) = (lane / 4, lane % 4) loads 16 bytes (32 codes) of rows g and g + 8 of the chunk and
+// the 32 activations of token g at the same columns. Each of its four 32-bit words of codes feeds two
+// mma.m16n8k16: the products are summed over k, so any assignment of columns to the fragment's k slots
+// works if the weights and the activations use the same one. Here the slots of lane t hold its own columns:
+//   codes -> bf16/fp16 pairs without a conversion: (w >> 4s) & 0x000F000F | BASE gives BASE + c for the
+//   codes in nibbles s and s + 4 (bf16 0x4300 | c = 128 + c, fp16 0x6400 | c = 1024 + c), and subtracting
+//   BASE + zero is exact, so the tensor cores see (c - zero) exactly;
+//   activations: the same pairs of columns (s, s + 4), made by one prmt from the two words holding them.
+// A chunk's product is scaled in float32 by its group's scale (rows g and g + 8).
+
+#ifndef IS_BF16
+#define IS_BF16 1
+#endif
+#ifndef HAS_ZERO
+#define HAS_ZERO 0
+#endif
+#ifndef WARPS
+#define WARPS 8
+#endif
+
+#if IS_BF16
+#define BASE 0x43004300u
+#define ONE 0x3F803F80u
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#define FMA2 "fma.rn.bf16x2"
+#define TO16 "cvt.rn.bf16.f32"
+#define FROM16(h) __uint_as_float(((unsigned)(h)) << 16)
+#else
+#define BASE 0x64006400u
+#define ONE 0x3C003C00u
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#define FMA2 "fma.rn.f16x2"
+#define TO16 "cvt.rn.f16.f32"
+#endif
+
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+__device__ __forceinline__ unsigned lop_pair(unsigned w) {
+    unsigned r;  // (w & 0x000F000F) | BASE
+    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(r) : "r"(w), "n"(BASE));
+    return r;
+}
+
+__device__ __forceinline__ unsigned centre(unsigned p, unsigned neg_base_zero) {
+    unsigned r;  // p * 1 + (-(BASE + zero)): exact
+    asm(FMA2 " %0, %1, %2, %3;" : "=r"(r) : "r"(p), "r"(ONE), "r"(neg_base_zero));
+    return r;
+}
+
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+__device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                    unsigned b1) {
+    asm volatile(MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 r;  // weights are read once: keep them out of L1
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float scale_of(const u16* s) {
+    u16 h = *s;
+#if IS_BF16
+    return FROM16(h);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ u16 to16(float f) {
+    u16 h;
+    asm(TO16 " %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// -(BASE + zero) in both halves
+__device__ __forceinline__ unsigned neg_base_zero(unsigned z) { return (BASE | (z * 0x00010001u)) ^ 0x80008000u; }
+
+// The two mma of one 32-bit word of codes of rows g (wg) and g + 8 (wh), with the eight activations of those
+// columns in xw (uint4 = four words of two 16-bit values).
+__device__ __forceinline__ void word_mma(float* d, unsigned wg, unsigned wh, uint4 xw, unsigned zg, unsigned zh) {
+    unsigned q0 = prmt(xw.x, xw.z, 0x5410), q1 = prmt(xw.x, xw.z, 0x7632);
+    unsigned q2 = prmt(xw.y, xw.w, 0x5410), q3 = prmt(xw.y, xw.w, 0x7632);
+    unsigned g0 = centre(lop_pair(wg), zg), g1 = centre(lop_pair(wg >> 4), zg);
+    unsigned g2 = centre(lop_pair(wg >> 8), zg), g3 = centre(lop_pair(wg >> 12), zg);
+    unsigned h0 = centre(lop_pair(wh), zh), h1 = centre(lop_pair(wh >> 4), zh);
+    unsigned h2 = centre(lop_pair(wh >> 8), zh), h3 = centre(lop_pair(wh >> 12), zh);
+    mma(d, g0, h0, g1, h1, q0, q1);
+    mma(d, g2, h2, g3, h3, q2, q3);
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restrict__ scales,
+         const u8* __restrict__ zeros, u16* __restrict__ y, int M, int N, int K, int groups, int group_shift,
+         int zero_const) {
+    __shared__ float partial[WARPS][32][4];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row_g = blockIdx.x * 16 + g, row_h = row_g + 8;
+    const int chunks = K / 128;
+    const int token = g < M ? g : M - 1;  // lanes past the tokens compute a copy of the last one's columns
+    const u8* qg = q + (long)row_g * (K / 2) + 16 * t;
+    const u8* qh = q + (long)row_h * (K / 2) + 16 * t;
+    const uint4* xt = (const uint4*)(x + (long)token * K + 32 * t);
+    const u16 *sgp = scales + (long)row_g * groups, *shp = scales + (long)row_h * groups;
+#if HAS_ZERO
+    const u8 *zgp = zeros + (long)row_g * groups, *zhp = zeros + (long)row_h * groups;
+#endif
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+
+    int c = warp;
+    uint4 wg, wh;
+    if (c < chunks) {
+        wg = load_stream(qg + 64 * c);
+        wh = load_stream(qh + 64 * c);
+    }
+    for (; c < chunks; c += WARPS) {
+        const int next = c + WARPS;
+        uint4 ng, nh;
+        if (next < chunks) {  // the next chunk's codes are on their way while this one is computed
+            ng = load_stream(qg + 64 * next);
+            nh = load_stream(qh + 64 * next);
+        }
+        const uint4* xc = xt + 16 * c;  // 128 columns = 16 uint4 a chunk; this lane's 4 follow
+        uint4 x0 = xc[0], x1 = xc[1], x2 = xc[2], x3 = xc[3];
+        const int group = c >> group_shift;  // chunks of 128 a group: a power of two (31 for one group a row)
+#if HAS_ZERO
+        unsigned zg = neg_base_zero(zgp[group]), zh = neg_base_zero(zhp[group]);
+#else
+        unsigned zg = neg_base_zero(zero_const), zh = zg;
+#endif
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+        word_mma(d, wg.x, wh.x, x0, zg, zh);
+        word_mma(d, wg.y, wh.y, x1, zg, zh);
+        word_mma(d, wg.z, wh.z, x2, zg, zh);
+        word_mma(d, wg.w, wh.w, x3, zg, zh);
+        const float sg = scale_of(sgp + group), sh = scale_of(shp + group);
+        acc[0] += d[0] * sg;
+        acc[1] += d[1] * sg;
+        acc[2] += d[2] * sh;
+        acc[3] += d[3] * sh;
+        wg = ng;
+        wh = nh;
+    }
+    partial[warp][lane][0] = acc[0];
+    partial[warp][lane][1] = acc[1];
+    partial[warp][lane][2] = acc[2];
+    partial[warp][lane][3] = acc[3];
+    __syncthreads();
+    if (warp == 0) {
+        float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            sum[0] += partial[w][lane][0];
+            sum[1] += partial[w][lane][1];
+            sum[2] += partial[w][lane][2];
+            sum[3] += partial[w][lane][3];
+        }
+        // d0, d1: row g, tokens 2t and 2t + 1; d2, d3: row g + 8, the same tokens
+        const int m0 = 2 * t, m1 = 2 * t + 1;
+        if (m0 < M) {
+            y[(long)m0 * N + row_g] = to16(sum[0]);
+            y[(long)m0 * N + row_h] = to16(sum[2]);
+        }
+        if (m1 < M) {
+            y[(long)m1 * N + row_g] = to16(sum[1]);
+            y[(long)m1 * N + row_h] = to16(sum[3]);
+        }
+    }
+}
