@@ -27,7 +27,7 @@ def test_fused_model_computes_what_the_layers_did(arch, fmt, tmp_path) -> None:
     model = make_tiny(arch)
     if STEPS[fmt]:
         compress.apply(model, [dict(s) for s in STEPS[fmt]], device="cpu")
-    ids = torch.randint(0, 512, (2, 9))
+    ids = torch.randint(0, 512, (2, 7))  # 14 tokens: the fused path (see test_prefill_runs_the_members_separately)
     with torch.no_grad():
         before = model(ids).logits
     layers_before = {n for n, m in model.named_modules() if isinstance(m, (CompressedLinear, torch.nn.Linear))}
@@ -66,6 +66,27 @@ def test_member_called_with_another_input_computes_its_own() -> None:
         torch.testing.assert_close(attention.k_proj(x), k(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(attention.k_proj(other), k(other), rtol=0, atol=0)
         assert torch.equal(attention.q_proj(other), q(other))
+
+
+def test_prefill_runs_the_members_separately(monkeypatch) -> None:
+    from compress.fusion import FUSE_MAX_TOKENS
+
+    model = make_tiny("llama")
+    compress.apply(model, [dict(s) for s in STEPS["int4"]], device="cpu")
+    compress.fuse_projections(model)
+    fused_calls = []
+    for module in model.modules():
+        if isinstance(module, FusedProjection) and module.fused is not None:
+            module.fused.register_forward_hook(lambda m, i, o: fused_calls.append(i[0].shape[-2]))
+    groups = 2 * model.config.num_hidden_layers
+    with torch.no_grad():
+        model(torch.randint(0, 512, (1, FUSE_MAX_TOKENS)))
+        assert fused_calls == [FUSE_MAX_TOKENS] * groups
+        long = torch.randint(0, 512, (1, FUSE_MAX_TOKENS + 1))
+        before = model(long).logits
+        assert len(fused_calls) == groups  # the longer call ran the members one by one
+        compress.unfuse_projections(model)
+        torch.testing.assert_close(model(long).logits, before, rtol=0, atol=0)
 
 
 def test_fused_model_compiles_without_graph_breaks() -> None:
