@@ -16,10 +16,14 @@ become row views of the fused layer's, so no byte is held twice.
 
 At run time the first member (in the order the model calls them) computes the whole group's output and keeps
 it, with its input; each other member returns its slice when it is called with that same tensor, and computes
-on its own otherwise, so a model that calls the layers differently gets right answers, only slower. Calls of
-more than FUSE_MAX_TOKENS tokens (prefill) run the members one by one, as before fusing: there the launches saved
-are nothing next to the matmuls, and fused int4 prefill measured 3-4% slower (8 x 512 tokens, Llama-3-8B shape:
-0.90x bf16 fused against 0.93x separate on an H100, 0.89x against 0.93x on an H200). This is an inference transform: :func:`unfuse_projections` undoes it, and :func:`compress.save` asks for that first.
+on its own otherwise, so a model that calls the layers differently gets right answers, only slower.
+
+Calls of more than FUSE_MAX_TOKENS tokens (prefill) run the members one by one, as before fusing: there the
+launches saved are nothing next to the matmuls, and fused int4 prefill measured 3-4% slower (8 x 512 tokens,
+Llama-3-8B shape: 0.90x bf16 fused against 0.93x separate on an H100, 0.89x against 0.93x on an H200).
+
+This is an inference transform: :func:`unfuse_projections` undoes it, and :func:`compress.save` asks for that
+first.
 """
 
 from __future__ import annotations

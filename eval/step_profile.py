@@ -20,7 +20,6 @@ import torch
 from transformers import StaticCache
 
 import compress
-
 from compress.eval.format_bench import build
 from compress.eval.speed import cuda_mark, decode_step, random_prompts
 

@@ -41,7 +41,7 @@ def applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_
         return False
     if not _shape_ok(x.shape[0], qweight.shape[0], x.shape[1], group_size):
         return False
-    if x.data_ptr() % 16 or qweight.data_ptr() % 16 or qweight.stride(0) != x.shape[1] // 2:
+    if x.data_ptr() % 16 or qweight.data_ptr() % 16 or qweight.stride() != (x.shape[1] // 2, 1):
         return False
     return torch.cuda.get_device_capability(x.device) >= (8, 0) and _compiles(x.device.index or 0)
 
@@ -75,7 +75,7 @@ def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     kernel = _kernel(x.dtype == torch.bfloat16, zeros is not None, warps, x.device.index or 0)
     kernel(grid=(N // ROWS, 1, 1), block=(32 * warps, 1, 1),
-           args=[x, qweight, scales.contiguous(), zeros if zeros is not None else qweight, y, M, N, K,
+           args=[x, qweight, scales.contiguous(), zeros.contiguous() if zeros is not None else qweight, y, M, N, K,
                  scales.shape[1], shift, int(zero_const)])
     return y
 
