@@ -79,10 +79,12 @@ def test_decode_kernel_is_taken_where_it_applies(scheme, kernel, monkeypatch) ->
     assert sum(spy.calls.values()) == int(kernel is not None) + int(kernel == "gemv_int4")
 
 
-@pytest.mark.parametrize("method, args", [("rtn", {"bits": 4, "group_size": 64}), ("int8", {}),
-                                          ("fp8", {"activations": "dynamic"}), ("fp8", {"activations": "none"})])
+@pytest.mark.parametrize("method, args", [("rtn", {"bits": 4, "group_size": 64}),
+                                          ("rtn", {"bits": 4, "group_size": 128}), ("int8", {}), ("fp8", {"activations": "dynamic"}),
+                                          ("fp8", {"activations": "none"})])
 # the decode kernels (compress.kernels.gemv): 1 the one-token kernels, 5 the tensor-core kernels (on these small
-# layers, takes_dot); 16: the 4-bit tensor-core kernel still, dequantize + matmul for 8 bits
+# layers, takes_dot); 16: the 4-bit tensor-core kernel still, dequantize + matmul for 8 bits. 4 bits in groups of
+# 128: the CUDA kernel (compress.kernels.cuda_int4) at 1 and 5 tokens
 @pytest.mark.parametrize("tokens", [1, 5, 16])
 def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
     torch._dynamo.reset()  # each case compiles new modules: earlier cases' recompiles must not hit dynamo's limit
@@ -100,6 +102,7 @@ def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
 
 
 @pytest.mark.parametrize("method, args, kernel", [("rtn", {"bits": 4, "group_size": 64}, "gemv_int4"),
+                                                  ("rtn", {"bits": 4, "group_size": 128}, "gemv_int4"),
                                                   ("fp8", {"activations": "dynamic"}, "gemv_8bit")])
 def test_fused_projections_decode_compiled_with_fewer_kernels(method, args, kernel, monkeypatch) -> None:
     """compress.fuse_projections on the GPU: a compiled decode step (CUDA graphs, no graph break) computes what
