@@ -80,8 +80,8 @@ def test_decode_kernel_is_taken_where_it_applies(scheme, kernel, monkeypatch) ->
 
 
 @pytest.mark.parametrize("method, args", [("rtn", {"bits": 4, "group_size": 64}),
-                                          ("rtn", {"bits": 4, "group_size": 128}), ("int8", {}), ("fp8", {"activations": "dynamic"}),
-                                          ("fp8", {"activations": "none"})])
+                                          ("rtn", {"bits": 4, "group_size": 128}), ("int8", {}),
+                                          ("fp8", {"activations": "dynamic"}), ("fp8", {"activations": "none"})])
 # the decode kernels (compress.kernels.gemv): 1 the one-token kernels, 5 the tensor-core kernels (on these small
 # layers, takes_dot); 16: the 4-bit tensor-core kernel still, dequantize + matmul for 8 bits. 4 bits in groups of
 # 128: the CUDA kernel (compress.kernels.cuda_int4) at 1 and 5 tokens
