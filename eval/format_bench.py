@@ -107,6 +107,15 @@ def build(shape: str, fmt: str) -> nn.Module:
     return model
 
 
+def split_format(fmt: str) -> tuple[str, bool]:
+    """``int4+fused`` -> ("int4", True); ``int4`` -> ("int4", False). Exits with a message for a suffix other than
+    ``+fused``, or ``+fused`` on a format that cannot fuse (bitsandbytes)."""
+    name, _, suffix = fmt.partition("+")
+    if suffix and (suffix != "fused" or name not in (*STEPS, "bf16")):
+        raise SystemExit(f"unknown format {fmt!r}: only bf16 and compress formats take '+fused'")
+    return name, bool(suffix)
+
+
 def summary(row: dict, base: dict) -> str:
     """One format's line: its figures and their ratios to the first format's (prefill only where it was timed)."""
     parts = [f"{row['format']:<9} decode {row['decode_tok_s']:7.1f} tok/s ({row['decode_tok_s'] / base['decode_tok_s']:.2f}x "
@@ -128,10 +137,7 @@ def main() -> None:
                         help="speed configurations for decode (the first is the headline and sets the floor fraction)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    formats = [(fmt, *fmt.partition("+")[::2]) for fmt in args.formats.split(",")]
-    for fmt, name, fusion in formats:  # before any GPU work
-        if fusion and (fusion != "fused" or name not in (*STEPS, "bf16")):
-            raise SystemExit(f"unknown format {fmt!r}: only bf16 and compress formats take '+fused'")
+    formats = [(fmt, *split_format(fmt)) for fmt in args.formats.split(",")]  # checked before any GPU work
     torch._dynamo.config.recompile_limit = 64
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)

@@ -20,7 +20,7 @@ import torch
 from transformers import StaticCache
 
 import compress
-from compress.eval.format_bench import build
+from compress.eval.format_bench import build, split_format
 from compress.eval.speed import cuda_mark, decode_step, random_prompts
 
 MATMUL_MARKS = ("gemm", "gemv", "cutlass", "xmma", "sm90_", "splitk", "int4pack", "scaled_mm", "int4_mma")
@@ -93,13 +93,11 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64
-    for fmt in args.formats.split(","):
-        name, _, fusion = fmt.partition("+")
+    formats = [(fmt, *split_format(fmt)) for fmt in args.formats.split(",")]  # checked before any GPU work
+    for fmt, name, fused in formats:
         model = build(args.shape, name)
-        if fusion == "fused":
+        if fused:
             compress.fuse_projections(model)
-        elif fusion:
-            raise SystemExit(f"unknown format {fmt!r}: the only suffix is '+fused'")
         wall, kernels = profile_format(model, 128, args.steps)
         report(fmt, wall, kernels, args.top)
         del model

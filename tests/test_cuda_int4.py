@@ -38,8 +38,7 @@ def test_cpu_tensors_and_the_switch_turn_it_off(monkeypatch) -> None:
         16, 1, dtype=torch.bfloat16)
     assert not cuda_int4.applies(x, q, s, 128)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(cuda_int4, "_compiles", lambda device: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(cuda_int4, "_usable", lambda device: True)
     assert cuda_int4.applies(x, q, s, 128)  # as on a GPU
     assert not cuda_int4.applies(x, q, s.half(), 128)  # scales of another dtype
     monkeypatch.setenv("COMPRESS_CUDA_INT4", "0")
@@ -51,12 +50,13 @@ def test_a_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch, cap
         raise RuntimeError("nvrtc: library not found\nmore detail")
 
     monkeypatch.setattr(cuda_int4, "_kernel", fails)
-    cuda_int4._compiles.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda_int4._usable.cache_clear()
     try:
         with caplog.at_level(logging.WARNING, logger="compress.kernels.cuda_int4"):
-            assert cuda_int4._compiles(0) is False
+            assert cuda_int4._usable(0) is False
     finally:
-        cuda_int4._compiles.cache_clear()
+        cuda_int4._usable.cache_clear()
     assert "RuntimeError: nvrtc: library not found" in caplog.text and "Triton kernels" in caplog.text
 
 
@@ -65,3 +65,16 @@ def test_the_kernel_source_ships_with_the_package() -> None:
 
     source = resources.files("compress.kernels").joinpath("int4_mma.cu").read_text()
     assert 'extern "C" __global__' in source and "int4_mma(" in source
+
+
+def test_gpus_without_16_bit_mma_are_not_asked_to_compile(monkeypatch) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("compiled for a GPU the kernel cannot run on")
+
+    monkeypatch.setattr(cuda_int4, "_kernel", never)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    cuda_int4._usable.cache_clear()
+    try:
+        assert cuda_int4._usable(0) is False
+    finally:
+        cuda_int4._usable.cache_clear()

@@ -45,7 +45,7 @@ def applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_
         return False
     if x.data_ptr() % 16 or qweight.data_ptr() % 16 or qweight.stride() != (x.shape[1] // 2, 1):
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 0) and _compiles(x.device.index or 0)
+    return _usable(x.device.index or 0)
 
 
 def default_warps(n: int, k: int) -> int:
@@ -91,7 +91,11 @@ def _kernel(bf16: bool, has_zero: bool, warps: int, device: int):
 
 
 @functools.cache
-def _compiles(device: int) -> bool:
+def _usable(device: int) -> bool:
+    """Whether ``device`` has mma.sync for 16-bit operands (compute capability 8.0 on) and the kernel compiles
+    there; asked once a device, as every decode call asks."""
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return False
     try:
         _kernel(True, False, default_warps(4096, 4096), device)
     except Exception as err:  # no NVRTC, no CUDA headers, an old PyTorch: the Triton kernels serve instead
