@@ -45,18 +45,22 @@ def test_cpu_tensors_and_the_switch_turn_it_off(monkeypatch) -> None:
     assert not cuda_int4.applies(x, q, s, 128)
 
 
-def test_a_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch, caplog) -> None:
+@pytest.fixture
+def fresh_usable():
+    """cuda_int4._usable's per-device answer forgotten before and after the test."""
+    cuda_int4._usable.cache_clear()
+    yield cuda_int4._usable
+    cuda_int4._usable.cache_clear()
+
+
+def test_a_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch, caplog, fresh_usable) -> None:
     def fails(*args, **kwargs):
         raise RuntimeError("nvrtc: library not found\nmore detail")
 
     monkeypatch.setattr(cuda_int4, "_kernel", fails)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    cuda_int4._usable.cache_clear()
-    try:
-        with caplog.at_level(logging.WARNING, logger="compress.kernels.cuda_int4"):
-            assert cuda_int4._usable(0) is False
-    finally:
-        cuda_int4._usable.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="compress.kernels.cuda_int4"):
+        assert fresh_usable(0) is False
     assert "RuntimeError: nvrtc: library not found" in caplog.text and "Triton kernels" in caplog.text
 
 
@@ -67,14 +71,10 @@ def test_the_kernel_source_ships_with_the_package() -> None:
     assert 'extern "C" __global__' in source and "int4_mma(" in source
 
 
-def test_gpus_without_16_bit_mma_are_not_asked_to_compile(monkeypatch) -> None:
+def test_gpus_without_16_bit_mma_are_not_asked_to_compile(monkeypatch, fresh_usable) -> None:
     def never(*args, **kwargs):
         raise AssertionError("compiled for a GPU the kernel cannot run on")
 
     monkeypatch.setattr(cuda_int4, "_kernel", never)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    cuda_int4._usable.cache_clear()
-    try:
-        assert cuda_int4._usable(0) is False
-    finally:
-        cuda_int4._usable.cache_clear()
+    assert fresh_usable(0) is False
