@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--valid", required=True, help="evaluation text file")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--calib-len", type=int, default=1024)
+    parser.add_argument("--calib-seed", type=int, default=0,
+                        help="seed of the calibration sample (another seed shows how much a result owes to the draw)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = torch.tensor(tok(open(args.valid).read(), verbose=False)["input_ids"])
-    calib = calibration_set(tok, args.calib, args.samples, args.calib_len, seed=0)
+    calib = calibration_set(tok, args.calib, args.samples, args.calib_len, seed=args.calib_seed)
     protocol = Protocol(seq_len=args.seq_len, max_tokens=args.max_tokens, text=args.valid)
     load_device = args.load_device or args.device
 
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"protocol": protocol.to_dict(), "samples": args.samples, "calib_len": args.calib_len,
+                       "calib_seed": args.calib_seed,
                        "dtype": args.dtype, "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                        else "cpu", "rows": rows}, fh, indent=2)
 
