@@ -46,8 +46,9 @@ class Absorber:
             return s, s
         width = int(self.index.max()) + 1
         idx = self.index.to(s.device)
-        t = torch.zeros(width, device=s.device, dtype=s.dtype).index_add_(0, idx, s)
-        t = t / torch.bincount(idx, minlength=width).to(s.dtype)
+        # a one-hot sum, not index_add_: on CUDA that adds with atomics, in an order that changes run to run
+        members = idx.unsqueeze(0) == torch.arange(width, device=s.device).unsqueeze(1)  # [width, channels]
+        t = torch.where(members, s, 0).sum(dim=1) / members.sum(dim=1).to(s.dtype)
         return t, t[idx]
 
     @torch.no_grad()

@@ -8,7 +8,9 @@ Per decoder block:
    preserves the group's own outputs on sample rows (or, with ``objective: block``, the block's output on the
    calibration inputs); it is folded into the absorber (divided) and
    the group's weights (multiplied), so inference costs nothing extra;
-3. per layer: the clipping range of each weight group that best preserves its outputs once quantized;
+3. per layer: the clipping range of each weight group that best preserves its outputs once quantized (first
+   each group alone, as the AWQ reference, then ``clip_passes`` rounds judging each group by its row's
+   whole output error);
 4. quantization to the packed ``int`` format (unless ``quantize: false``, which leaves scaled and clipped
    float weights for a following step such as GPTQ).
 
@@ -45,10 +47,14 @@ class AWQConfig(IntWeightConfig):
         None, description="also search the weight term's exponent over these values (default: 1 - ratio, the "
                           "AWQ reference's one-dimensional search)")
     clip: bool = Field(True, description="search each weight group's clipping range")
-    clip_grid: int = Field(20, ge=1, description="clipping steps of 1/clip_grid tried")
+    clip_grid: int = Field(40, ge=1, description="clipping steps of 1/clip_grid tried (the AWQ reference: 20)")
     max_shrink: float = Field(0.5, gt=0, lt=1, description="largest fraction of a group's range clipped away")
     search_tokens: int = Field(65536, ge=1, description="calibration tokens the scale search runs the block on")
-    clip_tokens: int = Field(4096, ge=1, description="input rows sampled per layer for the clipping search")
+    clip_tokens: int = Field(4096, ge=1, description="input rows sampled per layer; the scale and clipping "
+                                                     "searches judge output errors on them")
+    clip_passes: int = Field(1, ge=0, description="rounds of the clipping search that then judge each weight group "
+                                                  "by its row's whole output error, the other groups' included "
+                                                  "(0: each group on its own, as the AWQ reference)")
     quantize: bool = Field(True, description="write packed int weights; false leaves scaled float weights for a "
                                              "following quantizer (e.g. gptq)")
     search_clip: bool = Field(True, description="quantize scale candidates with a searched clipping range "
@@ -112,21 +118,22 @@ class AWQ(Method):
                 stats[group[0]] = stats[group[0]].scaled(s)
             unfinished.append(group)
             for done in [g for g in unfinished if all(last_use.get(n, -1) <= k for n in g)]:
-                _finish(work, done, stats[done[0]].rows, scheme, config)
+                _finish(work, done, stats[done[0]].gram, scheme, config)
                 unfinished.remove(done)
 
 
 @dataclass(frozen=True)
 class InputStats:
-    """What AWQ needs of a group's inputs: mean |x| and mean x^2 per channel, and sample rows."""
+    """What AWQ needs of a group's inputs: mean |x| and mean x^2 per channel over every calibration token, and
+    the second moments ``E[x x^T]`` of the sample rows (through which output errors on them are measured)."""
 
     mean_abs: torch.Tensor
     mean_sq: torch.Tensor
-    rows: torch.Tensor
+    gram: torch.Tensor
 
     def scaled(self, s: torch.Tensor) -> InputStats:
         """The statistics of x / s (the group's inputs once its absorber is divided by s)."""
-        return InputStats(self.mean_abs / s, self.mean_sq / s**2, self.rows / s)
+        return InputStats(self.mean_abs / s, self.mean_sq / s**2, self.gram / (s[:, None] * s[None, :]))
 
 
 def _input_statistics(work: BlockWork, groups: list[list[str]], rows: int) -> dict[str, InputStats]:
@@ -148,7 +155,11 @@ def _input_statistics(work: BlockWork, groups: list[list[str]], rows: int) -> di
         kept[name].append(flat[::step][:per_batch])
 
     work.collect_inputs({g[0]: work.targets[g[0]] for g in groups}, see)
-    return {n: InputStats(abs_sum[n] / counts[n], sq_sum[n] / counts[n], torch.cat(kept[n])) for n in width}
+    stats = {}
+    for n in width:
+        rows = torch.cat(kept[n])
+        stats[n] = InputStats(abs_sum[n] / counts[n], sq_sum[n] / counts[n], rows.t() @ rows / rows.shape[0])
+    return stats
 
 
 def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: list[torch.Tensor], limit: int,
@@ -170,7 +181,7 @@ def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: l
             else:
                 set_weight(layer, quant.rtn_dequantized(scaled, scheme, w.dtype) / s)
         if config.objective == "layers":
-            loss = sum((stats.rows @ (get_weight(layer).float() - w.float()).t()).pow(2).mean().item()
+            loss = sum(_output_error(get_weight(layer).float() - w.float(), stats.gram)
                        for layer, w in zip(layers, originals))
         else:
             outputs = work.forward(limit)
@@ -182,12 +193,20 @@ def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: l
     return best
 
 
-def _finish(work: BlockWork, group: list[str], rows: torch.Tensor, scheme: quant.IntScheme, config: AWQConfig) -> None:
-    """Clip (searching each weight group's range on the sample rows) and quantize the group's layers."""
+def _output_error(delta: torch.Tensor, moments: torch.Tensor) -> float:
+    """Mean square output error of a weight change ``delta`` [out, in] for inputs with E[x x^T] = ``moments``."""
+    return ((delta @ moments) * delta).sum().item() / delta.shape[0]
+
+
+def _finish(work: BlockWork, group: list[str], moments: torch.Tensor, scheme: quant.IntScheme,
+            config: AWQConfig) -> None:
+    """Clip (searching each weight group's range for inputs with second moments ``moments``) and quantize the
+    group's layers."""
     for name in group:
         layer = work.targets[name]
         if config.clip:
-            set_weight(layer, clip_weight(get_weight(layer), rows, scheme, config.clip_grid, config.max_shrink))
+            set_weight(layer, clip_weight(get_weight(layer), moments, scheme, config.clip_grid, config.max_shrink,
+                                          config.clip_passes))
         if config.quantize:
             work.replace(name, quantize_layer(layer, scheme, work.device))
 

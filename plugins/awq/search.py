@@ -3,12 +3,17 @@
 * Scale candidates: s = mean|x|^r / mean(w_normalised)^(1-r) per input channel, for r on a grid (the
   "duo" scaling of the AWQ reference), normalised so that max(s) * min(s) = 1; plus s = 1.
 * Clipping: for each group of weights, the shrink factor of its absolute maximum that minimises the error
-  of the group's partial dot products on sample inputs.
+  of the group's partial dot products on sample inputs; then rounds that judge each group by its whole
+  row's output error, the other groups' errors included (errors of neighbouring groups correlate through
+  the inputs, and the per-group objective cannot see it).
+
+Output errors are measured through the inputs' second moments ``E[x x^T]``: for a weight change ``d``, the
+mean square of ``x . d`` is ``d^T E[x x^T] d``, so no candidate is ever multiplied by the inputs themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -35,43 +40,95 @@ def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int,
             yield s / (s.max() * s.min()).sqrt()
 
 
-@torch.no_grad()
-def clip_weight(weight: torch.Tensor, x: torch.Tensor, scheme: IntScheme, grid: int = 20, max_shrink: float = 0.5,
-                rows_per_chunk: int = 128) -> torch.Tensor:
-    """``weight`` [out, in] with each group clipped to the range that best preserves x @ w_group on the sample
-    inputs ``x`` [n, in] once quantized.
+def quadratic_error(delta: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``delta_g^T G_gg delta_g`` for ``delta`` [..., G, gs] and a Gram matrix's diagonal blocks [G, gs, gs]:
+    per group, the mean square of its partial dot products with the inputs."""
+    return (torch.einsum("...gk,gkl->...gl", delta, blocks) * delta).sum(dim=-1)
 
-    The range is [-m, m] with m a shrink of the group's max |w| (the AWQ search); for asymmetric schemes the
-    two ends are then refined separately (one pass over each end with the other fixed), since a zero point
-    lets the grid sit off-centre.
+
+def diagonal_blocks(gram: torch.Tensor, gs: int) -> torch.Tensor:
+    """The [G, gs, gs] diagonal blocks of a [in, in] Gram matrix."""
+    g = gram.shape[0] // gs
+    return gram.reshape(g, gs, g, gs).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def clip_weight(weight: torch.Tensor, gram: torch.Tensor, scheme: IntScheme, grid: int = 20, max_shrink: float = 0.5,
+                passes: int = 0, chunk_elements: int = 2**25) -> torch.Tensor:
+    """``weight`` [out, in] with each group clipped to the range that best preserves its outputs once quantized,
+    for inputs whose second moments are ``gram`` [in, in] (``E[x x^T]``).
+
+    The range is [-m, m] with m a shrink of the group's max |w| (the AWQ search, which judges each group by its
+    own partial dot products); for asymmetric schemes the two ends are then refined separately (one pass over
+    each end with the other fixed), since a zero point lets the grid sit off-centre. ``passes`` more rounds then
+    visit the groups of each row in turn and judge each one by the error of the whole row's output, the other
+    groups' current errors included. Candidates are evaluated together, about ``chunk_elements`` at a time.
     """
     w = weight.float()
     out_f, in_f = w.shape
     gs = scheme.group_size if scheme.granularity == "group" else in_f
-    xg = x.float().reshape(-1, in_f // gs, gs)  # [n, G, gs]
-    shrinks = [1 - i / grid for i in range(int(max_shrink * grid))]
+    n_groups = in_f // gs
+    gram = gram.float()
+    blocks = diagonal_blocks(gram, gs)
+    shrinks = 1 - torch.arange(int(max_shrink * grid), device=w.device, dtype=torch.float32).view(-1, 1, 1, 1) / grid
+    rows = max(1, chunk_elements // (len(shrinks) * in_f))
     clipped = torch.empty_like(w)
-    for r0 in range(0, out_f, rows_per_chunk):
-        wg = w[r0 : r0 + rows_per_chunk].reshape(-1, in_f // gs, gs)  # [o, G, gs]
-        reference = torch.einsum("ngk,ogk->nog", xg, wg)
-        amax = wg.abs().amax(dim=-1, keepdim=True)
-        lo, hi = -amax, amax.clone()
-        best_err = torch.full(amax.shape[:2], float("inf"), device=w.device)
+    for r0 in range(0, out_f, rows):
+        wg = w[r0 : r0 + rows].reshape(-1, n_groups, gs)  # [o, G, gs]
+        lo, hi = _clip_search(wg, scheme, shrinks, weight.dtype, lambda d: quadratic_error(d, blocks))
+        delta = _dequantized(wg, lo, hi, scheme, weight.dtype) - wg
+        for _ in range(passes):
+            for g in range(n_groups):
+                cols = slice(g, g + 1)
+                # the other groups' share of the row error's cross term: sum over h != g of G_gh delta_h
+                cross = delta.reshape(-1, in_f) @ gram[:, g * gs : (g + 1) * gs] - delta[:, g] @ blocks[g]
 
-        def search(candidates):
-            nonlocal lo, hi, best_err
-            for new_lo, new_hi in candidates:
-                cur = torch.minimum(torch.maximum(wg, new_lo), new_hi)
-                deq = quant.rtn_dequantized(cur.reshape(-1, in_f), scheme, weight.dtype).reshape(cur.shape)
-                err = (torch.einsum("ngk,ogk->nog", xg, deq) - reference).pow(2).mean(dim=0)
-                better = (err < best_err).unsqueeze(-1)
-                best_err = torch.minimum(err, best_err)
-                lo, hi = torch.where(better, new_lo, lo), torch.where(better, new_hi, hi)
+                def row_error(d: torch.Tensor, g: int = g, cross: torch.Tensor = cross) -> torch.Tensor:
+                    d = d[..., 0, :]
+                    return ((d @ blocks[g]) * d + 2 * d * cross).sum(dim=-1, keepdim=True)
 
-        search((-amax * f, amax * f) for f in shrinks)
-        if not scheme.symmetric:
-            low_end, high_end = wg.amin(dim=-1, keepdim=True), wg.amax(dim=-1, keepdim=True)
-            search((low_end * f, hi) for f in shrinks)
-            search((lo, high_end * f) for f in shrinks)
-        clipped[r0 : r0 + rows_per_chunk] = torch.minimum(torch.maximum(wg, lo), hi).reshape(-1, in_f)
+                lo[:, cols], hi[:, cols] = _clip_search(wg[:, cols], scheme, shrinks, weight.dtype, row_error,
+                                                        lo[:, cols], hi[:, cols])
+                fresh = _dequantized(wg[:, cols], lo[:, cols], hi[:, cols], scheme, weight.dtype)
+                delta[:, cols] = fresh - wg[:, cols]
+        clipped[r0 : r0 + rows] = torch.minimum(torch.maximum(wg, lo), hi).reshape(-1, in_f)
     return clipped
+
+
+def _dequantized(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: IntScheme,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``wg`` [o, G, gs] clipped to [lo, hi] (broadcasting, e.g. [F, o, G, 1]), rounded to nearest and
+    dequantized."""
+    cur = torch.minimum(torch.maximum(wg, lo), hi)
+    scale, zero = quant.range_qparams(cur.amin(dim=-1), cur.amax(dim=-1), scheme, dtype)
+    return quant.fake_quantize(cur, scale.unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq)
+
+
+def _clip_search(wg: torch.Tensor, scheme: IntScheme, shrinks: torch.Tensor, dtype: torch.dtype,
+                 error: Callable[[torch.Tensor], torch.Tensor], lo: torch.Tensor | None = None,
+                 hi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of ``wg`` [o, G, gs], the range [lo, hi] (each [o, G, 1]) of least ``error(dequantized - wg)``
+    among the shrinks [F, 1, 1, 1] of [-max|w|, max|w|], then (asymmetric schemes) of each end with the other
+    fixed. Starting from a given range, a candidate must beat it to replace it."""
+    amax = wg.abs().amax(dim=-1, keepdim=True)
+    best = None
+    if lo is not None:
+        best = error(_dequantized(wg, lo, hi, scheme, dtype) - wg)
+    stages = [lambda lo, hi: (-amax * shrinks, amax * shrinks)]
+    if not scheme.symmetric:
+        stages.append(lambda lo, hi: (wg.amin(dim=-1, keepdim=True) * shrinks, hi.expand_as(shrinks * hi)))
+        stages.append(lambda lo, hi: (lo.expand_as(shrinks * lo), wg.amax(dim=-1, keepdim=True) * shrinks))
+    for stage in stages:
+        cand_lo, cand_hi = stage(lo, hi)  # [F, o, G, 1]
+        err = error(_dequantized(wg, cand_lo, cand_hi, scheme, dtype) - wg)  # [F, o, G]
+        k = err.argmin(dim=0, keepdim=True)
+        k_err = err.gather(0, k)[0]
+        pick_lo = cand_lo.gather(0, k.unsqueeze(-1))[0]
+        pick_hi = cand_hi.gather(0, k.unsqueeze(-1))[0]
+        if best is None:
+            lo, hi, best = pick_lo, pick_hi, k_err
+        else:
+            better = (k_err < best).unsqueeze(-1)
+            lo, hi = torch.where(better, pick_lo, lo), torch.where(better, pick_hi, hi)
+            best = torch.minimum(k_err, best)
+    return lo, hi
