@@ -35,7 +35,7 @@ from compress.formats.int_linear import IntWeightConfig, quantize_layer
 from compress.linear import get_weight, linear_shape, set_weight
 from compress.methods import Method, Needs
 from compress.plan import group_size_problems
-from compress.plugins.awq.search import channel_weight_mean, clip_weight, scale_candidates
+from compress.plugins.awq.search import channel_weight_mean, clip_weight, output_error, scale_candidates
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: l
             else:
                 set_weight(layer, quant.rtn_dequantized(scaled, scheme, w.dtype) / s)
         if config.objective == "layers":
-            loss = sum(_output_error(get_weight(layer).float() - w.float(), stats.gram)
+            loss = sum(output_error(get_weight(layer).float() - w.float(), stats.gram)
                        for layer, w in zip(layers, originals))
         else:
             outputs = work.forward(limit)
@@ -191,11 +191,6 @@ def _search_scale(work: BlockWork, layers: list, stats: InputStats, reference: l
     for layer, w in zip(layers, originals):
         set_weight(layer, w)
     return best
-
-
-def _output_error(delta: torch.Tensor, moments: torch.Tensor) -> float:
-    """Mean square output error of a weight change ``delta`` [out, in] for inputs with E[x x^T] = ``moments``."""
-    return ((delta @ moments) * delta).sum().item() / delta.shape[0]
 
 
 def _finish(work: BlockWork, group: list[str], moments: torch.Tensor, scheme: quant.IntScheme,

@@ -46,6 +46,11 @@ def quadratic_error(delta: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return (torch.einsum("...gk,gkl->...gl", delta, blocks) * delta).sum(dim=-1)
 
 
+def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
+    """The mean square output error of a weight change ``delta`` [out, in] for inputs with ``E[x x^T] = gram``."""
+    return quadratic_error(delta.unsqueeze(1), gram.unsqueeze(0)).mean().item()
+
+
 def diagonal_blocks(gram: torch.Tensor, gs: int) -> torch.Tensor:
     """The [G, gs, gs] diagonal blocks of a [in, in] Gram matrix."""
     g = gram.shape[0] // gs
