@@ -93,7 +93,7 @@ def clip_weight(weight: torch.Tensor, gram: torch.Tensor, scheme: IntScheme, gri
                     return ((d @ blocks[g]) * d + 2 * d * cross).sum(dim=-1, keepdim=True)
 
                 lo[:, cols], hi[:, cols] = _clip_search(wg[:, cols], scheme, shrinks, weight.dtype, row_error,
-                                                        lo[:, cols], hi[:, cols])
+                                                        (lo[:, cols], hi[:, cols], row_error(delta[:, cols])))
                 fresh = _dequantized(wg[:, cols], lo[:, cols], hi[:, cols], scheme, weight.dtype)
                 delta[:, cols] = fresh - wg[:, cols]
         clipped[r0 : r0 + rows] = torch.minimum(torch.maximum(wg, lo), hi).reshape(-1, in_f)
@@ -110,15 +110,14 @@ def _dequantized(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: I
 
 
 def _clip_search(wg: torch.Tensor, scheme: IntScheme, shrinks: torch.Tensor, dtype: torch.dtype,
-                 error: Callable[[torch.Tensor], torch.Tensor], lo: torch.Tensor | None = None,
-                 hi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 error: Callable[[torch.Tensor], torch.Tensor],
+                 start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group of ``wg`` [o, G, gs], the range [lo, hi] (each [o, G, 1]) of least ``error(dequantized - wg)``
     among the shrinks [F, 1, 1, 1] of [-max|w|, max|w|], then (asymmetric schemes) of each end with the other
-    fixed. Starting from a given range, a candidate must beat it to replace it."""
+    fixed. From a ``start`` (lo, hi, its error), a candidate must beat it to replace it."""
     amax = wg.abs().amax(dim=-1, keepdim=True)
-    best = None
-    if lo is not None:
-        best = error(_dequantized(wg, lo, hi, scheme, dtype) - wg)
+    lo, hi, best = start if start is not None else (None, None, None)
     stages = [lambda lo, hi: (-amax * shrinks, amax * shrinks)]
     if not scheme.symmetric:
         stages.append(lambda lo, hi: (wg.amin(dim=-1, keepdim=True) * shrinks, hi.expand_as(shrinks * hi)))
