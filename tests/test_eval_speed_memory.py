@@ -114,7 +114,7 @@ def test_tensor_bytes_count_packed_codes_and_tied_weights_once(tmp_path: Path) -
 def test_bench_prints_the_speed_table_of_a_random_model(monkeypatch, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from compress.eval import bench
+    from benchmarks import bench
 
     monkeypatch.setitem(bench.SHAPES, "tiny", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
@@ -135,7 +135,7 @@ def test_bench_prints_the_speed_table_of_a_random_model(monkeypatch, tmp_path: P
 
 
 def test_format_bench_line_gives_ratios_and_omits_untimed_prefill() -> None:
-    from compress.eval.format_bench import summary
+    from benchmarks.format_bench import summary
 
     base = {"format": "bf16", "decode_tok_s": 140.0, "floor_fraction": 0.7, "peak_gpu_bytes": 16 * 2**30,
             "decode": {"compiled-step": 140.0}}

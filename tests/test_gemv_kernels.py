@@ -4,7 +4,7 @@ interpreter (TRITON_INTERPRET=1, in a subprocess: the switch is read when the ke
 are chosen so that every mask is exercised: rows not a multiple of the row block, widths not a multiple of
 the tile, group counts not a multiple of the groups a tile holds or of the K split. Each case runs under a small
 and a large tile configuration (the autotuner's benchmark needs a GPU). Their speed and the compiled path are checked on
-the GPU (test_kernels_gpu.py, compress.eval.kernel_bench)."""
+the GPU (test_kernels_gpu.py, benchmarks/kernel_bench.py)."""
 
 from __future__ import annotations
 

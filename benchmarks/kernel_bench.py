@@ -1,19 +1,22 @@
 """Micro-benchmark of the linear-layer kernels on Llama-3-8B shapes (GPU): time per call and achieved
 bandwidth (weight bytes read per call / time) against a device-to-device copy measured in the same run.
 
-    python -m compress.eval.kernel_bench [--tokens 1,4,8,16] [--shapes up,down] [--only "bf16,int4 cuda"]
+    python -m benchmarks.kernel_bench [--tokens 1,4,8,16] [--shapes up,down] [--only "bf16,int4 cuda"]
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 import triton.testing
 
-from compress.formats import IntLinear
 from compress.quant import IntScheme
+
+if TYPE_CHECKING:
+    from compress.formats.integer import IntLinear
 
 SHAPES = {"o": (4096, 4096), "kv": (1024, 4096), "up": (14336, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096), "qkv": (6144, 4096), "gate_up": (28672, 4096)}  # the last two: fused layers
@@ -57,8 +60,9 @@ def main() -> None:
     if unknown:
         parser.error(f"--shapes: unknown shape(s) {', '.join(unknown)}; choose from {', '.join(SHAPES)}")
     only = [word for word in args.only.split(",") if word]
+    from compress.formats.fp8 import Fp8Linear
+    from compress.formats.integer import IntLinear
     from compress.kernels import cuda_int4, gemv
-    from compress.plugins.fp8.format import Fp8Linear
 
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")

@@ -2,8 +2,8 @@
 
 Decode speed does not depend on weight values, so no download is needed to measure a 1B or 8B model::
 
-    python -m compress.eval.bench --random llama-3.2-1b                      # batch 1, as in ANCHORS.md
-    python -m compress.eval.bench --random llama-3.2-1b --batch-sizes 1,8,32 --json speed.json --output reports/speed
+    python -m benchmarks.bench --random llama-3.2-1b                      # batch 1, as in ANCHORS.md
+    python -m benchmarks.bench --random llama-3.2-1b --batch-sizes 1,8,32 --json speed.json --output reports/speed
 
 It prints the speed table (and the memory table with ``--tasks memory,speed``); for real models, with
 quality tasks, use ``compress eval``.

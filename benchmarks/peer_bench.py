@@ -1,7 +1,7 @@
 """GPTQ quantization time, compress against llm-compressor, on a random-weight model of a real shape, in one
 run (GPU; llm-compressor from ../shared/device/make-devdeps.sh --peers on PYTHONPATH)::
 
-    python -m compress.eval.peer_bench --shape llama-3.2-1b --samples 128 --seq-len 1024
+    python -m benchmarks.peer_bench --shape llama-3.2-1b --samples 128 --seq-len 1024
 
 Both quantize the same model (fresh copies from one seed) with the same calibration tokens: 4-bit,
 group 128, symmetric, every Linear but lm_head. Times are wall-clock seconds of the quantization call
@@ -18,7 +18,8 @@ import time
 import torch
 
 import compress
-from compress.eval.bench import random_model
+
+from benchmarks.bench import random_model
 
 
 def _timed(fn) -> float:

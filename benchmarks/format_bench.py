@@ -1,7 +1,7 @@
 """Decode and prefill speed of compressed formats against bf16 and bitsandbytes, on a random-weight model of a
 real shape built on the GPU, in one run (the issue-5 table)::
 
-    python -m compress.eval.format_bench --shape llama-3-8b --formats bf16,int4,int4-lm-head,int8,fp8,nf4,llm.int8
+    python -m benchmarks.format_bench --shape llama-3-8b --formats bf16,int4,int4-lm-head,int8,fp8,nf4,llm.int8
 
 Per format: decode tok/s at batch 1 (128-token prompt, 256 new tokens; static KV cache + torch.compile for
 bf16 and compress formats, in each of ``--decode-configs``: ``compiled-step``, the compiled step in a bare
@@ -26,8 +26,9 @@ import torch
 import torch.nn as nn
 
 import compress
-from compress.eval.bench import random_model
 from compress.eval.speed import time_generation
+
+from benchmarks.bench import random_model
 
 STEPS = {
     "int4": [{"method": "rtn", "args": {"bits": 4, "group_size": 128}}],

@@ -1,7 +1,7 @@
 """Quantization benchmark: quality (perplexity against the original on the same text) and quantization
 time of several method configurations on one model, in one run.
 
-    python -m compress.eval.quantize_bench --model DIR --calib calib.txt --valid valid.txt \\
+    python -m benchmarks.quantize_bench --model DIR --calib calib.txt --valid valid.txt \\
         --config '{"method": "gptq", "args": {"bits": 4}}' --config '{"method": "awq", "args": {"bits": 4}}' \\
         --config '{"model": {"compute_dtype": "float32"}, "steps": [{"method": "awq", "args": {"bits": 4}}]}'
 

@@ -1,6 +1,6 @@
 """Where a compiled decode step's GPU time goes, kernel by kernel (GPU): the breakdown behind a speed figure::
 
-    python -m compress.eval.step_profile --shape llama-3-8b --formats bf16,int4,int4-lm-head+fused
+    python -m benchmarks.step_profile --shape llama-3-8b --formats bf16,int4,int4-lm-head+fused
 
 Per format, on a random-weight model of ``--shape`` at batch 1: the compiled step's wall time per token (CUDA
 graphs, as ``compiled-step`` times it) and the GPU time of each kernel per step, from torch.profiler over the
@@ -20,8 +20,9 @@ import torch
 from transformers import StaticCache
 
 import compress
-from compress.eval.format_bench import build, split_format
 from compress.eval.speed import cuda_mark, decode_step, random_prompts
+
+from benchmarks.format_bench import build, split_format
 
 MATMUL_MARKS = ("gemm", "gemv", "cutlass", "xmma", "sm90_", "splitk", "int4pack", "scaled_mm", "int4_mma")
 
