@@ -14,12 +14,13 @@ import torch.nn as nn
 from compress.calibration.data import CalibrationSet, calibration_set, pack
 from compress.calibration.engine import BlockWork, StepWork, run_stage
 from compress.errors import UsageError
-from compress.formats import CompressedLinear
 from compress.hf import CompressQuantizationConfig
 from compress.methods import Needs
 from compress.model import find_blocks, load_model, load_tokenizer, meta_model, resolve_device
 from compress.plan import Plan, PlannedStep, plan
 from compress.recipe import Recipe, read_recipe_file, validate_recipe
+from compress.states import LayerState
+from compress.train import training_context
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +62,34 @@ def _calibration(plan_: Plan, calib: CalibLike, tokenizer) -> CalibrationSet | N
                            spec.column)
 
 
-def _step_runner(step: PlannedStep):
+def _step_work(step: PlannedStep) -> StepWork:
     def run(work: BlockWork) -> None:
         # Without autograd: a weight that requires grad would otherwise leave every buffer computed from it
         # holding its whole autograd graph (the float intermediates of every layer) alive.
         with torch.no_grad():
             step.method.compress_block(work, step.config)
-        if step.method.quantizes(step.config):
-            for layer in work.targets.values():
-                if isinstance(layer, CompressedLinear):
-                    layer.written_by = {"method": step.method.name, "method_version": step.method.version}
 
-    return run
+    return StepWork(step.method.name, run, step.layers, step.method.needs_for(step.config) == Needs.CALIBRATION,
+                    step.method.needs_reference(step.config), step.method.produces(step.config),
+                    {"method": step.method.name, "method_version": step.method.version})
 
 
-def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device: torch.device) -> None:
-    """Run every stage of a checked plan on ``model`` (in place)."""
+def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device: torch.device,
+            work_dir: Path | None = None) -> None:
+    """Run every stage of a checked plan on ``model`` (in place). Training stages keep their resumable state
+    under ``work_dir`` (``stage-N``), when given."""
     batch_size = plan_.recipe.calibration.batch_size if plan_.recipe.calibration else 8
     compute_dtype = torch.float32 if plan_.recipe.model.compute_dtype == "float32" else None
-    for stage in plan_.stages:
+    states: dict[str, LayerState] = {}
+    for index, stage in enumerate(plan_.stages):
         if stage and stage[0].method.needs_for(stage[0].config) == Needs.TRAINING:
-            stage[0].method.train(model, stage[0].config, calib, str(device))
+            step = stage[0]
+            with training_context(model, step.layers, calib, device, step.method.needs_teacher(step.config),
+                                  work_dir / f"stage-{index}" if work_dir else None) as context:
+                step.method.train(context, step.config)
             continue
-        works = [StepWork(s.method.name, _step_runner(s), s.layers, s.method.needs_for(s.config) == Needs.CALIBRATION,
-                          s.method.needs_reference(s.config)) for s in stage]
-        run_stage(model, find_blocks(model), works, calib, device, batch_size, compute_dtype)
+        run_stage(model, find_blocks(model), [_step_work(s) for s in stage], calib, device, batch_size,
+                  compute_dtype, states)
     _record_steps(model, plan_)
 
 
@@ -96,7 +100,11 @@ def _record_steps(model: nn.Module, plan_: Plan) -> None:
     steps = list(previous.steps) if isinstance(previous, CompressQuantizationConfig) else []
     steps += [{"method": s.method.name, "method_version": s.method.version, "args": s.config.to_dict(),
                "layers": len(s.layers)} for stage in plan_.stages for s in stage]
-    model.config.quantization_config = CompressQuantizationConfig({}, steps, plan_.recipe.to_dict(), __version__)
+    features = [f.model_dump(mode="json") for f in plan_.recipe.runtime or []]
+    if not features and isinstance(previous, CompressQuantizationConfig):
+        features = previous.runtime
+    model.config.quantization_config = CompressQuantizationConfig({}, steps, plan_.recipe.to_dict(), __version__,
+                                                                  features)
 
 
 def apply(model: nn.Module, recipe: RecipeLike, calib: CalibLike = None, tokenizer=None,
@@ -149,8 +157,9 @@ def check_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> C
     return CheckedRecipe(parsed, plan(parsed, stages, meta, str(path)), str(path), data)
 
 
-def run_checked(checked: CheckedRecipe) -> tuple[nn.Module, Any]:
-    """Load the model of a checked recipe, compress it, and return (model, tokenizer)."""
+def run_checked(checked: CheckedRecipe, work_dir: Path | None = None) -> tuple[nn.Module, Any]:
+    """Load the model of a checked recipe, compress it, and return (model, tokenizer); training stages keep
+    their resumable state under ``work_dir``."""
     spec = checked.recipe.model
     try:
         tokenizer = load_tokenizer(spec.path, spec.revision, spec.trust_remote_code)
@@ -162,5 +171,5 @@ def run_checked(checked: CheckedRecipe) -> tuple[nn.Module, Any]:
     model = load_model(spec.path, spec.dtype, spec.init, spec.revision, spec.trust_remote_code)
     model.eval()
     calib = _calibration(checked.plan, None, tokenizer)
-    execute(model, checked.plan, calib, torch.device(resolve_device(spec.device)))
+    execute(model, checked.plan, calib, torch.device(resolve_device(spec.device)), work_dir)
     return model, tokenizer

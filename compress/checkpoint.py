@@ -23,12 +23,12 @@ import torch
 import torch.nn as nn
 import yaml
 
-from compress.errors import CheckpointError, PluginError, UsageError
-from compress.formats import CompressedLinear, format_class
-from compress.fusion import is_fused
+from compress import runtime
+from compress.errors import CheckpointError, UsageError
+from compress.formats import CompressedLinear
 from compress.hf import QUANT_METHOD, CompressQuantizationConfig
-from compress.linear import linear_shape
 from compress.model import DTYPES, resolve_device
+from compress.runtime.fusion import is_fused
 
 log = logging.getLogger(__name__)
 
@@ -44,40 +44,11 @@ def compressed_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     }
 
 
-def build_empty_layers(model: nn.Module, layers: dict[str, dict[str, Any]]) -> None:
-    """Replace the named linear layers of a (meta) model with empty compressed layers of their schemes."""
-    dtype = next(model.parameters()).dtype
-    for name, scheme in layers.items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as exc:
-            raise CheckpointError(f"checkpoint compresses layer {name!r}, which this model does not have; "
-                                  "the config.json and the weights disagree") from exc
-        in_f, out_f = linear_shape(layer)
-        device = layer.weight.device
-        _import_writer(scheme)
-        new = format_class(scheme["format"]).empty(in_f, out_f, getattr(layer, "bias", None) is not None,
-                                                   scheme, dtype, device)
-        new.written_by = {k: scheme[k] for k in ("method", "method_version") if k in scheme}
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
-def _import_writer(scheme: dict[str, Any]) -> None:
-    """Import the plugin that wrote a layer, so that a format it registers is known."""
-    from compress.registry import registry
-
-    if "method" in scheme:
-        try:
-            registry.get(scheme["method"])
-        except PluginError as exc:
-            raise CheckpointError(f"checkpoint layers were written by method {scheme['method']!r}: {exc}") from exc
-
-
-def quantization_config(model: nn.Module, steps: list[dict], recipe: dict | None) -> CompressQuantizationConfig:
+def quantization_config(model: nn.Module, steps: list[dict], recipe: dict | None,
+                        runtime_features: list[dict] | None) -> CompressQuantizationConfig:
     from compress import __version__
 
-    return CompressQuantizationConfig(compressed_layers(model), steps, recipe or {}, __version__)
+    return CompressQuantizationConfig(compressed_layers(model), steps, recipe or {}, __version__, runtime_features)
 
 
 def _partial_dir(target: Path) -> Path:
@@ -124,8 +95,9 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict]
         steps = previous.steps
     if recipe is None and isinstance(previous, CompressQuantizationConfig):
         recipe = previous.recipe
+    features = previous.runtime if isinstance(previous, CompressQuantizationConfig) else []
     try:
-        model.config.quantization_config = quantization_config(model, steps or [], recipe)
+        model.config.quantization_config = quantization_config(model, steps or [], recipe, features)
         model.save_pretrained(partial)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
@@ -172,8 +144,10 @@ def read_quantization_config(path: str | Path) -> dict[str, Any] | None:
     return qc
 
 
-def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None) -> nn.Module:
-    """Load a compress checkpoint (or any local causal LM) for inference, on ``device`` (default: auto)."""
+def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+         enable_runtime: bool = True) -> nn.Module:
+    """Load a compress checkpoint (or any local causal LM) for inference, on ``device`` (default: auto), with the
+    runtime features its recipe named enabled there (unless ``enable_runtime`` is False)."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
@@ -188,4 +162,7 @@ def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype |
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"could not load checkpoint {path}: {exc}") from exc
     model.eval()
-    return model.to(resolve_device(device or "auto"))
+    model = model.to(resolve_device(device or "auto"))
+    if enable_runtime:
+        runtime.enable(model)
+    return model

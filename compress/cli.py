@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -161,9 +162,11 @@ def apply_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str | N
         raise UsageError(f"output {target} already exists and was not made by this recipe; pass --overwrite "
                          "to replace it, or choose another --output")
     start = time.perf_counter()
-    compressed, tokenizer = run_checked(checked)
+    work_dir = target.parent / f".{target.name}.train"  # training stages' resumable state, until the checkpoint is written
+    compressed, tokenizer = run_checked(checked, work_dir)
     elapsed = time.perf_counter() - start
     save(compressed, target, tokenizer, recipe=checked.recipe.to_dict(), overwrite=overwrite)
+    shutil.rmtree(work_dir, ignore_errors=True)
     click.echo(f"compressed in {elapsed:.1f} s; wrote {target}")
     click.echo(storage_summary(compressed))
     if checked.recipe.eval is not None:

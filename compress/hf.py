@@ -1,6 +1,7 @@
 """transformers integration: after ``import compress``, ``AutoModelForCausalLM.from_pretrained(dir)`` loads
 compress checkpoints (``quantization_config.quant_method == "compress"``), building each compressed layer
-empty from its stored scheme before the weights are read.
+empty from its stored scheme before the weights are read. Loading needs the formats a checkpoint names (the
+``compress.formats`` entry points), never the methods that wrote it.
 """
 
 from __future__ import annotations
@@ -23,21 +24,26 @@ class CompressQuantizationConfig(QuantizationConfigMixin):
     """The ``quantization_config`` of a compress checkpoint.
 
     ``layers`` maps each compressed layer's qualified name to its stored scheme (format, bits, ...) and
-    the method that wrote it; ``steps`` lists every step applied; ``recipe`` is the recipe used.
+    the method that wrote it; ``formats`` names the storage formats they use (all that loading needs);
+    ``steps`` lists every step applied; ``recipe`` is the recipe used; ``runtime`` lists the runtime features
+    (``{"feature": name, "args": {...}}``) that :func:`compress.load` enables.
     """
 
     def __init__(self, layers: dict[str, dict] | None = None, steps: list[dict] | None = None,
-                 recipe: dict | None = None, compress_version: str | None = None, **kwargs: Any):
+                 recipe: dict | None = None, compress_version: str | None = None,
+                 runtime: list[dict] | None = None, formats: list[str] | None = None, **kwargs: Any):
         self.quant_method = QUANT_METHOD
         self.layers = layers or {}
+        self.formats = formats or sorted({scheme["format"] for scheme in self.layers.values() if "format" in scheme})
         self.steps = steps or []
         self.recipe = recipe or {}
+        self.runtime = runtime or []
         self.compress_version = compress_version
         self.extra = kwargs
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "compress_version": self.compress_version, "steps": self.steps,
-                "recipe": self.recipe, "layers": self.layers}
+                "recipe": self.recipe, "runtime": self.runtime, "formats": self.formats, "layers": self.layers}
 
 
 class CompressHfQuantizer(HfQuantizer):
@@ -46,7 +52,7 @@ class CompressHfQuantizer(HfQuantizer):
     requires_calibration = True
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from compress.checkpoint import build_empty_layers
+        from compress.formats import build_empty_layers
 
         build_empty_layers(model, self.quantization_config.layers)
         return model

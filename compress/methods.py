@@ -8,6 +8,7 @@ recipe with no change to compress::
         name = "halve"
         Config = HalveConfig          # a MethodConfig: unknown fields rejected, immutable
         needs = Needs.NOTHING         # or CALIBRATION (gets block inputs) or TRAINING (gets the model)
+        # consumes / produces / writes: the layer states it takes and leaves (compress.states)
 
         def compress_block(self, work, config):
             for name, layer in work.targets.items():
@@ -22,12 +23,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from compress.errors import PluginError, Problem
+from compress.states import KEEPS, LayerKind
 
 if TYPE_CHECKING:
     import torch.nn as nn
 
-    from compress.calibration.data import CalibrationSet
     from compress.calibration.engine import BlockWork
+    from compress.train import TrainContext
 
 
 class Needs(str, Enum):
@@ -56,7 +58,10 @@ class MethodConfig(BaseModel):
 
 class Method:
     """Base class of a compression method. Subclasses set the class attributes and override the hooks
-    their ``needs`` calls for."""
+    their ``needs`` calls for.
+
+    A method declares the layer states it takes and leaves (:mod:`compress.states`), and the format it stores,
+    so a recipe's steps are checked together before anything runs."""
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
@@ -69,14 +74,29 @@ class Method:
         activation scales that need calibration data)."""
         return self.needs
 
-    def quantizes(self, config: MethodConfig) -> bool:
-        """True when the method replaces its targets with compressed layers (so no later step of the same
-        recipe may quantize them again)."""
-        return False
+    def consumes(self, config: MethodConfig) -> frozenset[LayerKind]:
+        """The layer states this method can take (default: dense float weights only)."""
+        return frozenset({LayerKind.DENSE})
+
+    def produces(self, config: MethodConfig) -> LayerKind | None:
+        """The state it leaves its targets in: MASKED (it sets ``work.set_mask`` for each target), FORMAT (it
+        replaces each target with a :class:`compress.CompressedLinear` through ``work.replace``), FACTORED, or
+        ``KEEPS`` (None, the default: it changes float weights in place and the state stays what it was)."""
+        return KEEPS
+
+    def writes(self, config: MethodConfig) -> dict[str, Any] | None:
+        """For methods that produce FORMAT: the per-layer scheme they store (``{"format": name, ...}``, as the
+        format's ``scheme()`` gives it), so the plan can say which kernel each layer will run with."""
+        return None
 
     def needs_reference(self, config: MethodConfig) -> bool:
         """True when the method also wants each block's uncompressed copy and its inputs in the uncompressed
         model (``work.reference``), e.g. to fit compressed layers to the original model's outputs."""
+        return False
+
+    def needs_teacher(self, config: MethodConfig) -> bool:
+        """For TRAINING methods: True when the method wants the model as it was before its stage
+        (``context.teacher``), e.g. to distil from it."""
         return False
 
     def check_targets(self, targets: dict[str, nn.Module], config: MethodConfig) -> list[Problem]:
@@ -97,8 +117,9 @@ class Method:
             "the plugin's author must implement it"
         )
 
-    def train(self, model: nn.Module, config: MethodConfig, data: CalibrationSet, device: str) -> None:
-        """Run a training stage on the whole model (``needs`` is TRAINING)."""
+    def train(self, context: TrainContext, config: MethodConfig) -> None:
+        """Run a training stage on the whole model (``needs`` is TRAINING): ``context`` holds the model, the
+        teacher when asked for, the data, the device, a checkpoint folder and the parameters that may train."""
         raise PluginError(
             f"method {self.name!r} declares needs={self.needs.value!r} but does not override train; "
             "the plugin's author must implement it"

@@ -1,24 +1,29 @@
 """Pass 4 of recipe checking: the recipe against the model, on the meta device (no weights loaded).
 
 Produces the :class:`Plan` that ``compress validate`` prints and ``compress apply`` executes: for each
-stage, each step with its method, config and the exact layers it will compress.
+stage, each step with its method, config and the exact layers it will compress. Each layer's state is
+followed from step to step (:mod:`compress.states`): a step that would receive a layer in a state it cannot
+take is refused with the fix; and for each step that stores a format, the kernel each layer will decode with
+on CUDA, or why it falls back to dequantize-then-matmul.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
-import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from compress.errors import Problem, RecipeError
+from compress.errors import CompressError, Problem, RecipeError
+from compress.formats import format_class
+from compress.formats.base import KernelChoice
 from compress.linear import linear_shape
 from compress.methods import Method, MethodConfig, Needs
 from compress.model import find_blocks
 from compress.recipe import Recipe, ResolvedStep
+from compress.states import LayerKind, describe_kinds
 from compress.targets import linear_names, select
 
 log = logging.getLogger(__name__)
@@ -30,6 +35,7 @@ class PlannedStep:
     method: Method
     config: MethodConfig
     layers: list[str]
+    kernels: dict[str, KernelChoice] = field(default_factory=dict)  # layer -> its decode kernel (format writers)
 
 
 @dataclass(frozen=True)
@@ -48,11 +54,30 @@ class Plan:
             lines.append(f"stage {si}" + (f" ({name})" if name else ""))
             for step in stage:
                 args = ", ".join(f"{k}={v}" for k, v in step.config.to_dict().items())
-                kinds = Counter(layer.rsplit(".", 1)[-1] for layer in step.layers)
-                summary = ", ".join(f"{k} x{n}" for k, n in kinds.items())
                 lines.append(f"  {step.where}: {step.method.name}({args})")
-                lines.append(f"    {len(step.layers)} layers: {summary}")
+                lines.append(f"    {len(step.layers)} layers: {_kinds(step.layers)}")
+                lines += [f"    {line}" for line in _kernel_lines(step.kernels)]
         return "\n".join(lines)
+
+
+def _kinds(layers: list[str]) -> str:
+    return ", ".join(f"{k} x{n}" for k, n in Counter(layer.rsplit(".", 1)[-1] for layer in layers).items())
+
+
+def _kernel_lines(kernels: dict[str, KernelChoice]) -> list[str]:
+    """What ``compress validate`` says of a step's decode kernels on CUDA: one line per kernel and fallback."""
+    by_choice: dict[KernelChoice, list[str]] = {}
+    for layer, choice in kernels.items():
+        by_choice.setdefault(choice, []).append(layer)
+    lines = []
+    for choice, layers in by_choice.items():
+        if choice.kernel is None:
+            lines.append(f"on CUDA: {len(layers)} layers ({_kinds(layers)}) fall back to dequantize-then-matmul: "
+                         f"{choice.note}")
+        else:
+            note = f" ({choice.note})" if choice.note else ""
+            lines.append(f"on CUDA: {len(layers)} layers ({_kinds(layers)}) decode with the {choice.kernel} kernel{note}")
+    return lines
 
 
 def model_context(model: nn.Module) -> int | None:
@@ -74,7 +99,7 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
     blocks = find_blocks(model)
     block_prefix = blocks.prefix + "."
     planned: list[list[PlannedStep]] = []
-    quantized_by: dict[str, str] = {}
+    states: dict[str, tuple[LayerKind, str]] = {}  # layer -> its state and the step that left it so
     for stage in stages:
         planned_stage = []
         for step in stage:
@@ -95,19 +120,51 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
                                         "add them to ignore"))
             for p in step.method.check_targets(sel.modules, step.config):
                 problems.append(Problem(f"{step.where}.args.{p.where}" if p.where else step.where, p.message))
-            if step.method.quantizes(step.config):
-                twice = [n for n in sel.modules if n in quantized_by]
-                if twice:
-                    problems.append(Problem(step.where, f"{len(twice)} layers ({_names(twice)}) are already "
-                                            f"quantized by {quantized_by[twice[0]]}; a layer is quantized once "
-                                            "(for AWQ then GPTQ, give awq `quantize: false`)"))
-                quantized_by.update({n: f"{step.where} ({step.method.name})" for n in sel.modules})
-            planned_stage.append(PlannedStep(step.where, step.method, step.config, list(sel.modules)))
+            problems += _state_problems(step, list(sel.modules), states)
+            kernels = _kernels(step, sel.modules, problems)
+            planned_stage.append(PlannedStep(step.where, step.method, step.config, list(sel.modules), kernels))
         planned.append(planned_stage)
     seq_len = _seq_len(recipe, model, problems)
     if problems:
         raise RecipeError(problems, f"{source} (against {type(model).__name__})")
     return Plan(recipe, planned, seq_len)
+
+
+def _state_problems(step: ResolvedStep, layers: list[str], states: dict[str, tuple[LayerKind, str]]) -> list[Problem]:
+    """Whether ``step`` can take its layers in the states the earlier steps left them in (then it records what
+    it leaves); one problem per state it cannot take, with the fix."""
+    takes = step.method.consumes(step.config)
+    produces = step.method.produces(step.config)
+    refused: dict[tuple[LayerKind, str], list[str]] = {}
+    for name in layers:
+        kind, by = states.get(name, (LayerKind.DENSE, ""))
+        if kind not in takes:
+            refused.setdefault((kind, by), []).append(name)
+        if produces is not None:
+            states[name] = (produces, f"{step.where} ({step.method.name})")
+    problems = []
+    for (kind, by), names in refused.items():
+        fix = "remove one of the two steps, or put this one first"
+        if kind == LayerKind.FORMAT and produces == LayerKind.FORMAT:
+            fix = "a layer is stored once: remove one of the two steps (for AWQ then GPTQ, give awq `quantize: false`)"
+        elif kind == LayerKind.MASKED:
+            fix = "put this step before the pruning step, or use a method that keeps a pruner's mask"
+        problems.append(Problem(step.where, f"{len(names)} layers ({_names(names)}) are {kind.described()} by {by}; "
+                                f"method {step.method.name!r} takes {describe_kinds(takes)} layers: {fix}"))
+    return problems
+
+
+def _kernels(step: ResolvedStep, layers: dict[str, nn.Module], problems: list[Problem]) -> dict[str, KernelChoice]:
+    """For a step that stores a format, the decode kernel each of its layers will run with on CUDA."""
+    scheme = step.method.writes(step.config)
+    if scheme is None:
+        return {}
+    try:
+        fmt = format_class(scheme["format"])
+    except CompressError as exc:
+        problems.append(Problem(step.where, f"method {step.method.name!r} stores format {scheme['format']!r}: {exc}"))
+        return {}
+    return {n: fmt.kernel(scheme, *linear_shape(m)) for n, m in layers.items()}
 
 
 def _seq_len(recipe: Recipe, model: nn.Module, problems: list[Problem]) -> int | None:
@@ -135,23 +192,3 @@ def _unmatched(step: ResolvedStep, k: int, model: nn.Module) -> Problem:
     hint = f"did you mean {close[0]!r}? " if close else ""
     return Problem(f"{step.where}.targets[{k}]", f"pattern {pattern!r} matches no linear layer of "
                    f"{type(model).__name__}; {hint}its linear layers are named: {', '.join(known)}")
-
-
-def group_size_problems(targets: dict[str, nn.Module], group_size: int | None, field: str = "group_size") -> list[Problem]:
-    """The shared check of group-wise methods: ``group_size`` must divide every target's in_features.
-
-    One problem lists every offending layer and the fixes (group sizes that divide them all,
-    per-channel, or ignoring the layers).
-    """
-    if not group_size:
-        return []
-    bad = {n: linear_shape(m)[0] for n, m in targets.items() if linear_shape(m)[0] % group_size}
-    if not bad:
-        return []
-    common = math.gcd(*(linear_shape(m)[0] for m in targets.values()))
-    fits = [g for g in (256, 128, 64, 32, 16) if common % g == 0 and g < group_size]
-    fixes = [f"group_size: {fits[0]} (divides every targeted layer)"] if fits else []
-    fixes += ["per-channel scales (group_size: null)", "add these layers to ignore"]
-    listed = ", ".join(f"{n} (in_features={f})" for n, f in bad.items())
-    return [Problem(field, f"{group_size} does not divide in_features of {len(bad)} layers: {listed}; "
-                    f"fix with one of: {'; '.join(fixes)}")]

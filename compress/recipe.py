@@ -65,6 +65,13 @@ class StepSpec(_Section):
     args: dict[str, Any] = Field(default_factory=dict)
 
 
+class RuntimeSpec(_Section):
+    """A runtime feature the checkpoint runs with once loaded (``compress.load`` enables it)."""
+
+    feature: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
 class StageSpec(_Section):
     name: str | None = None
     steps: list[StepSpec] = Field(min_length=1)
@@ -138,6 +145,8 @@ class Recipe(_Section):
     calibration: CalibrationSpec | None = None
     stages: list[StageSpec] | None = None
     steps: list[StepSpec] | None = Field(None, description="shorthand for a single stage")
+    runtime: list[RuntimeSpec] | None = Field(None, description="runtime features the checkpoint runs with "
+                                               "(e.g. fuse-projections)")
     output: str | None = None
     eval: EvalSpec | None = None
 
@@ -279,6 +288,7 @@ def validate_recipe(data: dict, source: str = "recipe", plugins: Registry = regi
         except ValidationError as exc:
             for p in problems_from_validation(exc, fields=list(method.Config.model_fields)):
                 problems.append(Problem(f"{where}.args.{p.where}" if p.where else f"{where}.args", p.message))
+    problems += _runtime_problems(data)
     if recipe is None:
         raise RecipeError(problems, source)
     if recipe.stages and recipe.steps:
@@ -297,6 +307,28 @@ def validate_recipe(data: dict, source: str = "recipe", plugins: Registry = regi
     if problems:
         raise RecipeError(problems, source)
     return recipe, stages
+
+
+def _runtime_problems(data: dict) -> list[Problem]:
+    """Pass 2 for the ``runtime:`` section: each feature is installed and its arguments fit it."""
+    from compress.runtime import features
+
+    problems = []
+    entries = data.get("runtime")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("feature"), str):
+            continue
+        try:
+            feature = features.get(entry["feature"])
+        except PluginError as exc:
+            problems.append(Problem(f"runtime[{i}].feature", str(exc)))
+            continue
+        try:
+            feature.Config.model_validate(entry.get("args") or {})
+        except ValidationError as exc:
+            for p in problems_from_validation(exc, fields=list(feature.Config.model_fields)):
+                problems.append(Problem(f"runtime[{i}].args.{p.where}" if p.where else f"runtime[{i}].args", p.message))
+    return problems
 
 
 def _raw_steps(data: dict) -> list[tuple[str, dict]]:

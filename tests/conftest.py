@@ -66,6 +66,20 @@ def make_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
+def install_fake_distribution(site: Path, dist: str, modules: dict[str, str],
+                              entry_points: dict[str, dict[str, str]]) -> None:
+    """What `pip install` leaves behind: the modules and a .dist-info with METADATA and entry_points.txt
+    (``entry_points``: group -> {name: "module:attr"})."""
+    for name, code in modules.items():
+        (site / f"{name}.py").write_text(code)
+    info = site / f"{dist}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+    sections = [f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entries.items())
+                for group, entries in entry_points.items()]
+    (info / "entry_points.txt").write_text("\n".join(sections))
+
+
 @pytest.fixture(params=ARCHS)
 def arch(request) -> str:
     return request.param

@@ -20,7 +20,7 @@ from compress.kernels import cuda_int4
     (1, 16, 128, 128, True),
 ])
 def test_shapes_the_kernel_takes(tokens, n, k, group, takes) -> None:
-    assert cuda_int4._shape_ok(tokens, n, k, group) is takes
+    assert cuda_int4.shape_ok(tokens, n, k, group) is takes
 
 
 def test_block_size_keeps_the_grid_near_4096_warps() -> None:

@@ -44,7 +44,7 @@ def checkpoint(tiny_dirs, tmp_path_factory) -> Path:
 def test_eval_fuses_every_model_unless_told_not_to(checkpoint, tiny_dirs, text, tmp_path, monkeypatch) -> None:
     """The checkpoint and the baseline both run with q/k/v and gate/up fused, or neither (--no-fuse), with the
     same perplexities either way."""
-    from compress import fusion
+    from compress.runtime import fusion
 
     groups = []
     real = fusion.fuse_projections

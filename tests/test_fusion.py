@@ -1,4 +1,4 @@
-"""Fused sibling projections (compress.fusion): layers that read the same input run as one layer, with the same
+"""Fused sibling projections (compress.runtime.fusion): layers that read the same input run as one layer, with the same
 outputs, no byte held twice, an undo that restores the original layers, and no graph break under torch.compile."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ import torch
 import compress
 from compress.errors import UsageError
 from compress.eval.memory import tensor_bytes_by_dtype
-from compress.formats import CompressedLinear, IntLinear
-from compress.fusion import FusedProjection
+from compress.formats import CompressedLinear
+from compress.formats.integer import IntLinear
+from compress.runtime.fusion import FusedProjection
 from conftest import make_tiny
 
 STEPS = {"dense": [],  # the model's own nn.Linear layers
@@ -69,7 +70,7 @@ def test_member_called_with_another_input_computes_its_own() -> None:
 
 
 def test_prefill_runs_the_members_separately(monkeypatch) -> None:
-    from compress.fusion import FUSE_MAX_TOKENS
+    from compress.runtime.fusion import FUSE_MAX_TOKENS
 
     model = make_tiny("llama")
     compress.apply(model, [dict(s) for s in STEPS["int4"]], device="cpu")

@@ -18,7 +18,8 @@ from compress.calibration.data import calibration_set
 from compress.eval.perplexity import Protocol, perplexity
 from compress.model import load_tokenizer
 from compress.plugins.awq.search import clip_weight
-from compress.plugins.gptq.algorithm import Hessian, gptq
+from compress.plugins.gptq.algorithm import gptq
+from compress.solvers.hessian import Hessian
 from compress.quant import IntScheme
 from conftest import ARCHS, REF_A, REFCODE, REPO, make_tiny, needs_shared
 

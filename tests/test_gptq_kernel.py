@@ -11,7 +11,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("rows, cols", [(640, 128), (1000, 96), (17, 128), (2048, 64), (300, 256)])
 def test_triton_sweep_matches_reference(rows: int, cols: int) -> None:
-    from compress.plugins.gptq.sweep import sweep_torch, sweep_triton
+    from compress.solvers.sweep import sweep_torch, sweep_triton
 
     g = torch.Generator(device="cuda").manual_seed(rows + cols)
     x = torch.randn(4 * cols, cols, device="cuda", generator=g)

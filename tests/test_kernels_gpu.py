@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import compress
-from compress.formats import IntLinear
+from compress.formats.integer import IntLinear
 from compress.quant import IntScheme
 from conftest import make_tiny, use_tiles
 
@@ -129,8 +129,8 @@ def test_fused_projections_decode_compiled_with_fewer_kernels(method, args, kern
 @pytest.mark.parametrize("weights", ["channel", "tensor"])
 def test_fp8_scaled_mm_matches_emulation(tokens, weights, monkeypatch) -> None:
     from compress.kernels import gemv
-    from compress.plugins.fp8 import activations
-    from compress.plugins.fp8.format import Fp8Linear
+    from compress.kernels import fp8_activations as activations
+    from compress.formats.fp8 import Fp8Linear
 
     calls = []
     real = activations.quantize_rows
@@ -149,8 +149,8 @@ def test_fp8_scaled_mm_matches_emulation(tokens, weights, monkeypatch) -> None:
 @pytest.mark.parametrize("rows, width", [(1, 4096), (4096, 4096), (37, 14336), (5, 1000)])
 @pytest.mark.parametrize("static", [False, True])
 def test_fp8_activation_kernel_matches_pytorch_bit_for_bit(rows, width, static) -> None:
-    from compress.plugins.fp8 import activations
-    from compress.plugins.fp8.format import quantize_fp8, token_scales
+    from compress.kernels import fp8_activations as activations
+    from compress.formats.fp8 import quantize_fp8, token_scales
 
     g = torch.Generator(device="cuda").manual_seed(rows + width)
     x = (torch.randn(rows, width, device="cuda", generator=g) * 3).bfloat16()
@@ -186,7 +186,7 @@ def _op_cases(w: torch.Tensor, bits: int) -> list:
     """(the decode op called on x, the layer whose dequantized weight it multiplies) for each storage of ``w`` the
     op takes: 4-bit group 64, symmetric and asymmetric; or 8 bits: int8 and uint8 per channel, and FP8."""
     from compress.kernels import gemv
-    from compress.plugins.fp8.format import Fp8Linear
+    from compress.formats.fp8 import Fp8Linear
 
     if bits == 4:
         layers = [IntLinear.from_weight(w, None, IntScheme(4, sym, "group", 64), torch.bfloat16) for sym in (True, False)]

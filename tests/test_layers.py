@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.formats.int_linear import IntLinear
-from compress.plugins.fp8.format import Fp8Linear, quantize_fp8, token_scales
+from compress.formats.integer import IntLinear
+from compress.formats.fp8 import Fp8Linear, quantize_fp8, token_scales
 from compress.quant import IntScheme
 
 

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from compress.cli import cli
 from compress.errors import PluginError
 from compress.registry import Registry, registry
-from conftest import REPO
+from conftest import REPO, install_fake_distribution
 
 
 def readme_plugin_example() -> str:
@@ -24,25 +24,14 @@ def readme_plugin_example() -> str:
     return match.group(1)
 
 
-def install_fake_distribution(site: Path, dist: str, modules: dict[str, str], entry_points: dict[str, str]) -> None:
-    """What `pip install` leaves behind: the modules and a .dist-info with METADATA and entry_points.txt."""
-    for name, code in modules.items():
-        (site / f"{name}.py").write_text(code)
-    info = site / f"{dist}-1.0.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
-    (info / "entry_points.txt").write_text(f"[compress.plugins]\n{lines}\n")
-
-
 @pytest.fixture
 def third_party(tmp_path: Path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
     install_fake_distribution(site, "my-compress-plugin", {"my_compress_plugin": readme_plugin_example()},
-                              {"toy-prune": "my_compress_plugin:MagnitudePrune"})
+                              {"compress.plugins": {"toy-prune": "my_compress_plugin:MagnitudePrune"}})
     install_fake_distribution(site, "broken-plugin", {"broken_plugin": "import no_such_module_anywhere\n"},
-                              {"broken": "broken_plugin:Method"})
+                              {"compress.plugins": {"broken": "broken_plugin:Method"}})
     monkeypatch.syspath_prepend(str(site))
     registry.refresh()
     yield site
@@ -91,7 +80,7 @@ def test_discovery_is_lazy() -> None:
     fresh = Registry()
     assert fresh._entry_points is None  # nothing read until a method is asked for
     assert "rtn" in fresh.names()
-    assert fresh._methods == {}  # listing names imports no plugin
+    assert fresh._entries == {}  # listing names imports no plugin
 
 
 def test_plugin_api_misuse_is_explained() -> None:

@@ -6,6 +6,10 @@ device, let each step of the stage compress its targets in that block (observing
 it needs them), run the block again so the next block sees the *compressed* outputs, and move it back.
 Only the active block (and the small modules before the first block) sit on the execution device, so peak
 GPU memory is about one block plus its activations.
+
+Each layer's state (:mod:`compress.states`: a pruner's mask, the format a quantizer stored and which method
+wrote it) lives in one table for the whole recipe; a step reads and writes it through its :class:`BlockWork`,
+and the engine checks that each step left its targets in the state it declared.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from compress.calibration.data import CalibrationSet
+from compress.errors import PluginError
+from compress.formats.base import CompressedLinear
 from compress.model import Blocks
+from compress.states import LayerKind, LayerState
 
 log = logging.getLogger(__name__)
 
@@ -102,18 +109,35 @@ class BlockWork:
     inputs: BlockInputs | None
     device: torch.device
     reference: Reference | None = None  # the block as it was, on the uncompressed model's inputs
+    states: dict[str, LayerState] = field(default_factory=dict, repr=False)  # the recipe's layer states
+    written_by: dict[str, str] = field(default_factory=dict, repr=False)  # the step's method and its version
     _groups: list[list[str]] | None = field(default=None, repr=False)
 
     def local(self, qualified: str) -> str:
         return qualified[len(self.name) + 1 :] if self.name else qualified
 
     def replace(self, qualified: str, new: nn.Module) -> None:
-        """Swap the layer ``qualified`` for ``new`` inside the block (and in ``targets``)."""
+        """Swap the layer ``qualified`` for ``new`` inside the block (and in ``targets``); a stored format is
+        recorded in the layer's state with the method that wrote it."""
         parent_name, _, child = self.local(qualified).rpartition(".")
         parent = self.block.get_submodule(parent_name) if parent_name else self.block
         setattr(parent, child, new)
         if qualified in self.targets:
             self.targets[qualified] = new
+        if isinstance(new, CompressedLinear):
+            new.written_by = dict(self.written_by)
+            self.states[qualified] = LayerState(LayerKind.FORMAT, format=new.format, written_by=dict(self.written_by))
+
+    def mask(self, qualified: str) -> torch.Tensor | None:
+        """The mask a pruner left on layer ``qualified`` (bool [out, in] on this block's device, True where a
+        weight is kept), or None when the layer is not masked."""
+        state = self.states.get(qualified)
+        return None if state is None or state.mask is None else state.mask.to(self.device)
+
+    def set_mask(self, qualified: str, mask: torch.Tensor) -> None:
+        """Record that layer ``qualified`` keeps only the weights where ``mask`` (bool [out, in]) is True: later
+        steps that take masked layers keep them zero."""
+        self.states[qualified] = self.states.get(qualified, LayerState()).masked(mask)
 
     @torch.no_grad()
     def forward(self, limit: int | None = None) -> list[torch.Tensor]:
@@ -269,19 +293,42 @@ def capture_block_inputs(model: nn.Module, blocks: Blocks, calib: CalibrationSet
 
 @dataclass
 class StepWork:
-    """What the engine needs of one step: how to compress a block and which layers it targets."""
+    """What the engine needs of one step: how to compress a block, which layers it targets, and the state it
+    declares it leaves them in."""
 
     label: str
     apply: Callable[[BlockWork], None]
     targets: list[str]
     needs_inputs: bool
     needs_reference: bool = False
+    produces: LayerKind | None = None  # None: the state the layers had
+    written_by: dict[str, str] = field(default_factory=dict)  # {"method": ..., "method_version": ...}
+
+    def work(self, index: int, name: str, block: nn.Module, model: nn.Module, targets: list[str],
+             inputs: BlockInputs | None, device: torch.device, reference: Reference | None,
+             states: dict[str, LayerState]) -> BlockWork:
+        return BlockWork(index, name, block, {t: model.get_submodule(t) for t in targets}, inputs, device,
+                         reference, states, self.written_by)
+
+    def check(self, work: BlockWork) -> None:
+        """The step left every target in the state it declared (a plugin that does not is a bug to report)."""
+        for name, layer in work.targets.items():
+            if self.produces == LayerKind.FORMAT and not isinstance(layer, CompressedLinear):
+                problem = "is still a float layer; it declares it stores a format (work.replace with a format's layer)"
+            elif self.produces == LayerKind.MASKED and work.states.get(name, LayerState()).mask is None:
+                problem = "has no mask; it declares it prunes (work.set_mask for every target)"
+            else:
+                continue
+            raise PluginError(f"method step {self.label!r}: layer {name} {problem}; the plugin's author must fix it")
 
 
 def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: CalibrationSet | None,
-              device: torch.device, batch_size: int = 8, compute_dtype: torch.dtype | None = None) -> None:
+              device: torch.device, batch_size: int = 8, compute_dtype: torch.dtype | None = None,
+              states: dict[str, LayerState] | None = None) -> None:
     """Walk the decoder blocks once, applying ``steps`` in order to each block (see the module doc). With
-    ``compute_dtype``, each block (and the layers before the first) is in that dtype while it is worked on."""
+    ``compute_dtype``, each block (and the layers before the first) is in that dtype while it is worked on.
+    ``states`` is the recipe's table of layer states, read and updated by the steps."""
+    states = {} if states is None else states
     needs_inputs = any(s.needs_inputs for s in steps)
     if needs_inputs and calib is None:
         raise ValueError("a step needs calibration inputs but no calibration set was given")
@@ -293,6 +340,7 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
     bar = tqdm(list(zip(names, blocks.modules)), desc=", ".join(s.label for s in steps), unit="block",
                disable=None)
     for i, (name, block) in enumerate(bar):
+        home = _module_device(block)
         with on_device(block, device, compute_dtype):
             prefix = name + "."
             reference = Reference(copy.deepcopy(block), ref_inputs) if ref_inputs is not None else None
@@ -300,16 +348,21 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
                 hit = [t for t in step.targets if t.startswith(prefix)]
                 in_blocks.update(hit)
                 if hit:
-                    work = BlockWork(i, name, block, {t: model.get_submodule(t) for t in hit}, inputs, device,
-                                     reference)
+                    work = step.work(i, name, block, model, hit, inputs, device, reference, states)
                     step.apply(work)
+                    step.check(work)
             if inputs is not None and i < last:
                 inputs = inputs.with_hidden(BlockWork(i, name, block, {}, inputs, device).forward())
                 if reference is not None:
                     ref_inputs = ref_inputs.with_hidden(BlockWork(i, name, reference.block, {}, ref_inputs,
                                                                   device).forward())
             del reference
+        for t, state in states.items():  # masks wait with their block, not on the execution device
+            if t.startswith(prefix) and state.mask is not None:
+                state.mask = state.mask.to(home)
     for step in steps:  # layers outside the decoder blocks (data-free methods only; checked beforehand)
         rest = [t for t in step.targets if t not in in_blocks]
         if rest:
-            step.apply(BlockWork(-1, "", model, {t: model.get_submodule(t) for t in rest}, None, device))
+            work = step.work(-1, "", model, model, rest, None, device, None, states)
+            step.apply(work)
+            step.check(work)

@@ -26,7 +26,8 @@ CHUNK = 128  # codes of a row a warp takes at a time: K and the group size must 
 ROWS = 16  # output rows a block owns (the mma tile's rows)
 
 
-def _shape_ok(tokens: int, n: int, k: int, group_size: int) -> bool:
+def shape_ok(tokens: int, n: int, k: int, group_size: int) -> bool:
+    """Whether the kernel takes ``tokens`` rows against an [n, k] weight in groups of ``group_size``."""
     return (1 <= tokens <= MAX_TOKENS and n % ROWS == 0 and k % CHUNK == 0 and group_size % CHUNK == 0
             and (group_size & (group_size - 1) == 0 or group_size >= k))
 
@@ -41,7 +42,7 @@ def applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_
     if not (x.is_cuda and torch.version.hip is None and x.dtype in (torch.bfloat16, torch.float16)
             and scales.dtype == x.dtype):
         return False
-    if not _shape_ok(x.shape[0], qweight.shape[0], x.shape[1], group_size):
+    if not shape_ok(x.shape[0], qweight.shape[0], x.shape[1], group_size):
         return False
     if x.data_ptr() % 16 or qweight.data_ptr() % 16 or qweight.stride() != (x.shape[1] // 2, 1):
         return False

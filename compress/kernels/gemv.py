@@ -27,7 +27,7 @@ step, 1303.0 -> 1305.1 tok/s int4, 1361.6 -> 1341.8 int8, and do without). All k
 torch.compile and CUDA graphs take them whole; tile sizes are autotuned per shape on first use, timed as CUDA-graph
 replays (as decode steps run).
 
-Measured on an H100 (``python -m compress.eval.kernel_bench``, weights replayed from L2 as the autotuner times
+Measured on an H100 (``python -m benchmarks.kernel_bench``, weights replayed from L2 as the autotuner times
 them; 2026-11-26): one token, Llama-3-8B's MLP (up / down projection): the 4-bit kernel 18.0 / 18.9 us (52-54% of
 the copy bandwidth; 19.8 / 20.7 before its codes were made floats in PTX), cuBLAS on bf16 41.8 / 44.6 us; the
 8-bit kernel 23.3 / 22.6 us for int8 / fp8 on the up projection (84 / 87%).

@@ -21,7 +21,7 @@ are said so in the log and get clipping and quantization only.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -30,11 +30,11 @@ from pydantic import Field
 from compress import quant
 from compress.calibration.absorbers import Absorber, find_absorbers, scale_inputs
 from compress.calibration.engine import BlockWork
-from compress.errors import Problem
-from compress.formats.int_linear import IntWeightConfig, quantize_layer
+from compress.formats.integer import quantize_layer
+from compress.int_methods import IntMethod, IntWeightConfig
 from compress.linear import get_weight, linear_shape, set_weight
-from compress.methods import Method, Needs
-from compress.plan import group_size_problems
+from compress.methods import Needs
+from compress.states import KEEPS, LayerKind
 from compress.plugins.awq.search import channel_weight_mean, clip_weight, output_error, scale_candidates
 
 log = logging.getLogger(__name__)
@@ -70,27 +70,26 @@ class AWQConfig(IntWeightConfig):
                                   "quantized) or in the original one (as the AWQ reference code)")
 
 
-class AWQ(Method):
+class AWQ(IntMethod):
     name = "awq"
     Config = AWQConfig
     needs = Needs.CALIBRATION
     summary = "AWQ activation-aware scales and clipping, 2-8 bit group-wise, packed storage"
 
-    def quantizes(self, config: AWQConfig) -> bool:
-        return config.quantize
+    def produces(self, config: AWQConfig) -> LayerKind | None:
+        return LayerKind.FORMAT if config.quantize else KEEPS  # quantize: false scales float weights in place
+
+    def writes(self, config: AWQConfig) -> dict | None:
+        return super().writes(config) if config.quantize else None
 
     def needs_reference(self, config: AWQConfig) -> bool:
         return config.fit_original or config.inputs == "original"
-
-    def check_targets(self, targets, config: AWQConfig) -> list[Problem]:
-        return group_size_problems(targets, config.group_size)
 
     @torch.no_grad()
     def compress_block(self, work: BlockWork, config: AWQConfig) -> None:
         scheme = config.int_scheme()
         if config.inputs == "original":
-            work = BlockWork(work.index, work.name, work.block, work.targets, work.reference.inputs, work.device,
-                             work.reference)
+            work = replace(work, inputs=work.reference.inputs)
         groups = work.linear_groups()
         absorbers = find_absorbers(work, groups)
         _report_missing(work, [g for g in groups if absorbers[g[0]] is None])

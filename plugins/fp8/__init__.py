@@ -1,18 +1,20 @@
 """FP8 (E4M3) quantization: weights per output channel or per tensor; activations per token at run time
 (``dynamic``), by a per-tensor scale measured on calibration data (``static``), or left in 16-bit
-(``none``: weight-only). The storage format and its kernels are in ``format.py``."""
+(``none``: weight-only). The storage format and its kernels are the core's ``fp8`` format
+(:mod:`compress.formats.fp8`)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
 from compress.calibration.engine import BlockWork
 from compress.linear import get_bias, get_weight
+from compress.formats.fp8 import FP8_MAX, Fp8Linear
 from compress.methods import Method, MethodConfig, Needs
-from compress.plugins.fp8.format import FP8_MAX, Fp8Linear
+from compress.states import LayerKind
 
 
 class FP8Config(MethodConfig):
@@ -31,8 +33,14 @@ class FP8(Method):
     def needs_for(self, config: FP8Config) -> Needs:
         return Needs.CALIBRATION if config.activations == "static" else Needs.NOTHING
 
-    def quantizes(self, config: FP8Config) -> bool:
-        return True
+    def consumes(self, config: FP8Config) -> frozenset[LayerKind]:
+        return frozenset({LayerKind.DENSE, LayerKind.MASKED})  # E4M3 stores zero exactly: a pruner's zeros stay
+
+    def produces(self, config: FP8Config) -> LayerKind:
+        return LayerKind.FORMAT
+
+    def writes(self, config: FP8Config) -> dict[str, Any]:
+        return {"format": "fp8", "weights": config.weights, "activations": config.activations}
 
     @torch.no_grad()
     def compress_block(self, work: BlockWork, config: FP8Config) -> None:

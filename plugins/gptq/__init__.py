@@ -4,7 +4,7 @@ Within a decoder block the targeted layers are taken group by group in execution
 same input, such as q/k/v, form one group and share one Hessian), and each group's Hessian is collected
 after the earlier groups were quantized, so later layers correct for earlier layers' errors (attention
 before MLP). The layers of a group are quantized in one sweep (their rows stacked: GPTQ treats rows
-independently), which is also what makes it fast.
+independently), which is also what makes it fast. Layers a pruner left masked keep their zeros.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import torch
 from pydantic import Field
 
 from compress.calibration.engine import BlockWork
-from compress.errors import Problem
-from compress.formats.int_linear import IntWeightConfig, quantize_layer
+from compress.formats.integer import quantize_layer
+from compress.int_methods import IntMethod, IntWeightConfig
 from compress.linear import get_weight, linear_shape
-from compress.methods import Method, Needs
-from compress.plan import group_size_problems
-from compress.plugins.gptq.algorithm import Hessian, gptq
+from compress.methods import Needs
+from compress.plugins.gptq.algorithm import gptq
+from compress.solvers.hessian import Hessian
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,14 @@ class GPTQConfig(IntWeightConfig):
                                                   "model's inputs (GPTAQ's asymmetric calibration)")
 
 
-class GPTQ(Method):
+class GPTQ(IntMethod):
     name = "gptq"
     Config = GPTQConfig
     needs = Needs.CALIBRATION
     summary = "GPTQ 2-8 bit, group-wise, act-order with static groups, packed storage"
 
-    def quantizes(self, config: GPTQConfig) -> bool:
-        return True
-
     def needs_reference(self, config: GPTQConfig) -> bool:
         return config.fit_original
-
-    def check_targets(self, targets, config: GPTQConfig) -> list[Problem]:
-        return group_size_problems(targets, config.group_size)
 
     def compress_block(self, work: BlockWork, config: GPTQConfig) -> None:
         groups = work.linear_groups()
@@ -81,9 +75,12 @@ class GPTQ(Method):
         if hessian.C is not None:  # the same layers in the uncompressed block
             originals = [work.reference.block.get_submodule(work.local(name)) for name in group]
             reference = torch.cat([get_weight(layer).to(work.device) for layer in originals])
+        masks = [work.mask(name) for name in group]
+        keep = None if all(m is None for m in masks) else torch.cat(
+            [torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weight.split(rows), masks)])
         label = ", ".join(group)
         result = gptq(weight, hessian.H, config.int_scheme(), layers[0].weight.dtype, config.damp,
-                      config.block_size, config.act_order, config.mse, label, hessian.C, reference)
+                      config.block_size, config.act_order, config.mse, label, hessian.C, reference, keep)
         parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows))
         for name, layer, codes, scale, zero in parts:
             work.replace(name, quantize_layer(layer, config.int_scheme(), work.device, scale, zero, codes))

@@ -14,10 +14,9 @@ from typing import Literal
 from pydantic import Field
 
 from compress.calibration.engine import BlockWork
-from compress.errors import Problem
-from compress.formats.int_linear import quantize_layer
-from compress.methods import Method, MethodConfig, Needs
-from compress.plan import group_size_problems
+from compress.formats.integer import quantize_layer
+from compress.int_methods import IntMethod
+from compress.methods import MethodConfig, Needs
 from compress.quant import IntScheme
 
 
@@ -32,17 +31,11 @@ class Int8Config(MethodConfig):
         return IntScheme(8, symmetric, self.granularity, group, restricted=symmetric)
 
 
-class Int8(Method):
+class Int8(IntMethod):
     name = "int8"
     Config = Int8Config
     needs = Needs.NOTHING
     summary = "int8 weights, zero-point (uint8 + zero) or absmax (int8), per tensor/channel/group"
-
-    def quantizes(self, config: Int8Config) -> bool:
-        return True
-
-    def check_targets(self, targets, config: Int8Config) -> list[Problem]:
-        return group_size_problems(targets, config.group_size if config.granularity == "group" else None)
 
     def compress_block(self, work: BlockWork, config: Int8Config) -> None:
         scheme = config.int_scheme()

@@ -10,28 +10,21 @@ from pydantic import Field
 
 from compress import quant
 from compress.calibration.engine import BlockWork
-from compress.errors import Problem
-from compress.formats.int_linear import IntWeightConfig, quantize_layer
+from compress.formats.integer import quantize_layer
+from compress.int_methods import IntMethod, IntWeightConfig
 from compress.linear import get_weight
-from compress.methods import Method, Needs
-from compress.plan import group_size_problems
+from compress.methods import Needs
 
 
 class RTNConfig(IntWeightConfig):
     clip_search: bool = Field(False, description="search each group's clipping range for the least error")
 
 
-class RTN(Method):
+class RTN(IntMethod):
     name = "rtn"
     Config = RTNConfig
     needs = Needs.NOTHING
     summary = "round-to-nearest 2-8 bit, group-wise, symmetric or asymmetric, packed storage"
-
-    def quantizes(self, config: RTNConfig) -> bool:
-        return True
-
-    def check_targets(self, targets, config: RTNConfig) -> list[Problem]:
-        return group_size_problems(targets, config.group_size)
 
     def compress_block(self, work: BlockWork, config: RTNConfig) -> None:
         scheme = config.int_scheme()

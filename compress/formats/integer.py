@@ -1,5 +1,6 @@
 """The ``int`` storage format: k-bit integer weights (2-8 bits) with per-tensor / per-channel / per-group
-scales, written by the int8, RTN, GPTQ and AWQ methods.
+scales, written by the int8, RTN, GPTQ and AWQ methods; with the decode kernels' eligibility and the
+group-size check of the methods that write it.
 
 Buffers (the checkpoint's tensors for this layer):
 
@@ -13,22 +14,72 @@ Buffers (the checkpoint's tensors for this layer):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
 
 from compress import quant
-from compress.formats import CompressedLinear, register_format
-from compress.kernels import dequant, gemv
-from compress.linear import get_bias, get_weight
-from compress.methods import MethodConfig
+from compress.errors import Problem
+from compress.formats.base import CompressedLinear, KernelChoice
+from compress.kernels import cuda_int4, dequant, gemv
+from compress.linear import get_bias, get_weight, linear_shape
 from compress.quant import IntScheme
 
 
-@register_format
+def gemv_group(scheme: IntScheme, in_features: int) -> tuple[int | None, str]:
+    """The group size the decode kernels (:mod:`compress.kernels.gemv`) take a layer with: 0 for 8 bits per
+    channel; None where they do not apply, with the reason."""
+    if scheme.bits == 8:
+        if scheme.granularity == "channel":
+            return 0, ""
+        return None, f"8-bit codes with {scheme.granularity} scales (the 8-bit kernel takes one scale a row)"
+    if quant.codes_per_byte(scheme.bits) != 2:
+        return None, f"{scheme.bits}-bit codes (the 4-bit kernels take 3- and 4-bit codes, two a byte)"
+    if scheme.granularity == "tensor":
+        return None, "per-tensor scales (the kernels take a scale per row or per group)"
+    group = scheme.group_size if scheme.granularity == "group" else in_features
+    if not 32 <= group <= 1024 or group & (group - 1):
+        return None, f"groups of {group} (the kernels take powers of two from 32 to 1024)"
+    return group, ""
+
+
+def decode_kernel(scheme: IntScheme, in_features: int, out_features: int) -> KernelChoice:
+    """Which kernel a decode step of an ``int`` layer of this scheme and shape runs on CUDA (16-bit activations;
+    the one place this is decided: :meth:`IntLinear.forward` and ``compress validate`` both ask it)."""
+    group, why = gemv_group(scheme, in_features)
+    if group is None:
+        return KernelChoice(None, why)
+    if group == 0:
+        return KernelChoice("triton-8bit")
+    if cuda_int4.shape_ok(1, out_features, in_features, group):
+        return KernelChoice("cuda-int4-mma")
+    return KernelChoice("triton-int4", "the CUDA kernel wants out_features a multiple of 16, in_features of 128 and "
+                        "groups of 128 times a power of two")
+
+
+def group_size_problems(targets: dict[str, nn.Module], group_size: int | None, field: str = "group_size") -> list[Problem]:
+    """The shared check of group-wise schemes: ``group_size`` must divide every target's in_features.
+
+    One problem lists every offending layer and the fixes (group sizes that divide them all,
+    per-channel, or ignoring the layers).
+    """
+    if not group_size:
+        return []
+    bad = {n: linear_shape(m)[0] for n, m in targets.items() if linear_shape(m)[0] % group_size}
+    if not bad:
+        return []
+    common = math.gcd(*(linear_shape(m)[0] for m in targets.values()))
+    fits = [g for g in (256, 128, 64, 32, 16) if common % g == 0 and g < group_size]
+    fixes = [f"group_size: {fits[0]} (divides every targeted layer)"] if fits else []
+    fixes += ["per-channel scales (group_size: null)", "add these layers to ignore"]
+    listed = ", ".join(f"{n} (in_features={f})" for n, f in bad.items())
+    return [Problem(field, f"{group_size} does not divide in_features of {len(bad)} layers: {listed}; "
+                    f"fix with one of: {'; '.join(fixes)}")]
+
+
 class IntLinear(CompressedLinear):
     """A linear layer whose weight is stored as k-bit integer codes with scales (and zero points)."""
 
@@ -58,6 +109,7 @@ class IntLinear(CompressedLinear):
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        self._group = gemv_group(scheme, in_features)[0]
 
     @property
     def signed_storage(self) -> bool:
@@ -96,24 +148,14 @@ class IntLinear(CompressedLinear):
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool, scheme: dict[str, Any],
               dtype: torch.dtype, device: torch.device | str = "meta") -> IntLinear:
-        fields = {k: scheme[k] for k in ("bits", "symmetric", "granularity", "group_size", "restricted")}
-        return cls(in_features, out_features, IntScheme(**fields), bias, dtype, device)
+        return cls(in_features, out_features, _int_scheme(scheme), bias, dtype, device)
 
     def scheme(self) -> dict[str, Any]:
         return {"format": self.format, **self.int_scheme.to_dict()}
 
-    # -- fast paths -----------------------------------------------------------------------------------
-
-    def _gemv_group(self) -> int | None:
-        """The group size the decode kernel (:mod:`compress.kernels.gemv`) takes this layer with: 0 for 8 bits
-        per channel; None where it does not apply (2-bit codes, per-tensor scales, odd group sizes)."""
-        s = self.int_scheme
-        if s.bits == 8:
-            return 0 if s.granularity == "channel" else None
-        group = s.group_size if s.granularity == "group" else self.in_features
-        if quant.codes_per_byte(s.bits) != 2 or s.granularity == "tensor" or not 32 <= group <= 1024:
-            return None
-        return group if group & (group - 1) == 0 else None
+    @classmethod
+    def kernel(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> KernelChoice:
+        return decode_kernel(_int_scheme(scheme), in_features, out_features)
 
     # -- computing ------------------------------------------------------------------------------------
 
@@ -137,7 +179,7 @@ class IntLinear(CompressedLinear):
         return quant.dequantize_weight(self.codes(), self.scales, self.zero_points(), s, dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self._gemv_group()
+        group = self._group
         # a decode step on CUDA: read the codes once
         if group is not None and gemv.available(x, four_bit=group > 0):
             x2 = x.reshape(-1, self.in_features)
@@ -168,19 +210,6 @@ class IntLinear(CompressedLinear):
                 f"{gran}, {kind}, bias={self.bias is not None}")
 
 
-class IntWeightConfig(MethodConfig):
-    """The arguments every method writing the ``int`` format shares (RTN, GPTQ, AWQ)."""
-
-    bits: int = Field(4, ge=2, le=8, description="bits per weight")
-    group_size: int | None = Field(128, ge=1, description="weights per scale along in_features; null: per channel")
-    symmetric: bool = Field(True, description="fixed zero point (true) or a stored zero point per group (false)")
-
-    def int_scheme(self) -> IntScheme:
-        if self.group_size is None:
-            return IntScheme(self.bits, self.symmetric, "channel", None)
-        return IntScheme(self.bits, self.symmetric, "group", self.group_size)
-
-
 def quantize_layer(layer: nn.Module, scheme: IntScheme, device: torch.device, scale: torch.Tensor | None = None,
                    zero: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> IntLinear:
     """An IntLinear replacing ``layer`` (nn.Linear or Conv1D), computed on ``device`` and left where ``layer``
@@ -198,3 +227,7 @@ def quantize_layer(layer: nn.Module, scheme: IntScheme, device: torch.device, sc
         q = IntLinear.from_weight(get_weight(layer).to(device), bias, scheme, dtype,
                                   None if scale is None else scale.to(device), None if zero is None else zero.to(device))
     return q.to(home)
+
+
+def _int_scheme(scheme: dict[str, Any]) -> IntScheme:
+    return IntScheme(**{k: scheme[k] for k in ("bits", "symmetric", "granularity", "group_size", "restricted")})

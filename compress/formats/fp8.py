@@ -3,8 +3,8 @@ and optionally float8 activations (scaled per token at run time, or by a static 
 on calibration data).
 
 On GPUs with FP8 matrix units (compute capability 8.9+: Ada, Hopper) a W8A8 layer runs through
-``torch._scaled_mm``, its activations quantized in one Triton pass (``activations.py``; the same codes bit for
-bit as the PyTorch arithmetic here). Decode steps of up to 8 tokens take the 8-bit decode kernel instead
+``torch._scaled_mm``, its activations quantized in one Triton pass (``compress.kernels.fp8_activations``; the
+same codes bit for bit as the PyTorch arithmetic here). Decode steps of up to 8 tokens take the 8-bit decode kernel instead
 (``compress.kernels.gemv``). Elsewhere, and for weight-only layers, the weight is dequantized for the matmul, and the
 activation quantization is reproduced numerically, so CPU results match what the GPU computes.
 """
@@ -16,10 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from compress.formats import CompressedLinear, register_format
+from compress.formats.base import CompressedLinear, KernelChoice
+from compress.kernels import fp8_activations as activations
 from compress.kernels import gemv
-from compress.plugins.fp8 import activations
-from compress.plugins.fp8.activations import FP8, FP8_MAX
+from compress.kernels.fp8_activations import FP8, FP8_MAX
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,6 @@ def scaled_mm_available(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-@register_format
 class Fp8Linear(CompressedLinear):
     """A linear layer with E4M3 weights (and optionally E4M3 activations)."""
 
@@ -101,6 +100,13 @@ class Fp8Linear(CompressedLinear):
     def scheme(self) -> dict[str, Any]:
         return {"format": self.format, "weights": "channel" if self.per_channel else "tensor",
                 "activations": self.activations}
+
+    @classmethod
+    def kernel(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> KernelChoice:
+        if scheme["activations"] == "none":
+            return KernelChoice("triton-8bit")
+        return KernelChoice("triton-8bit", "more tokens than a decode step: torch._scaled_mm on compute "
+                            "capability 8.9 and later")
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.weight_fp8.float() * self.weight_scale).to(dtype or torch.float32)

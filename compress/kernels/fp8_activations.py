@@ -16,7 +16,7 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-FP8 = torch.float8_e4m3fn  # the fp8 format's storage type (format.py takes it from here)
+FP8 = torch.float8_e4m3fn  # the fp8 format's storage type (compress.formats.fp8 takes it from here)
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 #: Widest row the kernel holds in registers at once; wider rows take the PyTorch path.
 MAX_WIDTH = 32768

@@ -1,12 +1,19 @@
-"""The inner GPTQ loop over one block of columns: quantize a column, spread its error over the columns to
-its right through the block of the inverse Hessian's Cholesky factor, repeat.
+"""The optimal-brain-surgeon column sweep (GPTQ; SparseGPT is the same sweep with another choice per column).
 
-``sweep_torch`` is the reference (any device). On CUDA a Triton kernel does the same in one launch per
-block: rows are independent in GPTQ, so each program takes a tile of rows and walks the block's columns
-with the tile in registers, instead of ~10 PyTorch launches per column.
+:func:`lazy_sweep` walks a weight's columns a block at a time; each block's columns are settled one by one, each
+column's error spread over the block's columns to its right through the upper Cholesky factor U of H^-1, and the
+block's errors are applied to every column right of the block in one matrix product (the lazy batch update).
+
+:func:`round_columns` settles a block by rounding each column to its quantization grid; ``keep`` (a pruner's
+mask) pins the masked-out weights to zero on the way, so their error is spread too and they stay zero.
+``sweep_torch`` is the reference (any device). On CUDA a Triton kernel does the same (without ``keep``) in one
+launch per block: rows are independent, so each program takes a tile of rows and walks the block's columns with
+the tile in registers, instead of ~10 PyTorch launches per column.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -22,12 +29,23 @@ except ImportError:  # CPU-only installs
     triton = None
 
 
-def sweep_torch(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def lazy_sweep(W: torch.Tensor, U: torch.Tensor, block_size: int, settle: Callable[[int, int], torch.Tensor]) -> None:
+    """Sweep ``W`` [R, C] (float32, updated in place) block by block: ``settle(i1, i2)`` settles columns
+    [i1, i2) of the current ``W`` and returns their scaled errors [R, i2 - i1], which are then spread over the
+    columns right of the block through ``U`` [C, C], the upper Cholesky factor of H^-1."""
+    columns = W.shape[1]
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        err = settle(i1, i2)
+        W[:, i2:].addmm_(err, U[i1:i2, i2:], alpha=-1)
+
+
+def sweep_torch(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes [R, B] and scaled errors [R, B] of the block ``W1`` [R, B] (float32, not modified).
 
     ``U1`` [B, B] is the block of the upper Cholesky factor of H^-1; ``scale`` / ``zero`` [R, B] are the
-    quantization parameters of each column.
+    quantization parameters of each column; where ``keep`` (bool [R, B]) is False the code is the zero point.
     """
     W1 = W1.clone()
     codes = torch.empty_like(W1)
@@ -35,6 +53,8 @@ def sweep_torch(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: t
     for i in range(W1.shape[1]):
         w, s, z = W1[:, i], scale[:, i], zero[:, i]
         q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+        if keep is not None:
+            q = torch.where(keep[:, i], q, z)
         codes[:, i] = q
         e = (w - (q - z) * s) / U1[i, i]
         W1[:, i:].addr_(e, U1[i, i:], alpha=-1)
@@ -80,9 +100,9 @@ def sweep_triton(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: 
     return codes, err
 
 
-def sweep(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernel on CUDA (blocks of up to 256 columns), else the PyTorch loop."""
-    if triton is not None and W1.is_cuda and W1.shape[1] <= 256:
+def round_columns(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                  keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sweep_torch`, as the Triton kernel on CUDA (blocks of up to 256 columns, no ``keep``)."""
+    if triton is not None and W1.is_cuda and W1.shape[1] <= 256 and keep is None:
         return sweep_triton(W1, U1, scale, zero, maxq)
-    return sweep_torch(W1, U1, scale, zero, maxq)
+    return sweep_torch(W1, U1, scale, zero, maxq, keep)

@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from compress.formats import CompressedLinear
+from compress.runtime import RuntimeFeature
 
 log = logging.getLogger(__name__)
 
@@ -212,3 +213,16 @@ def _fuse(model: nn.Module, names: list[str], members: list[nn.Module]) -> None:
     group = _Group([m.out_features for m in members])
     for i, (name, layer) in enumerate(zip(names, members)):
         model.set_submodule(name, FusedProjection(layer, group, i, fused if i == 0 else None))
+
+
+class FuseProjections(RuntimeFeature):
+    """The runtime feature ``fuse-projections``: :func:`fuse_projections` on load."""
+
+    name = "fuse-projections"
+    summary = "layers that read the same input (q/k/v, gate/up) run as one layer"
+
+    def enable(self, model: nn.Module, config) -> None:
+        fuse_projections(model)
+
+    def disable(self, model: nn.Module) -> None:
+        unfuse_projections(model)

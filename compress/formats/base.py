@@ -1,0 +1,101 @@
+"""What a stored format is: an ``nn.Module`` that replaces a linear layer, owns its storage (its buffers), its
+forward, its fusion rule and its exports, and can be built empty from the per-layer scheme a checkpoint records.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from compress.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """How a layer of some format, scheme and shape runs a decode step on CUDA: ``kernel`` names the fast path, or
+    is None where the layer falls back to dequantize-then-matmul; ``note`` says why (or what else to know)."""
+
+    kernel: str | None
+    note: str = ""
+
+
+class CompressedLinear(nn.Module, ABC):
+    """Base of stored compressed linear layers (the module that replaces an nn.Linear / Conv1D).
+
+    A format is registered under the ``compress.formats`` entry-point group with ``format`` as its name.
+    """
+
+    format: ClassVar[str]
+    in_features: int
+    out_features: int
+    #: The fusion rule: whether layers of this format that read the same input may be fused
+    #: (``compress.fuse_projections``) by stacking their buffers, because every buffer whose first dimension is
+    #: ``out_features`` holds one row an output, in order. Off unless a format says so (a format may store a
+    #: weight transposed).
+    rows_stack: ClassVar[bool] = False
+
+    @classmethod
+    @abstractmethod
+    def empty(cls, in_features: int, out_features: int, bias: bool, scheme: dict[str, Any],
+              dtype: torch.dtype, device: torch.device | str = "meta") -> CompressedLinear:
+        """A layer with the right buffers (unfilled) for ``scheme``, ready for ``load_state_dict``."""
+
+    @abstractmethod
+    def scheme(self) -> dict[str, Any]:
+        """The per-module entry stored in the checkpoint: enough to rebuild the layer with ``empty``."""
+
+    @classmethod
+    def kernel(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> KernelChoice:
+        """The decode kernel a layer of ``scheme`` and this shape takes on CUDA (asked at plan time, before any
+        weight exists); formats with fast paths override it."""
+        return KernelChoice(None, f"format {cls.format!r} has no decode kernel")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight [out, in] this layer computes with (a fresh tensor: writing to it changes nothing).
+
+        Read-only, for code that inspects ``layer.weight`` (transformers' weight init on load, user code).
+        """
+        return self.dequantized_weight()
+
+    @abstractmethod
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight this layer computes with, as a dense [out, in] tensor."""
+
+    # -- exports to other checkpoint layouts ---------------------------------------------------------------
+
+    def export_layouts(self) -> tuple[str, ...]:
+        """The checkpoint layouts this layer can be written in besides its own. Every format has ``dense``;
+        a format adds the layouts of serving engines by overriding this and :meth:`export`."""
+        return ("dense",)
+
+    def export(self, layout: str) -> dict[str, torch.Tensor]:
+        """This layer's tensors in ``layout``, named as that layout names them (``dense``: ``weight`` [out, in]
+        in the scales' dtype, and ``bias``)."""
+        if layout == "dense":
+            tensors = {"weight": self.dequantized_weight()}
+            bias = getattr(self, "bias", None)
+            if bias is not None:
+                tensors["bias"] = bias.detach().clone()
+            return tensors
+        raise CheckpointError(f"format {self.format!r} cannot be exported as {layout!r}; it exports: "
+                              f"{', '.join(self.export_layouts())}")
+
+
+def storage_summary(model: nn.Module) -> str:
+    """One line: bytes of the compressed layers' weights (with scales / zeros, without bias) against the
+    same weights in bf16."""
+    stored = dense = count = 0
+    for module in model.modules():
+        if isinstance(module, CompressedLinear):
+            stored += sum(b.numel() * b.element_size() for n, b in module.named_buffers(recurse=False) if n != "bias")
+            dense += module.in_features * module.out_features * 2
+            count += 1
+    if not count:
+        return "no compressed layers"
+    return (f"{count} compressed layers: {stored / 1e6:.2f} MB of weights, {stored / dense:.3f}x their "
+            f"{dense / 1e6:.2f} MB in bf16")

@@ -1,0 +1,61 @@
+"""A layer's input second moments H = 2/n * sum(x^T x): the Hessian of its squared output error, which GPTQ,
+SparseGPT and activation-aware low-rank methods all start from; and its damped Cholesky factors.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from compress.errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+MAX_DAMP_RETRIES = 4
+
+
+class Hessian:
+    """Running H = 2/n * sum(x^T x) of a layer's inputs x [n, in], in float32.
+
+    With ``cross`` it also keeps C = 2/n * sum(x_reference^T x) from the inputs the layer has in the
+    uncompressed model (``x_reference``, row for row), for the asymmetric objective ||x_reference W^T - x Q^T||.
+    """
+
+    def __init__(self, columns: int, device: torch.device, cross: bool = False):
+        self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.C = torch.zeros_like(self.H) if cross else None
+        self.count = 0
+
+    def add(self, x: torch.Tensor, x_reference: torch.Tensor | None = None) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
+        n = x.shape[0]
+        keep = self.count / (self.count + n)
+        self.count += n
+        x = x * (2 / self.count) ** 0.5
+        self.H.mul_(keep).addmm_(x.t(), x)
+        if self.C is not None:
+            xr = x_reference.reshape(-1, x.shape[-1]).to(self.H.device, torch.float32) * (2 / self.count) ** 0.5
+            self.C.mul_(keep).addmm_(xr.t(), x)
+
+
+def damped_factors(H: torch.Tensor, damp: float, label: str,
+                   inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """Lower Cholesky factor L of H + damp * mean(diag H) * I, the upper Cholesky factor of its inverse (if
+    ``inverse``), and the damping used: raised tenfold until both factorizations succeed (a nearly singular
+    H can factor and still give an inverse that does not). CalibrationError, naming ``label``, when none does."""
+    mean_diag = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], device=H.device)
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        U = None
+        if int(info) == 0 and inverse:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+        if int(info) == 0:
+            return L, U, damp
+        if attempt < MAX_DAMP_RETRIES:
+            log.warning("%s: Hessian or its inverse not positive definite with damp=%g; retrying with damp=%g",
+                        label, damp, damp * 10)
+            damp *= 10
+    raise CalibrationError(f"{label}: Hessian stays singular up to damp={damp:g}; the calibration data may be "
+                           "too small or degenerate for this layer: give more samples, or ignore the layer")
