@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel
 
 from compress.calibration.data import CalibrationSet, calibration_set, pack
 from compress.calibration.engine import BlockWork, StepWork, run_stage
@@ -140,8 +141,10 @@ class CheckedRecipe:
     data: dict[str, Any]
 
 
-def check_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> CheckedRecipe:
-    """Read ``path``, apply command-line overrides, and run all four checks (the model on the meta device)."""
+def check_recipe(path: str | Path, overrides: dict[str, Any] | None = None,
+                 sections: dict[str, type[BaseModel]] | None = None) -> CheckedRecipe:
+    """Read ``path``, apply command-line overrides, and run all four checks (the model on the meta device);
+    ``sections``: schemas of sections the core keeps as mappings (see :func:`compress.recipe.validate_recipe`)."""
     data = read_recipe_file(path)
     for key, value in (overrides or {}).items():
         section, _, field = key.partition(".")
@@ -151,7 +154,7 @@ def check_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> C
             data[section][field] = value
         else:
             data[section] = value
-    parsed, stages = validate_recipe(data, str(path))
+    parsed, stages = validate_recipe(data, str(path), sections=sections)
     spec = parsed.model
     meta = meta_model(spec.path, spec.revision, spec.trust_remote_code)
     return CheckedRecipe(parsed, plan(parsed, stages, meta, str(path)), str(path), data)

@@ -111,9 +111,16 @@ def validate_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str 
     together, and the model's structure (on the meta device). Prints which layers each step compresses."""
     from compress.api import check_recipe
 
-    checked = check_recipe(recipe, _overrides(model, calib))
+    checked = check_recipe(recipe, _overrides(model, calib), _sections())
     click.echo(f"{recipe}: OK for {checked.recipe.model.path}")
     click.echo(checked.plan.describe())
+
+
+def _sections() -> dict:
+    """The recipe sections the evaluation harness owns, checked with the rest of the recipe."""
+    from compress.eval.spec import EvalSpec
+
+    return {"eval": EvalSpec}
 
 
 def _same_recipe(stored: dict | None, recipe: Recipe) -> bool:
@@ -123,10 +130,18 @@ def _same_recipe(stored: dict | None, recipe: Recipe) -> bool:
 
     from compress.recipe import Recipe
 
+    from compress.eval.spec import EvalSpec
+
+    def canonical(data: dict) -> dict:
+        data = Recipe.model_validate(data).to_dict()
+        if data.get("eval") is not None:  # with the harness's defaults, as older checkpoints stored it
+            data["eval"] = EvalSpec.model_validate(data["eval"]).model_dump(mode="json", exclude_none=True)
+        return data
+
     if stored is None:
         return False
     try:
-        return Recipe.model_validate(stored).to_dict() == recipe.to_dict()
+        return canonical(stored) == canonical(recipe.to_dict())
     except ValidationError:
         return False
 
@@ -152,7 +167,8 @@ def apply_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str | N
     from compress.errors import UsageError
     from compress.formats import storage_summary
 
-    checked = check_recipe(recipe, _overrides(model, calib, **{"output": _cwd_path(output), "model.device": device}))
+    checked = check_recipe(recipe, _overrides(model, calib, **{"output": _cwd_path(output), "model.device": device}),
+                           _sections())
     target = Path(checked.recipe.output or _default_output(checked.recipe.model.path, recipe))
     if target.exists() and not overwrite:
         stored = read_quantization_config(target) if (target / "config.json").exists() else None

@@ -55,6 +55,15 @@ def _check_reference(ref: str) -> None:
             raise UsageError(f"model directory {path} has no config.json; it does not look like a Hugging Face model")
 
 
+def config_context(config) -> int | None:
+    """The context length a transformers config states (None when it states none)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_config(ref: str, revision: str | None = None, trust_remote_code: bool = False):
     """The model's transformers config, with a clear error for missing paths and unreachable Hub ids."""
     from transformers import AutoConfig

@@ -21,7 +21,7 @@ from compress.formats import format_class
 from compress.formats.base import KernelChoice
 from compress.linear import linear_shape
 from compress.methods import Method, MethodConfig, Needs
-from compress.model import find_blocks
+from compress.model import config_context, find_blocks
 from compress.recipe import Recipe, ResolvedStep
 from compress.states import LayerKind, describe_kinds
 from compress.targets import linear_names, select
@@ -82,15 +82,6 @@ def _kernel_lines(kernels: dict[str, KernelChoice]) -> list[str]:
 
 def model_context(model: nn.Module) -> int | None:
     return config_context(getattr(model, "config", None))
-
-
-def config_context(config) -> int | None:
-    """The context length a transformers config states (None when it states none)."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, source: str = "recipe") -> Plan:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compress.calibration.data import check_source
 from compress.errors import PluginError, Problem, RecipeError
@@ -29,11 +29,13 @@ from compress.model import is_local_reference
 from compress.registry import Registry, registry
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """Base of a recipe section: unknown keys are errors, values are immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ModelSpec(_Section):
+class ModelSpec(Section):
     path: str | None = Field(None, description="Hub id or local directory (relative to the recipe file)")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compute_dtype: Literal["model", "float32"] = Field(
@@ -47,7 +49,7 @@ class ModelSpec(_Section):
     trust_remote_code: bool = False
 
 
-class CalibrationSpec(_Section):
+class CalibrationSpec(Section):
     dataset: str = Field(description="a .txt/.jsonl/.parquet file (relative to the recipe) or a datasets id")
     config: str | None = None
     split: str = "train"
@@ -58,89 +60,26 @@ class CalibrationSpec(_Section):
     batch_size: int = Field(8, ge=1, description="samples per forward pass")
 
 
-class StepSpec(_Section):
+class StepSpec(Section):
     method: str
     targets: list[str] = Field(default_factory=lambda: ["Linear"], min_length=1)
     ignore: list[str] = Field(default_factory=list)
     args: dict[str, Any] = Field(default_factory=dict)
 
 
-class RuntimeSpec(_Section):
+class RuntimeSpec(Section):
     """A runtime feature the checkpoint runs with once loaded (``compress.load`` enables it)."""
 
     feature: str
     args: dict[str, Any] = Field(default_factory=dict)
 
 
-class StageSpec(_Section):
+class StageSpec(Section):
     name: str | None = None
     steps: list[StepSpec] = Field(min_length=1)
 
 
-EVAL_TASKS = ("ppl", "kl", "samples", "memory", "speed", "speculative")
-SPEED_CONFIGS = ("no-cache", "dynamic", "static", "static-compile", "compiled-step", "compiled-verify")
-
-
-class SpeedSpec(_Section):
-    """Generation speed (``speed`` task): prefill and decode tok/s per configuration and batch size, then
-    throughput on a mix of prompt and output lengths."""
-
-    batch_sizes: list[PositiveInt] = Field(default_factory=lambda: [1, 8, 32], min_length=1)
-    configs: list[Literal[SPEED_CONFIGS]] = Field(
-        default_factory=lambda: ["no-cache", "dynamic", "static-compile"], min_length=1,
-        description="static-compile: static KV cache + torch.compile through generate; compiled-step: the same "
-                    "compiled step in a bare greedy loop; compiled-verify: that step fed 8-token drafts, as "
-                    "speculative decoding verifies them (all three CUDA only)")
-    prompt_len: int = Field(128, ge=1)
-    new_tokens: int = Field(256, ge=2)
-    no_cache_new_tokens: int = Field(64, ge=2, description="at most this many new tokens without a KV cache "
-                                     "(each step re-reads the whole sequence)")
-    warmup: int = Field(2, ge=0)
-    repeats: int = Field(3, ge=1, description="timed runs; the median is reported")
-    mixed_requests: int = Field(32, ge=0, description="requests of mixed prompt/output lengths for batched "
-                                "throughput (0: skip)")
-    mixed_batch_size: int = Field(8, ge=1, description="static batching's batch size on the mixed requests")
-    continuous: bool = Field(True, description="also run transformers' continuous batching where it is installed")
-
-
-class SpeculativeSpec(_Section):
-    """Speculative decoding (``speculative`` task, batch 1, greedy, lossless)."""
-
-    draft: str | None = Field(None, description="a draft model (Hub id or directory) sharing the tokenizer")
-    draft_tokens: int = Field(4, ge=1, description="tokens a draft model proposes per step")
-    lookup_tokens: int = Field(10, ge=1, description="tokens prompt lookup proposes per step")
-    lookup_ngram: int = Field(3, ge=1, description="longest n-gram prompt lookup matches")
-    prompts: int = Field(4, ge=1, description="prompts cut from the evaluation text")
-    prompt_len: int = Field(128, ge=1)
-    new_tokens: int = Field(128, ge=1)
-
-
-class EvalSpec(_Section):
-    """Evaluation of a model against its original (``compress eval``; after ``compress apply`` when a recipe
-    has an ``eval:`` section)."""
-
-    tasks: list[Literal[EVAL_TASKS]] | None = Field(
-        None, min_length=1, description="default: ppl, kl (when there is a baseline), samples, memory")
-    data: str | None = Field(None, description="a text file (read as is), a .jsonl/.parquet file, or "
-                             "DATASET_ID[:CONFIG[:SPLIT]]; default: WikiText-2 raw, test split")
-    seq_len: int | None = Field(None, ge=8, description="perplexity window; default: min(2048, the model's context)")
-    stride: int | None = Field(None, ge=1, description="sliding windows scoring their last STRIDE tokens")
-    bos: bool = Field(False, description="prepend the BOS token to every window")
-    max_tokens: int | None = Field(None, ge=1, description="evaluate the first MAX_TOKENS tokens only")
-    batch_size: int = Field(8, ge=1, description="windows per forward pass")
-    kl_tokens: int = Field(16384, ge=1, description="tokens of the evaluation text for the KL divergence "
-                           "(at most max_tokens)")
-    prompts: str | None = Field(None, description="a file of prompts, one a line (default: a built-in set)")
-    max_new_tokens: int = Field(32, ge=1, description="tokens generated per prompt (samples task)")
-    seed: int = 0
-    fuse: bool = Field(True, description="run every model with its layers that read the same input fused "
-                       "(compress.fuse_projections: q/k/v, gate/up; faster decoding, the same outputs)")
-    speed: SpeedSpec = Field(default_factory=SpeedSpec)
-    speculative: SpeculativeSpec = Field(default_factory=SpeculativeSpec)
-    output: str | None = Field(None, description="folder for report.json, report.md and report.html")
-
-
-class Recipe(_Section):
+class Recipe(Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     calibration: CalibrationSpec | None = None
     stages: list[StageSpec] | None = None
@@ -148,7 +87,8 @@ class Recipe(_Section):
     runtime: list[RuntimeSpec] | None = Field(None, description="runtime features the checkpoint runs with "
                                                "(e.g. fuse-projections)")
     output: str | None = None
-    eval: EvalSpec | None = None
+    eval: dict[str, Any] | None = Field(None, description="evaluation after apply; checked by the evaluation "
+                                        "harness's schema (compress.eval.spec.EvalSpec) where the caller gives it")
 
     def all_stages(self) -> list[StageSpec]:
         return list(self.stages or []) or ([StageSpec(steps=self.steps)] if self.steps else [])
@@ -167,9 +107,9 @@ def _path_text(loc: tuple) -> str:
     return text
 
 
-def _fields_at(loc: tuple) -> list[str]:
+def _fields_at(loc: tuple, schema: type[BaseModel]) -> list[str]:
     """The field names of the section a location points into (for "did you mean")."""
-    cls: Any = Recipe
+    cls: Any = schema
     for part in loc:
         if isinstance(part, int):
             continue
@@ -190,13 +130,15 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
-def problems_from_validation(exc: ValidationError, root: tuple = (), fields: list[str] | None = None) -> list[Problem]:
-    """Turn pydantic's errors into problems with recipe paths and "did you mean" hints."""
+def problems_from_validation(exc: ValidationError, root: tuple = (), fields: list[str] | None = None,
+                             schema: type[BaseModel] | None = None) -> list[Problem]:
+    """Turn pydantic's errors into problems with recipe paths and "did you mean" hints (``schema``: the model
+    validated, default the recipe's; ``fields``: the known fields where they are flat)."""
     problems = []
     for err in exc.errors():
         loc = root + tuple(err["loc"])
         if err["type"] == "extra_forbidden":
-            known = fields if fields is not None else _fields_at(tuple(err["loc"])[:-1])
+            known = fields if fields is not None else _fields_at(tuple(err["loc"])[:-1], schema or Recipe)
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f"; did you mean {close[0]}?" if close else (f"; known fields: {', '.join(known)}" if known else "")
             problems.append(Problem(_path_text(loc), f"unknown field{hint}"))
@@ -258,11 +200,13 @@ class ResolvedStep(typing.NamedTuple):
 
 
 def validate_recipe(data: dict, source: str = "recipe", plugins: Registry = registry, model_given: bool = False,
-                    calib_given: bool = False) -> tuple[Recipe, list[list[ResolvedStep]]]:
+                    calib_given: bool = False, sections: dict[str, type[BaseModel]] | None = None
+                    ) -> tuple[Recipe, list[list[ResolvedStep]]]:
     """Passes 1-3: the parsed recipe and, per stage, its steps with their methods and configs.
 
     ``model_given`` / ``calib_given``: the caller supplies the model / calibration data itself (the Python
-    API), so the recipe need not name them.
+    API), so the recipe need not name them. ``sections`` checks sections the core holds as plain mappings
+    against their owners' schemas (the command line gives ``{"eval": EvalSpec}``).
     """
     problems: list[Problem] = []
     try:
@@ -289,6 +233,12 @@ def validate_recipe(data: dict, source: str = "recipe", plugins: Registry = regi
             for p in problems_from_validation(exc, fields=list(method.Config.model_fields)):
                 problems.append(Problem(f"{where}.args.{p.where}" if p.where else f"{where}.args", p.message))
     problems += _runtime_problems(data)
+    for name, schema in (sections or {}).items():
+        if isinstance(data.get(name), dict):
+            try:
+                schema.model_validate(data[name])
+            except ValidationError as exc:
+                problems += problems_from_validation(exc, root=(name,), schema=schema)
     if recipe is None:
         raise RecipeError(problems, source)
     if recipe.stages and recipe.steps:

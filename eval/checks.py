@@ -7,7 +7,7 @@ from pathlib import Path
 
 from compress.errors import UsageError
 from compress.model import is_local_reference, load_config
-from compress.recipe import EvalSpec
+from compress.eval.spec import EvalSpec
 
 DEFAULT_TASKS = ["ppl", "kl", "samples", "memory"]
 TEXT_TASKS = ("ppl", "kl", "speculative")  # tasks that read the evaluation text

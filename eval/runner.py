@@ -26,8 +26,9 @@ from compress.eval.data import EvalText, load_eval_text, read_prompts
 from compress.eval.report import summary, write_document, write_json
 from compress.eval.tasks import Subject, evaluate_subjects
 from compress.model import is_local_reference, load_model, load_tokenizer, resolve_device
-from compress.plan import config_context
-from compress.recipe import EvalSpec, Recipe
+from compress.model import config_context
+from compress.eval.spec import EvalSpec
+from compress.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def eval_spec(options: dict) -> EvalSpec:
     try:
         return EvalSpec.model_validate(given(options))
     except ValidationError as exc:
-        problems = problems_from_validation(exc)
+        problems = problems_from_validation(exc, schema=EvalSpec)
         raise UsageError("invalid options: " + "; ".join(f"{_flag(p.where)}: {p.message}" for p in problems)) from exc
 
 
@@ -85,7 +86,7 @@ def load_subject(ref: str, device: str, dtype: str, fuse: bool) -> Subject:
 
 def _subject(module: nn.Module, ref: str, fuse: bool) -> Subject:
     """``module`` loaded from ``ref`` as a run's subject, fused where ``fuse``."""
-    from compress.fusion import fuse_projections
+    from compress.runtime.fusion import fuse_projections
 
     if fuse:
         fuse_projections(module)
@@ -139,7 +140,7 @@ def run_recipe_eval(recipe: Recipe, checkpoint_dir: str | Path) -> str:
     model (rebuilt as ``apply`` loaded it, random init included). Writes report.json / .md / .html to
     ``eval.output`` (default ``reports/<checkpoint name>``); returns a short summary."""
     m = recipe.model
-    spec, text = prepare(recipe.eval, [str(checkpoint_dir), m.path], has_baseline=True)
+    spec, text = prepare(EvalSpec.model_validate(recipe.eval), [str(checkpoint_dir), m.path], has_baseline=True)
     device = resolve_device(m.device)
     model = load_subject(str(checkpoint_dir), device, m.dtype, spec.fuse)
     original = load_model(m.path, m.dtype, m.init, m.revision, m.trust_remote_code).eval().to(device)

@@ -40,7 +40,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from transformers import CompileConfig, LogitsProcessor, LogitsProcessorList, StaticCache
 
-from compress.recipe import SpeedSpec
+from compress.eval.spec import SpeedSpec
 
 log = logging.getLogger(__name__)
 

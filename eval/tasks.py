@@ -22,8 +22,8 @@ from compress.eval.data import EvalText, read_prompts, tokenize
 from compress.eval.divergence import next_token_divergence
 from compress.eval.perplexity import Protocol, perplexity
 from compress.eval.report import SCHEMA
-from compress.plan import config_context
-from compress.recipe import EvalSpec
+from compress.model import config_context
+from compress.eval.spec import EvalSpec
 
 log = logging.getLogger(__name__)
 

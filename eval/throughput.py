@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from compress.errors import CompressError
 from compress.eval.speed import model_device, synchronize
-from compress.recipe import SpeedSpec
+from compress.eval.spec import SpeedSpec
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 import compress
 from compress.eval import speed
 from compress.eval.speculative import ModelDrafter, plain_greedy_config, speculative_greedy
-from compress.recipe import SpeedSpec
+from compress.eval.spec import SpeedSpec
 from conftest import make_tiny
 
 pytestmark = [pytest.mark.gpu,

@@ -18,7 +18,7 @@ from compress.eval.render import to_markdown
 from compress.eval.report import document, write_document
 from compress.eval.tasks import Subject, evaluate_subjects
 from compress.model import load_tokenizer
-from compress.recipe import EvalSpec
+from compress.eval.spec import EvalSpec
 from conftest import REPO, make_tiny
 
 TEXT = EvalText((REPO / "README.md").read_text(), "README.md", "")

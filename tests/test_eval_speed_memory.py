@@ -12,7 +12,7 @@ from transformers import StaticCache
 import compress
 from compress.eval import memory, speed, throughput
 from compress.formats import CompressedLinear
-from compress.recipe import SpeedSpec
+from compress.eval.spec import SpeedSpec
 from conftest import make_tiny
 
 

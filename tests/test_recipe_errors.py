@@ -46,6 +46,9 @@ CASES = {
                                 r"group_size: 64 .*per-channel.*ignore"),
     "tied lm_head": ("steps: [{method: rtn, targets: [lm_head]}]", r"lm_head share their weight with another layer"),
     "no steps": ("model: {dtype: float32}", r"stages: no steps"),
+    "misspelt eval field": ("steps: [{method: rtn}]\neval: {taks: [ppl], speed: {batch_size: [1]}}",
+                            r"eval\.speed\.batch_size: unknown field; did you mean batch_sizes\?\n.*eval\.taks: unknown "
+                            r"field; did you mean tasks\?"),
     "bad yaml": ("steps: [{method: rtn", r"line \d+, column \d+: not valid YAML"),
 }
 

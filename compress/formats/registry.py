@@ -13,7 +13,7 @@ import torch.nn as nn
 from compress.errors import CheckpointError, PluginError
 from compress.formats.base import CompressedLinear
 from compress.linear import linear_shape
-from compress.registry import EntryPointRegistry
+from compress.entry_points import EntryPointRegistry
 
 FORMAT_GROUP = "compress.formats"
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from compress.errors import PluginError
 from compress.methods import MethodConfig
-from compress.registry import EntryPointRegistry
+from compress.entry_points import EntryPointRegistry
 
 
 class FeatureConfig(MethodConfig):
