@@ -76,8 +76,12 @@ def cli(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
 @click.pass_context
 @_friendly_errors
 def plugins_cmd(ctx: click.Context) -> None:
-    """List the installed compression methods (built-in and third-party)."""
+    """List the installed compression methods (built-in and third-party), then the storage formats and
+    runtime features."""
+    from compress.errors import PluginError
+    from compress.formats import formats
     from compress.registry import registry
+    from compress.runtime import features
 
     infos = registry.describe()
     width = max((len(i.name) for i in infos), default=4)
@@ -86,6 +90,15 @@ def plugins_cmd(ctx: click.Context) -> None:
             click.echo(f"{info.name:<{width}}  BROKEN  {info.distribution}: {info.error}")
         else:
             click.echo(f"{info.name:<{width}}  {info.needs:<11}  {info.summary}  [{info.distribution}]")
+    for title, entries in (("formats", formats), ("runtime features", features)):
+        listed = []
+        for name in entries.names():
+            try:
+                entries.get(name)
+                listed.append(f"{name} [{entries.declared_by(name)}]")
+            except PluginError as exc:
+                listed.append(f"{name} BROKEN: {exc}")
+        click.echo(f"{title}: {', '.join(listed) or 'none'}")
 
 
 def _recipe_options(fn):

@@ -71,12 +71,12 @@ def _kernel_lines(kernels: dict[str, KernelChoice]) -> list[str]:
         by_choice.setdefault(choice, []).append(layer)
     lines = []
     for choice, layers in by_choice.items():
+        which = "all of them" if len(by_choice) == 1 else f"{len(layers)} layers ({_kinds(layers)})"
         if choice.kernel is None:
-            lines.append(f"on CUDA: {len(layers)} layers ({_kinds(layers)}) fall back to dequantize-then-matmul: "
-                         f"{choice.note}")
+            lines.append(f"on CUDA: {which} fall back to dequantize-then-matmul: {choice.note}")
         else:
             note = f" ({choice.note})" if choice.note else ""
-            lines.append(f"on CUDA: {len(layers)} layers ({_kinds(layers)}) decode with the {choice.kernel} kernel{note}")
+            lines.append(f"on CUDA: {which} decode with the {choice.kernel} kernel{note}")
     return lines
 
 

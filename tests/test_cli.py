@@ -197,12 +197,12 @@ def test_calibration_packing_is_deterministic(tiny_dirs, calib_text) -> None:
 
 
 @pytest.mark.parametrize("args, expected", [
-    ("{bits: 4, group_size: 128}", r"on CUDA: 14 layers \(q_proj x2, .*down_proj x2\) decode with the cuda-int4-mma kernel"),
-    ("{bits: 4, group_size: 64}", r"on CUDA: 14 layers .* decode with the triton-int4 kernel \(the CUDA kernel wants "
+    ("{bits: 4, group_size: 128}", r"on CUDA: all of them decode with the cuda-int4-mma kernel"),
+    ("{bits: 4, group_size: 64}", r"on CUDA: all of them decode with the triton-int4 kernel \(the CUDA kernel wants "
                                   r"out_features a multiple of 16, in_features of 128 and groups of 128"),
-    ("{bits: 2, group_size: 64}", r"on CUDA: 14 layers .* fall back to dequantize-then-matmul: 2-bit codes"),
+    ("{bits: 2, group_size: 64}", r"on CUDA: all of them fall back to dequantize-then-matmul: 2-bit codes"),
     ("{bits: 4, group_size: 96}", r"steps\[0\]\.args\.group_size: 96 does not divide"),
-    ("{bits: 8, group_size: null}", r"on CUDA: 14 layers .* decode with the triton-8bit kernel"),
+    ("{bits: 8, group_size: null}", r"on CUDA: all of them decode with the triton-8bit kernel"),
 ])
 def test_validate_says_which_kernel_each_layer_decodes_with(args: str, expected: str, tiny_dirs, tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
@@ -211,18 +211,31 @@ def test_validate_says_which_kernel_each_layer_decodes_with(args: str, expected:
     assert re.search(expected, result.output), result.output
 
 
-def test_validate_says_why_a_group_size_falls_back(tmp_path: Path) -> None:
-    """group_size 96 divides a 384-wide model's layers but is no power of two: validate says the layers fall back."""
+def _wide_model(tmp_path: Path, **shape) -> Path:
     import json
 
     config = json.loads((REPO / "recipes" / "models" / "tiny-llama" / "config.json").read_text())
-    config.update(hidden_size=384, intermediate_size=768, head_dim=64, num_attention_heads=6, num_key_value_heads=2)
+    config.update(head_dim=64, num_attention_heads=shape["hidden_size"] // 64, num_key_value_heads=2, **shape)
     model_dir = tmp_path / "wide"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+@pytest.mark.parametrize("shape, args, expected", [
+    # group_size 96 divides a 384-wide model's layers but is no power of two
+    ({"hidden_size": 384, "intermediate_size": 768}, "{bits: 4, group_size: 96}",
+     [r"on CUDA: all of them fall back to dequantize-then-matmul: groups of 96 \(the kernels take powers of two from "
+      r"32 to 1024\)"]),
+    # per channel: a row is one group, 256 wide on q..up (a kernel), 768 wide on down_proj (none)
+    ({"hidden_size": 256, "intermediate_size": 768}, "{bits: 4, group_size: null}",
+     [r"on CUDA: 12 layers \(q_proj x2, .*up_proj x2\) decode with the cuda-int4-mma kernel",
+      r"on CUDA: 2 layers \(down_proj x2\) fall back to dequantize-then-matmul: groups of 768"]),
+])
+def test_validate_says_why_layers_fall_back(shape: dict, args: str, expected: list[str], tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("steps: [{method: rtn, args: {bits: 4, group_size: 96}}]\n")
-    result = run(["validate", str(recipe), "--model", str(model_dir)])
+    recipe.write_text(f"steps: [{{method: rtn, args: {args}}}]\n")
+    result = run(["validate", str(recipe), "--model", str(_wide_model(tmp_path, **shape))])
     assert result.exit_code == 0, result.output
-    assert re.search(r"on CUDA: 14 layers .* fall back to dequantize-then-matmul: groups of 96 \(the kernels take powers "
-                     r"of two from 32 to 1024\)", result.output), result.output
+    for pattern in expected:
+        assert re.search(pattern, result.output), result.output

@@ -19,9 +19,9 @@ pytest.importorskip("triton")
 
 SCRIPT = r"""
 import torch, triton
+from compress.formats.fp8 import Fp8Linear
 from compress.formats.integer import IntLinear
 from compress.kernels import gemv
-from compress.formats.fp8 import Fp8Linear
 from compress.quant import IntScheme
 
 def run(kernel, config, fn):
@@ -85,8 +85,8 @@ print("worst", worst)
 
 FP8_SCRIPT = r"""
 import torch
-from compress.kernels import fp8_activations as activations
 from compress.formats.fp8 import quantize_fp8, token_scales
+from compress.kernels import fp8_activations as activations
 
 # Inputs that are E4M3 values times a power of two, with each row's max |x| at 448 times it: the scaling is
 # exact and the codes need no rounding (the interpreter rounds E4M3 wrongly where rounding carries into the

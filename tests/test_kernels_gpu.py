@@ -128,9 +128,9 @@ def test_fused_projections_decode_compiled_with_fewer_kernels(method, args, kern
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 @pytest.mark.parametrize("weights", ["channel", "tensor"])
 def test_fp8_scaled_mm_matches_emulation(tokens, weights, monkeypatch) -> None:
-    from compress.kernels import gemv
-    from compress.kernels import fp8_activations as activations
     from compress.formats.fp8 import Fp8Linear
+    from compress.kernels import fp8_activations as activations
+    from compress.kernels import gemv
 
     calls = []
     real = activations.quantize_rows
@@ -149,8 +149,8 @@ def test_fp8_scaled_mm_matches_emulation(tokens, weights, monkeypatch) -> None:
 @pytest.mark.parametrize("rows, width", [(1, 4096), (4096, 4096), (37, 14336), (5, 1000)])
 @pytest.mark.parametrize("static", [False, True])
 def test_fp8_activation_kernel_matches_pytorch_bit_for_bit(rows, width, static) -> None:
-    from compress.kernels import fp8_activations as activations
     from compress.formats.fp8 import quantize_fp8, token_scales
+    from compress.kernels import fp8_activations as activations
 
     g = torch.Generator(device="cuda").manual_seed(rows + width)
     x = (torch.randn(rows, width, device="cuda", generator=g) * 3).bfloat16()

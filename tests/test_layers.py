@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from compress.formats.integer import IntLinear
 from compress.formats.fp8 import Fp8Linear, quantize_fp8, token_scales
+from compress.formats.integer import IntLinear
 from compress.quant import IntScheme
 
 
@@ -63,3 +63,15 @@ def test_fp8_layer_keeps_its_storage_through_dtype_casts() -> None:
         assert torch.equal(layer.input_scale, input_scale)
     assert layer.bias.dtype == torch.float16
     assert layer(torch.randn(2, 64).half()).dtype == torch.float16
+
+
+def test_every_format_exports_its_dense_weights_and_names_the_layouts_it_has() -> None:
+    from compress.errors import CheckpointError
+
+    for name, layer in _layers(48, 64, True).items():
+        tensors = layer.export("dense")
+        assert torch.equal(tensors["weight"], layer.dequantized_weight()), name
+        assert torch.equal(tensors["bias"], layer.bias), name
+        with pytest.raises(CheckpointError, match=rf"format '{layer.format}' cannot be exported as 'vllm-marlin'; it "
+                                                  r"exports: dense"):
+            layer.export("vllm-marlin")
