@@ -71,7 +71,10 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
     scale = torch.empty(out_f, columns // gs, dtype=torch.float32, device=W.device)  # values exact in dtype
     zero = torch.empty_like(scale)
     dynamic_groups = not act_order and scheme.granularity == "group"
-    kept = (lambda w, cols: w) if keep is None else (lambda w, cols: w * keep[:, cols])  # ranges of kept weights
+
+    def kept(w: torch.Tensor, cols: slice) -> torch.Tensor:  # group ranges come from the weights the mask keeps
+        return w if keep is None else w * keep[:, cols]
+
     if not dynamic_groups:  # static qparams from the whole weight, before any update
         s, z = _group_qparams(kept(W, slice(None)), scheme, dtype, mse, torch.diag(H))
         scale.copy_(s.float().expand_as(scale))
