@@ -1,6 +1,6 @@
 """What the methods that store the ``int`` format share: their arguments (bits, group size, symmetry) and the
-declarations the plan checks them by (they take dense or pruned layers, leave them stored in ``int``, and need
-group sizes that divide every layer)."""
+declarations the plan checks them by (they take dense or pruned layers and leave them stored in ``int``; any
+group size fits any layer: a last group that does not fill is ragged)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from typing import Any
 
 from pydantic import Field
 
-from compress.errors import Problem
-from compress.formats.integer import group_size_problems
 from compress.methods import Method, MethodConfig
 from compress.quant import IntScheme
 from compress.states import LayerKind
@@ -43,7 +41,3 @@ class IntMethod(Method):
 
     def writes(self, config: MethodConfig) -> dict[str, Any] | None:
         return {"format": "int", **config.int_scheme().to_dict()}
-
-    def check_targets(self, targets, config: MethodConfig) -> list[Problem]:
-        scheme = config.int_scheme()
-        return group_size_problems(targets, scheme.group_size if scheme.granularity == "group" else None)

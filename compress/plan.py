@@ -36,6 +36,7 @@ class PlannedStep:
     config: MethodConfig
     layers: list[str]
     kernels: dict[str, KernelChoice] = field(default_factory=dict)  # layer -> its decode kernel (format writers)
+    notes: dict[str, str] = field(default_factory=dict)  # layer -> how it is stored, where there is something to say
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class Plan:
                 lines.append(f"  {step.where}: {step.method.name}({args})")
                 lines.append(f"    {len(step.layers)} layers: {_kinds(step.layers)}")
                 lines += [f"    {line}" for line in _kernel_lines(step.kernels)]
+                by_note: dict[str, list[str]] = {}
+                for layer, note in step.notes.items():
+                    by_note.setdefault(note, []).append(layer)
+                lines += [f"    {len(names)} layers ({_kinds(names)}) have {note}" for note, names in by_note.items()]
         return "\n".join(lines)
 
 
@@ -112,8 +117,8 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
             for p in step.method.check_targets(sel.modules, step.config):
                 problems.append(Problem(f"{step.where}.args.{p.where}" if p.where else step.where, p.message))
             problems += _state_problems(step, list(sel.modules), states)
-            kernels = _kernels(step, sel.modules, problems)
-            planned_stage.append(PlannedStep(step.where, step.method, step.config, list(sel.modules), kernels))
+            kernels, notes = _storage(step, sel.modules, problems)
+            planned_stage.append(PlannedStep(step.where, step.method, step.config, list(sel.modules), kernels, notes))
         planned.append(planned_stage)
     seq_len = _seq_len(recipe, model, problems)
     if problems:
@@ -145,17 +150,21 @@ def _state_problems(step: ResolvedStep, layers: list[str], states: dict[str, tup
     return problems
 
 
-def _kernels(step: ResolvedStep, layers: dict[str, nn.Module], problems: list[Problem]) -> dict[str, KernelChoice]:
-    """For a step that stores a format, the decode kernel each of its layers will run with on CUDA."""
+def _storage(step: ResolvedStep, layers: dict[str, nn.Module],
+             problems: list[Problem]) -> tuple[dict[str, KernelChoice], dict[str, str]]:
+    """For a step that stores a format: the decode kernel each of its layers will run with on CUDA, and what the
+    format has to say about how each is stored."""
     scheme = step.method.writes(step.config)
     if scheme is None:
-        return {}
+        return {}, {}
     try:
         fmt = format_class(scheme["format"])
     except CompressError as exc:
         problems.append(Problem(step.where, f"method {step.method.name!r} stores format {scheme['format']!r}: {exc}"))
-        return {}
-    return {n: fmt.kernel(scheme, *linear_shape(m)) for n, m in layers.items()}
+        return {}, {}
+    kernels = {n: fmt.kernel(scheme, *linear_shape(m)) for n, m in layers.items()}
+    notes = {n: note for n, m in layers.items() if (note := fmt.storage_note(scheme, *linear_shape(m)))}
+    return kernels, notes
 
 
 def _seq_len(recipe: Recipe, model: nn.Module, problems: list[Problem]) -> int | None:

@@ -3,7 +3,10 @@
 Conventions, used by every plugin and by the stored format:
 
 * A weight ``w`` of shape ``[out, in]`` is cut into groups along ``in``: ``tensor`` (one group for the
-  whole tensor), ``channel`` (one per output row) or ``group`` (``in / group_size`` per row).
+  whole tensor), ``channel`` (one per output row) or ``group`` (``ceil(in / group_size)`` per row). Where
+  ``group_size`` does not divide ``in``, the last group of each row is shorter (ragged) and has its own scale
+  and zero point. The functions pad it with zeros to a full group for their tensor arithmetic and crop the
+  result: zero is always a code, so the padding changes no range, no rounding and no error sum.
 * Codes are unsigned integers ``q`` in ``[0, 2**bits - 1]`` with a zero point ``z``:
   ``w ≈ (q - z) * scale``. Symmetric schemes fix ``z = 2**(bits - 1)``; asymmetric ones store it.
 * Symmetric scale: ``max|w| / ((2**bits - 1) / 2)`` (the full range, as GPTQ and llm-compressor), or
@@ -50,21 +53,38 @@ class IntScheme:
 
     def groups_per_row(self, in_features: int) -> int:
         if self.granularity == "group":
-            assert self.group_size is not None
-            return in_features // self.group_size
+            return -(-in_features // self.group_size)
         return 1
+
+    def padded_width(self, in_features: int) -> int:
+        """``in_features`` rounded up to whole groups (itself unless the last group is ragged)."""
+        return self.groups_per_row(in_features) * self.group_size if self.granularity == "group" else in_features
+
+    def ragged(self, in_features: int) -> bool:
+        """Whether the last group of a row is shorter than ``group_size``."""
+        return self.padded_width(in_features) != in_features
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def group_view(w: torch.Tensor, scheme: IntScheme) -> torch.Tensor:
-    """``w`` [out, in] as [rows, groups, group_len]: rows is 1 for per-tensor, else out."""
+    """``w`` [out, in] as [rows, groups, group_len]: rows is 1 for per-tensor, else out; a ragged last group is
+    padded with zeros (:func:`ungroup` crops them again)."""
     out_f, in_f = w.shape
     if scheme.granularity == "tensor":
         return w.reshape(1, 1, out_f * in_f)
     groups = scheme.groups_per_row(in_f)
-    return w.reshape(out_f, groups, in_f // groups)
+    width = scheme.padded_width(in_f)
+    if width != in_f:
+        w = torch.nn.functional.pad(w, (0, width - in_f))
+    return w.reshape(out_f, groups, width // groups)
+
+
+def ungroup(g: torch.Tensor, shape: torch.Size | tuple[int, int]) -> torch.Tensor:
+    """A :func:`group_view` [rows, groups, group_len] back as [out, in] (``shape``), without the padding."""
+    out_f, in_f = shape
+    return g.reshape(out_f, -1)[:, :in_f]
 
 
 def round_up_to(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -163,7 +183,7 @@ def quantize_weight(
     """Codes of ``w`` [out, in] as uint8 [out, in], given [rows, groups] scale and zero."""
     g = group_view(w.float(), scheme)
     codes = quantize(g, scale.unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq)
-    return codes.reshape(w.shape).to(torch.uint8)
+    return ungroup(codes, w.shape).to(torch.uint8)
 
 
 def dequantize_weight(
@@ -172,7 +192,7 @@ def dequantize_weight(
     """Float weight [out, in] from uint8 codes [out, in] and [rows, groups] scale / zero."""
     g = group_view(codes, scheme).float()
     w = (g - zero.float().unsqueeze(-1)) * scale.float().unsqueeze(-1)
-    return w.reshape(codes.shape).to(dtype)
+    return ungroup(w, codes.shape).to(dtype)
 
 
 def codes_per_byte(bits: int) -> int:
@@ -216,7 +236,7 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 def fake_quantize_weight(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: IntScheme) -> torch.Tensor:
     """``w`` [out, in] quantized with [rows, groups] ``scale`` / ``zero`` and dequantized, in float32."""
     g = group_view(w.float(), scheme)
-    return fake_quantize(g, scale.float().unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq).reshape(w.shape)
+    return ungroup(fake_quantize(g, scale.float().unsqueeze(-1), zero.unsqueeze(-1), scheme.maxq), w.shape)
 
 
 def rtn_dequantized(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -34,6 +34,9 @@ def tiny_config(arch: str):
     if arch == "qwen2":  # q/k/v with bias, untied
         return tf.Qwen2Config(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                               num_key_value_heads=2, tie_word_embeddings=False, **COMMON)
+    if arch == "qwen2-ragged":  # widths no usual group size divides: 160 = 2 x 64 + 32, 720 = 11 x 64 + 16
+        return tf.Qwen2Config(hidden_size=160, intermediate_size=720, num_hidden_layers=2, num_attention_heads=5,
+                              num_key_value_heads=1, tie_word_embeddings=False, **COMMON)
     if arch == "mistral":
         return tf.MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2, tie_word_embeddings=False, **COMMON)
@@ -51,6 +54,7 @@ def tiny_config(arch: str):
 
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt", "phi3"]
+RAGGED = "qwen2-ragged"  # in_features that group sizes do not divide (not in ARCHS: the tests that need it say so)
 
 
 def make_tiny(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -201,7 +201,10 @@ def test_calibration_packing_is_deterministic(tiny_dirs, calib_text) -> None:
     ("{bits: 4, group_size: 64}", r"on CUDA: all of them decode with the triton-int4 kernel \(the CUDA kernel wants "
                                   r"out_features a multiple of 16, in_features of 128 and groups of 128"),
     ("{bits: 2, group_size: 64}", r"on CUDA: all of them fall back to dequantize-then-matmul: 2-bit codes"),
-    ("{bits: 4, group_size: 96}", r"steps\[0\]\.args\.group_size: 96 does not divide"),
+    ("{bits: 4, group_size: 96}", r"on CUDA: all of them fall back to dequantize-then-matmul: groups of 96 .*\n.*"
+                                  r"12 layers \(q_proj x2, .*up_proj x2\) have a ragged last group \(128 = 1 x 96 \+ 32\), "
+                                  r"stored padded to whole groups\n.*2 layers \(down_proj x2\) have a ragged last group "
+                                  r"\(256 = 2 x 96 \+ 64\)"),
     ("{bits: 8, group_size: null}", r"on CUDA: all of them decode with the triton-8bit kernel"),
 ])
 def test_validate_says_which_kernel_each_layer_decodes_with(args: str, expected: str, tiny_dirs, tmp_path: Path) -> None:

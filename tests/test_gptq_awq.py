@@ -21,7 +21,7 @@ from compress.plugins.awq.search import clip_weight
 from compress.plugins.gptq.algorithm import gptq
 from compress.solvers.hessian import Hessian
 from compress.quant import IntScheme
-from conftest import ARCHS, REF_A, REFCODE, REPO, make_tiny, needs_shared
+from conftest import ARCHS, RAGGED, REF_A, REFCODE, REPO, make_tiny, needs_shared
 
 # -- GPTQ's column sweep against RTN on one layer -------------------------------------------------------------
 
@@ -233,7 +233,7 @@ def _logit_error(arch: str, step: dict, calib) -> float:
         return (model(held_out).logits - before).pow(2).mean().item()
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, RAGGED])
 def test_gptq_and_awq_beat_rtn(arch: str, tiny_calib) -> None:
     rtn_sym = _logit_error(arch, {"method": "rtn", "args": {"bits": 3, "group_size": 64}}, tiny_calib)
     gptq_err = _logit_error(arch, {"method": "gptq", "args": {"bits": 3, "group_size": 64}}, tiny_calib)

@@ -11,7 +11,7 @@ import compress
 from compress.formats import CompressedLinear
 from compress.methods import Needs
 from compress.registry import registry
-from conftest import ARCHS, make_tiny
+from conftest import ARCHS, RAGGED, make_tiny
 
 # Arguments each built-in method is exercised with (a method without an entry fails test_every_method_is_covered).
 CASES: dict[str, list[dict]] = {
@@ -49,7 +49,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, RAGGED])
 @pytest.mark.parametrize("case", CASE_IDS, ids=lambda c: f"{c[0]}{c[1]}")
 def test_apply_save_reload(arch: str, case: tuple[str, int], tmp_path) -> None:
     name, i = case

@@ -102,3 +102,26 @@ def test_mse_search_never_worse_than_min_max() -> None:
 def test_bits_out_of_range_rejected() -> None:
     with pytest.raises(ValueError, match="bits must be in 2..8"):
         IntScheme(9, True)
+
+
+@pytest.mark.parametrize("bits, symmetric", [(4, True), (4, False), (3, True), (8, False)])
+def test_a_ragged_last_group_is_quantized_as_a_group_of_its_own(bits: int, symmetric: bool) -> None:
+    """in_features = 200 in groups of 64: three full groups and one of 8; the padding changes nothing, so each
+    group's qparams and codes are those of the group quantized on its own (per channel, on its columns)."""
+    w = torch.cat([_weights(5), _weights(6)[:, :8]], dim=1)
+    w[5, 192:] = w[5, 192:].abs() + 0.2  # an all-positive ragged group: its range must still include zero
+    scheme = IntScheme(bits, symmetric, "group", 64)
+    assert scheme.groups_per_row(200) == 4 and scheme.padded_width(200) == 256 and scheme.ragged(200)
+    for search in (quant.qparams, quant.mse_qparams):
+        scale, zero = search(w, scheme, torch.float32)
+        codes = quant.quantize_weight(w, scale, zero, scheme)
+        assert scale.shape == (24, 4) and codes.shape == (24, 200)
+        for g, cols in enumerate((slice(0, 64), slice(64, 128), slice(128, 192), slice(192, 200))):
+            alone = IntScheme(bits, symmetric, "channel", None)
+            s, z = search(w[:, cols], alone, torch.float32)
+            assert torch.equal(scale[:, g : g + 1], s) and torch.equal(zero[:, g : g + 1], z), (search, g)
+            assert torch.equal(codes[:, cols], quant.quantize_weight(w[:, cols], s, z, alone)), (search, g)
+        deq = quant.dequantize_weight(codes, scale, zero, scheme, torch.float32)
+        torch.testing.assert_close(quant.fake_quantize_weight(w, scale, zero, scheme), deq, rtol=0, atol=0)
+        if search is quant.qparams:  # min/max ranges: every weight within half a step
+            assert ((deq - w).abs() <= scale.repeat_interleave(64, dim=1)[:, :200] / 2 + 1e-6).all()

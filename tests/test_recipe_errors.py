@@ -40,10 +40,6 @@ CASES = {
     "pattern matching nothing": ("steps: [{method: rtn, targets: [q_prj]}]",
                                  r"steps\[0\]\.targets\[0\]: pattern 'q_prj' matches no linear layer of "
                                  r"LlamaForCausalLM; did you mean 'q_proj'\?"),
-    "incompatible group size": ("steps: [{method: rtn, args: {group_size: 96}}]",
-                                r"steps\[0\]\.args\.group_size: 96 does not divide in_features of 14 layers: "
-                                r"model\.layers\.0\.self_attn\.q_proj \(in_features=128\).*fix with one of: "
-                                r"group_size: 64 .*per-channel.*ignore"),
     "tied lm_head": ("steps: [{method: rtn, targets: [lm_head]}]", r"lm_head share their weight with another layer"),
     "no steps": ("model: {dtype: float32}", r"stages: no steps"),
     "misspelt eval field": ("steps: [{method: rtn}]\neval: {taks: [ppl], speed: {batch_size: [1]}}",

@@ -54,6 +54,12 @@ class CompressedLinear(nn.Module, ABC):
         weight exists); formats with fast paths override it."""
         return KernelChoice(None, f"format {cls.format!r} has no decode kernel")
 
+    @classmethod
+    def storage_note(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> str | None:
+        """Anything a user should know about how a layer of ``scheme`` and this shape is stored (asked at plan
+        time and shown by ``compress validate``), or None."""
+        return None
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight [out, in] this layer computes with (a fresh tensor: writing to it changes nothing).
@@ -65,6 +71,11 @@ class CompressedLinear(nn.Module, ABC):
     @abstractmethod
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight this layer computes with, as a dense [out, in] tensor."""
+
+    def check_loaded(self) -> str | None:
+        """After loading: what in the stored tensors contradicts the scheme the checkpoint declares (codes out of
+        range, non-finite scales), or None. Shapes are checked by the loader."""
+        return None
 
     # -- exports to other checkpoint layouts ---------------------------------------------------------------
 

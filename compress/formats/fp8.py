@@ -108,6 +108,11 @@ class Fp8Linear(CompressedLinear):
         return KernelChoice("triton-8bit", "more tokens than a decode step: torch._scaled_mm on compute "
                             "capability 8.9 and later")
 
+    def check_loaded(self) -> str | None:
+        if not torch.isfinite(self.weight_scale).all() or not (self.weight_scale > 0).all():
+            return "weight scales that are not finite and positive"
+        return None
+
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return (self.weight_fp8.float() * self.weight_scale).to(dtype or torch.float32)
 

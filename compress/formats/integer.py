@@ -1,12 +1,13 @@
 """The ``int`` storage format: k-bit integer weights (2-8 bits) with per-tensor / per-channel / per-group
-scales, written by the int8, RTN, GPTQ and AWQ methods; with the decode kernels' eligibility and the
-group-size check of the methods that write it.
+scales, written by the int8, RTN, GPTQ and AWQ methods; with the decode kernels' eligibility.
 
 Buffers (the checkpoint's tensors for this layer):
 
-* ``qweight``: codes packed along ``in`` (see :func:`compress.quant.pack`): uint8 [out, ceil(in/k)] with
-  k = 4 codes a byte for 2-bit, 2 for 3- and 4-bit, 1 otherwise; 8-bit symmetric stores signed int8
-  ``q - 128`` instead (absmax int8).
+* ``qweight``: codes packed along ``in`` (see :func:`compress.quant.pack`): uint8 [out, ceil(in'/k)] with
+  k = 4 codes a byte for 2-bit, 2 for 3- and 4-bit, 1 otherwise, and in' the input width rounded up to whole
+  groups (a ragged last group is stored padded with zero codes, so the decode kernels see whole groups; the
+  padding multiplies zero-padded activations and is never part of the weight); 8-bit symmetric stores signed
+  int8 ``q - 128`` instead (absmax int8).
 * ``scales``: [rows, groups] in the model dtype (rows is 1 for per-tensor quantization).
 * ``zeros``: uint8 [rows, groups] zero points, asymmetric schemes only (symmetric ones use 2**(bits-1)).
 * ``bias``: as the original layer.
@@ -14,7 +15,6 @@ Buffers (the checkpoint's tensors for this layer):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -22,10 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import quant
-from compress.errors import Problem
 from compress.formats.base import CompressedLinear, KernelChoice
 from compress.kernels import cuda_int4, dequant, gemv
-from compress.linear import get_bias, get_weight, linear_shape
+from compress.linear import get_bias, get_weight
 from compress.quant import IntScheme
 
 
@@ -54,30 +53,19 @@ def decode_kernel(scheme: IntScheme, in_features: int, out_features: int) -> Ker
         return KernelChoice(None, why)
     if group == 0:
         return KernelChoice("triton-8bit")
-    if cuda_int4.shape_ok(1, out_features, in_features, group):
+    if cuda_int4.shape_ok(1, out_features, scheme.padded_width(in_features), group):
         return KernelChoice("cuda-int4-mma")
     return KernelChoice("triton-int4", "the CUDA kernel wants out_features a multiple of 16, in_features of 128 and "
                         "groups of 128 times a power of two")
 
 
-def group_size_problems(targets: dict[str, nn.Module], group_size: int | None, field: str = "group_size") -> list[Problem]:
-    """The shared check of group-wise schemes: ``group_size`` must divide every target's in_features.
-
-    One problem lists every offending layer and the fixes (group sizes that divide them all,
-    per-channel, or ignoring the layers).
-    """
-    if not group_size:
-        return []
-    bad = {n: linear_shape(m)[0] for n, m in targets.items() if linear_shape(m)[0] % group_size}
-    if not bad:
-        return []
-    common = math.gcd(*(linear_shape(m)[0] for m in targets.values()))
-    fits = [g for g in (256, 128, 64, 32, 16) if common % g == 0 and g < group_size]
-    fixes = [f"group_size: {fits[0]} (divides every targeted layer)"] if fits else []
-    fixes += ["per-channel scales (group_size: null)", "add these layers to ignore"]
-    listed = ", ".join(f"{n} (in_features={f})" for n, f in bad.items())
-    return [Problem(field, f"{group_size} does not divide in_features of {len(bad)} layers: {listed}; "
-                    f"fix with one of: {'; '.join(fixes)}")]
+def ragged_note(scheme: IntScheme, in_features: int) -> str | None:
+    """How a layer whose last group is ragged is stored (None when its groups are whole)."""
+    if not scheme.ragged(in_features):
+        return None
+    whole, rest = divmod(in_features, scheme.group_size)
+    return (f"a ragged last group ({in_features} = {whole} x {scheme.group_size} + {rest}), stored padded to "
+            "whole groups")
 
 
 class IntLinear(CompressedLinear):
@@ -98,7 +86,7 @@ class IntLinear(CompressedLinear):
             qshape, qdtype = (out_features, in_features), torch.int8
         else:
             per = quant.codes_per_byte(scheme.bits)
-            qshape, qdtype = (out_features, -(-in_features // per)), torch.uint8
+            qshape, qdtype = (out_features, -(-scheme.padded_width(in_features) // per)), torch.uint8
         self.register_buffer("qweight", torch.empty(qshape, dtype=qdtype, device=device))
         self.register_buffer("scales", torch.empty(rows, groups, dtype=dtype, device=device))
         if scheme.symmetric:
@@ -127,7 +115,8 @@ class IntLinear(CompressedLinear):
         if layer.signed_storage:
             layer.qweight.copy_((codes.to(torch.int16) - scheme.sym_zero).to(torch.int8))
         else:
-            layer.qweight.copy_(quant.pack(codes, scheme.bits))
+            padded = F.pad(codes, (0, scheme.padded_width(in_f) - in_f))  # a ragged last group's zero codes
+            layer.qweight.copy_(quant.pack(padded, scheme.bits))
         layer.scales.copy_(scale.to(dtype))
         if layer.zeros is not None:
             layer.zeros.copy_(zero.to(torch.uint8))
@@ -157,6 +146,10 @@ class IntLinear(CompressedLinear):
     def kernel(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> KernelChoice:
         return decode_kernel(_int_scheme(scheme), in_features, out_features)
 
+    @classmethod
+    def storage_note(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> str | None:
+        return ragged_note(_int_scheme(scheme), in_features)
+
     # -- computing ------------------------------------------------------------------------------------
 
     def codes(self) -> torch.Tensor:
@@ -164,6 +157,21 @@ class IntLinear(CompressedLinear):
         if self.signed_storage:
             return (self.qweight.to(torch.int16) + self.int_scheme.sym_zero).to(torch.uint8)
         return quant.unpack(self.qweight, self.int_scheme.bits, self.in_features)
+
+    def check_loaded(self) -> str | None:
+        s = self.int_scheme
+        if not self.signed_storage:
+            per = quant.codes_per_byte(s.bits)
+            width = 8 // per
+            above = ((1 << width) - 1) ^ s.maxq  # the bits of a slot that a code of s.bits bits never sets
+            mask = sum(above << (j * width) for j in range(per))
+            if mask and torch.any(self.qweight & mask):
+                return f"codes wider than the declared {s.bits} bits"
+            if self.zeros is not None and torch.any(self.zeros > s.maxq):
+                return f"zero points above {s.maxq}, the largest {s.bits}-bit code"
+        if not torch.isfinite(self.scales).all() or not (self.scales > 0).all():
+            return "scales that are not finite and positive"
+        return None
 
     def zero_points(self) -> torch.Tensor:
         if self.zeros is not None:
@@ -183,6 +191,9 @@ class IntLinear(CompressedLinear):
         # a decode step on CUDA: read the codes once
         if group is not None and gemv.available(x, four_bit=group > 0):
             x2 = x.reshape(-1, self.in_features)
+            width = self.int_scheme.padded_width(self.in_features)
+            if width != self.in_features:  # a ragged last group: its padded codes meet zeros
+                x2 = F.pad(x2, (0, width - self.in_features))
             if group == 0:
                 y = gemv.gemv_8bit(x2, self.qweight, self.scales, self.zeros)
             else:

@@ -25,7 +25,7 @@ def channel_weight_mean(weights: torch.Tensor, scheme: IntScheme) -> torch.Tenso
     """Mean over rows of |w| normalised by its group's max: how large each input channel's weights are."""
     g = quant.group_view(weights.float().abs(), scheme)
     g = g / g.amax(dim=-1, keepdim=True).clamp(min=1e-8)
-    return g.reshape(weights.shape).mean(dim=0)
+    return quant.ungroup(g, weights.shape).mean(dim=0)
 
 
 def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, grid: int,
@@ -68,12 +68,16 @@ def clip_weight(weight: torch.Tensor, gram: torch.Tensor, scheme: IntScheme, gri
     each end with the other fixed), since a zero point lets the grid sit off-centre. ``passes`` more rounds then
     visit the groups of each row in turn and judge each one by the error of the whole row's output, the other
     groups' current errors included. Candidates are evaluated together, about ``chunk_elements`` at a time.
+
+    A ragged last group is searched padded with zero weights and zero second moments: they add nothing to any
+    error, and zero lies in every candidate range.
     """
-    w = weight.float()
-    out_f, in_f = w.shape
+    out_f, true_in = weight.shape
+    in_f = scheme.padded_width(true_in)
+    w = torch.nn.functional.pad(weight.float(), (0, in_f - true_in))
+    gram = torch.nn.functional.pad(gram.float(), (0, in_f - true_in, 0, in_f - true_in))
     gs = scheme.group_size if scheme.granularity == "group" else in_f
     n_groups = in_f // gs
-    gram = gram.float()
     blocks = diagonal_blocks(gram, gs)
     shrinks = 1 - torch.arange(int(max_shrink * grid), device=w.device, dtype=torch.float32).view(-1, 1, 1, 1) / grid
     rows = max(1, chunk_elements // (len(shrinks) * in_f))
@@ -97,7 +101,7 @@ def clip_weight(weight: torch.Tensor, gram: torch.Tensor, scheme: IntScheme, gri
                 fresh = _dequantized(wg[:, cols], lo[:, cols], hi[:, cols], scheme, weight.dtype)
                 delta[:, cols] = fresh - wg[:, cols]
         clipped[r0 : r0 + rows] = torch.minimum(torch.maximum(wg, lo), hi).reshape(-1, in_f)
-    return clipped
+    return clipped[:, :true_in]
 
 
 def _dequantized(wg: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, scheme: IntScheme,

@@ -68,7 +68,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
         W += torch.cholesky_solve((W_ref @ cross - W @ H).t(), L).t()
         W[:, dead] = 0
     gs = scheme.group_size if scheme.granularity == "group" else columns
-    scale = torch.empty(out_f, columns // gs, dtype=torch.float32, device=W.device)  # values exact in dtype
+    scale = torch.empty(out_f, scheme.groups_per_row(columns), dtype=torch.float32, device=W.device)  # exact in dtype
     zero = torch.empty_like(scale)
     dynamic_groups = not act_order and scheme.granularity == "group"
 
