@@ -17,12 +17,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from compress.calibration.data import CalibrationSet
 from compress.errors import PluginError
@@ -322,6 +325,20 @@ class StepWork:
             raise PluginError(f"method step {self.label!r}: layer {name} {problem}; the plugin's author must fix it")
 
 
+def _progress(blocks: list, labels: str) -> Iterator:
+    """``blocks`` one by one, shown as a progress bar where stderr is a terminal, and logged at INFO as each is done
+    (every block of a model of up to 20, else about every 5% and the last), so that a log file or CI sees the job
+    is alive; where the bar shows, the log lines go above it."""
+    every = max(1, math.ceil(len(blocks) / 20))
+    start = time.perf_counter()
+    bar = tqdm(blocks, desc=labels, unit="block", disable=None)
+    with contextlib.nullcontext() if bar.disable else logging_redirect_tqdm():
+        for i, block in enumerate(bar, start=1):
+            yield block
+            if i % every == 0 or i == len(blocks):
+                log.info("%s: block %d of %d done, %.1f s elapsed", labels, i, len(blocks), time.perf_counter() - start)
+
+
 def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: CalibrationSet | None,
               device: torch.device, batch_size: int = 8, compute_dtype: torch.dtype | None = None,
               states: dict[str, LayerState] | None = None) -> None:
@@ -337,9 +354,7 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
     names = blocks.names()
     in_blocks: set[str] = set()
     last = len(blocks.modules) - 1
-    bar = tqdm(list(zip(names, blocks.modules)), desc=", ".join(s.label for s in steps), unit="block",
-               disable=None)
-    for i, (name, block) in enumerate(bar):
+    for i, (name, block) in enumerate(_progress(list(zip(names, blocks.modules)), ", ".join(s.label for s in steps))):
         home = _module_device(block)
         with on_device(block, device, compute_dtype):
             prefix = name + "."
