@@ -1,0 +1,156 @@
+"""Compressing a model larger than the machine's memory: the model is built on the meta device, and each decoder
+block's tensors are read from the checkpoint's safetensors shards when its turn comes, compressed, written to the
+output shards and released, so memory holds one block (plus the embeddings and head) at a time.
+
+:class:`ShardedTensors` reads single tensors from a model directory (``model.safetensors`` or a sharded
+``model.safetensors.index.json``); :class:`ShardWriter` writes the output in Hugging Face's sharded layout;
+:class:`BlockStream` is what the calibration engine calls around each block (``load`` before, ``store`` after).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compress.errors import CheckpointError, UsageError
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SHARD_BYTES = 4 * 2**30  # an output shard closes once it holds this much
+
+
+class ShardedTensors:
+    """The tensors of a model directory's safetensors files, read one at a time (never a whole file)."""
+
+    def __init__(self, model_dir: str | Path):
+        self.root = Path(model_dir)
+        index = self.root / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index} is broken ({exc}); re-download or re-create the model") from exc
+            self.files = {name: self.root / file for name, file in weight_map.items()}
+        elif (self.root / SINGLE_FILE).is_file():
+            with safe_open(self.root / SINGLE_FILE, "pt") as f:
+                self.files = dict.fromkeys(f.keys(), self.root / SINGLE_FILE)
+        else:
+            raise UsageError(f"{self.root} has no {SINGLE_FILE} or {INDEX_FILE}: streaming reads safetensors "
+                             "checkpoints only; set model.load: memory for other kinds")
+        self._open: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = safe_open(path, "pt")
+        return self._open[path].get_tensor(name)
+
+
+def materialize(module: nn.Module, prefix: str, tensors: ShardedTensors) -> None:
+    """Give every parameter and buffer of ``module`` that is on the meta device its tensor from ``tensors`` (the
+    name is ``prefix`` + its name in ``module``), in its dtype where both are floating-point, as ``from_pretrained``
+    casts them. Tensors shared by two modules stay shared. One the checkpoint does not hold is left on the meta
+    device for the model's weight tying to fill."""
+    fresh: dict[int, torch.Tensor] = {}
+    for module_name, sub in module.named_modules():
+        for table in (sub._parameters, sub._buffers):  # buffers: a compressed layer's, from an earlier stage's output
+            for name, old in list(table.items()):
+                if old is None or not old.is_meta:
+                    continue
+                if id(old) not in fresh:
+                    key = f"{prefix}{module_name}.{name}" if module_name else f"{prefix}{name}"
+                    if key not in tensors:
+                        continue
+                    fresh[id(old)] = _loaded(tensors, key, old)
+                table[name] = fresh[id(old)]
+
+
+def _loaded(tensors: ShardedTensors, key: str, like: torch.Tensor) -> torch.Tensor:
+    t = tensors.get(key)
+    if tuple(t.shape) != tuple(like.shape):
+        raise CheckpointError(f"{tensors.root}: tensor {key} has shape {tuple(t.shape)}, the model's config wants "
+                              f"{tuple(like.shape)}; the checkpoint and its config.json disagree")
+    t = t.to(like.dtype) if t.is_floating_point() and like.is_floating_point() else t
+    return nn.Parameter(t, requires_grad=like.requires_grad) if isinstance(like, nn.Parameter) else t
+
+
+def release(module: nn.Module) -> None:
+    """Free ``module``'s tensors (they go to the meta device)."""
+    module.to("meta")
+
+
+class ShardWriter:
+    """Writes tensors to safetensors shards in a folder as they come, then Hugging Face's index of them (one
+    ``model.safetensors`` when they fit one shard)."""
+
+    def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
+        self.folder = folder
+        self.shard_bytes = shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue ``tensors`` (a module's state dict with qualified names); of tensors that are one (tied weights),
+        the first name is stored."""
+        seen = set()
+        for name, t in tensors.items():
+            key = (t.data_ptr(), tuple(t.shape), t.dtype)
+            if t.is_meta or key in seen:
+                continue
+            seen.add(key)
+            self._pending[name] = t.detach().to("cpu").contiguous()
+            self._pending_bytes += t.numel() * t.element_size()
+            if self._pending_bytes >= self.shard_bytes:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, path, metadata={"format": "pt"})
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Write what is queued and name the shards as ``from_pretrained`` expects."""
+        self._flush()
+        if len(self._shards) == 1:
+            self._shards[0][0].rename(self.folder / SINGLE_FILE)
+            return
+        count = len(self._shards)
+        weight_map, total = {}, 0
+        for i, (path, names) in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(self.folder / final)
+            weight_map.update(dict.fromkeys(names, final))
+            total += (self.folder / final).stat().st_size
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+class BlockStream:
+    """The engine's hooks around each decoder block when the model streams: read the block's tensors before it
+    is compressed, write them (compressed) and free them after."""
+
+    def __init__(self, tensors: ShardedTensors, writer: ShardWriter):
+        self.tensors = tensors
+        self.writer = writer
+
+    def load(self, name: str, block: nn.Module) -> None:
+        materialize(block, f"{name}.", self.tensors)
+
+    def store(self, name: str, block: nn.Module) -> None:
+        self.writer.add({f"{name}.{k}": v for k, v in block.state_dict().items()})
+        release(block)
