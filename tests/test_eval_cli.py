@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -150,3 +153,69 @@ def test_a_missing_model_is_named(tmp_path: Path) -> None:
     result = run(["eval", str(tmp_path / "nowhere"), "--tasks", "memory"])
     assert result.exit_code == 2
     assert re.search(r"error: model path not found: .*nowhere; give a local model directory or a Hub id", result.output)
+
+
+# -- the default evaluation text offline (issue 19, finding 11: 27 s of retries before the error) -------------
+
+
+NOT_CACHED = (r"error: the default evaluation text, Salesforce/wikitext:wikitext-2-raw-v1:test \(WikiText-2 raw test\), "
+              r"is not in the local cache and cannot be downloaded \({why}\); pass the evaluation text as a file: "
+              r"--data FILE \(for the standard protocol, wikitext-2-raw/wiki\.test\.raw\)")
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path: Path, monkeypatch):
+    """Caches with nothing in them (a machine that has WikiText cached would load it), offline mode unset."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _timed_eval(model: Path):
+    start = time.perf_counter()
+    result = run(["eval", str(model), "--tasks", "ppl"])
+    return result, time.perf_counter() - start
+
+
+def test_without_data_in_offline_mode_fails_at_once(empty_hub_cache, tiny_dirs, monkeypatch) -> None:
+    attempts = []
+
+    def connect(address, *args, **kwargs):
+        attempts.append(address)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", connect)
+    result, seconds = _timed_eval(tiny_dirs["qwen2"])
+    assert result.exit_code == 2, result.output
+    assert attempts == []  # offline mode is set: no connection is even tried
+    assert re.search(NOT_CACHED.format(why="HF_HUB_OFFLINE is set"), result.output), result.output
+    assert seconds < 8
+
+
+@pytest.mark.parametrize("network", ["unreachable", "silent"])
+def test_without_data_and_no_route_to_the_hub_fails_at_once(network: str, empty_hub_cache, tiny_dirs,
+                                                            monkeypatch) -> None:
+    """No route (the connection fails at once) or a silent one (it never answers, name lookup included): the
+    Hub is given a couple of seconds, not 27 s of retries."""
+    released = threading.Event()
+
+    def connect(address, timeout=None, *args, **kwargs):
+        if network == "silent":
+            released.wait(30)
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    try:
+        result, seconds = _timed_eval(tiny_dirs["qwen2"])
+    finally:
+        released.set()
+    assert result.exit_code == 2, result.output
+    why = "no connection to huggingface.co within 2 s" if network == "silent" else \
+        r"cannot connect to huggingface.co: \[Errno 101\] Network is unreachable"
+    assert re.search(NOT_CACHED.format(why=why), result.output), result.output
+    assert seconds < 8
