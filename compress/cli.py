@@ -278,14 +278,18 @@ def report_cmd(ctx: click.Context, reports: tuple[str, ...], output: str | None)
 
     Perplexities measured under different protocols (window, stride, BOS, text) go in separate tables.
     """
-    from compress.eval.render import to_markdown
-    from compress.eval.report import document, load_reports, write_document
+    from compress.eval.report import load_reports, printable, write_document
 
     runs = load_reports(list(reports))
     if output is None:
-        click.echo(to_markdown(document(runs)))
+        markdown, plots = printable(runs)
+        click.echo(markdown)
+        if plots:
+            click.echo(f"{len(plots)} plot{'s' if len(plots) > 1 else ''} ({', '.join(p.lower() for p in plots)}) "
+                       f"{'are' if len(plots) > 1 else 'is'} not printed: pass --output DIR to write them as PNG "
+                       "files with report.md and report.html", err=True)
         return
-    for path in write_document(runs, output).values():
+    for path in write_document(runs, output):
         click.echo(f"wrote {path}")
 
 

@@ -225,17 +225,31 @@ def document(reports: list[dict]) -> list:
     return blocks
 
 
-def write_document(reports: list[dict], output: str | Path) -> dict[str, Path]:
-    """Write report.md (with its plots as PNG files beside it) and a self-contained report.html."""
+def write_document(reports: list[dict], output: str | Path) -> list[Path]:
+    """Write report.md (with its plots as PNG files beside it) and a self-contained report.html; every path
+    written, the plots' included."""
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     blocks = document(reports)
-    for block in blocks:
-        if isinstance(block, Plot) and block.png is not None:
-            (output / f"{block.name}.png").write_bytes(block.png)
-    (output / "report.md").write_text(to_markdown(blocks))
-    (output / "report.html").write_text(to_html(blocks))
-    return {"markdown": output / "report.md", "html": output / "report.html"}
+    written = []
+    for block in _plots(blocks):
+        written.append(output / f"{block.name}.png")
+        written[-1].write_bytes(block.png)
+    for name, text in (("report.md", to_markdown(blocks)), ("report.html", to_html(blocks))):
+        written.append(output / name)
+        written[-1].write_text(text)
+    return written
+
+
+def printable(reports: list[dict]) -> tuple[str, list[str]]:
+    """The comparison as Markdown to print where no file is written: without its plots (Markdown links them as
+    PNG files beside it), and the titles of the plots left out."""
+    blocks = document(reports)
+    return to_markdown([b for b in blocks if not isinstance(b, Plot)]), [b.title for b in _plots(blocks)]
+
+
+def _plots(blocks: list) -> list[Plot]:
+    return [b for b in blocks if isinstance(b, Plot) and b.png is not None]
 
 
 def summary(report: dict) -> str:

@@ -131,7 +131,7 @@ def write_outputs(report: dict, json_path: str | Path | None, output: str | Path
         written.append(write_json(report, json_path))
     if output:
         written.append(write_json(report, Path(output) / "report.json"))
-        written += list(write_document([report], output).values())
+        written += write_document([report], output)
     return written
 
 

@@ -71,7 +71,9 @@ def test_markdown_has_the_tables(runs) -> None:
 
 def test_html_is_self_contained_with_plots(runs, tmp_path: Path) -> None:
     paths = write_document([runs["w4"]], tmp_path)
-    html = paths["html"].read_text()
+    assert [p.name for p in paths] == ["perplexity_vs_size.png", "memory.png", "decode_speed.png", "report.md",
+                                       "report.html"]
+    html = paths[-1].read_text()
     images = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)">', html)
     assert [alt for alt, _ in images] == ["Perplexity vs size", "Memory", "Decode speed"]
     assert all(base64.b64decode(data).startswith(b"\x89PNG") for _, data in images)
@@ -113,6 +115,27 @@ def test_report_never_mixes_protocols_in_one_table(runs, tmp_path: Path) -> None
     ppl16 = f"{runs['w4-16']['perplexity']:.4f}"
     assert ppl16 in sections[1] and ppl16 not in sections[0]
     assert (out / "report.html").exists()
+
+
+def test_printed_report_links_no_image_and_says_plots_need_output(runs, tmp_path: Path) -> None:
+    """Without --output nothing is written, so the printed Markdown must not link PNG files (issue 19, finding 12)."""
+    result = _cli(["report", *_write(runs, ["w4", "w8"], tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "| w4 | float32 |" in result.stdout
+    assert "![" not in result.stdout and ".png" not in result.stdout
+    assert re.search(r"3 plots \(perplexity vs size, memory, decode speed\) are not printed: pass --output DIR to "
+                     r"write them as PNG files", result.stderr), result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w4.json", "w8.json"]
+
+
+def test_report_output_lists_every_file_it_wrote(runs, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    result = _cli(["report", *_write(runs, ["w4", "w8"], tmp_path), "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    listed = sorted(line.removeprefix("wrote ") for line in result.output.splitlines())
+    assert listed == sorted(str(p) for p in out.iterdir())
+    assert {Path(p).name for p in listed} == {"report.md", "report.html", "perplexity_vs_size.png", "memory.png",
+                                              "decode_speed.png"}
 
 
 @pytest.mark.parametrize("content, message", [
