@@ -1,47 +1,26 @@
-"""The ``compress`` command line. Library code logs; this module prints."""
+"""The work of the ``compress`` commands. Their options and help are declared in :mod:`compress_cli` (outside this
+package, so that ``--help`` does not import torch), which calls the functions here, with the options as keyword
+arguments, when a command runs. Library code logs; the command line prints.
+
+``cli`` and ``main`` are importable from here too (``python -m compress.cli``, tests driving ``cli`` with click's
+CliRunner).
+"""
 
 from __future__ import annotations
 
-import functools
-import logging
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import click
 
-from compress.errors import CompressError
+from compress_cli import cli, main
 
 if TYPE_CHECKING:
     from compress.recipe import Recipe
 
-log = logging.getLogger("compress")
-
-
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "ContinuousBatchingLogger"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _friendly_errors(fn):
-    """Print CompressErrors as one clean block with their exit code; --debug keeps the traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ctx = click.get_current_context()
-        try:
-            return fn(*args, **kwargs)
-        except CompressError as exc:
-            if ctx.obj.get("debug"):
-                raise
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-
-    return wrapper
+__all__ = ["apply_cmd", "cli", "eval_cmd", "main", "plugins_cmd", "report_cmd", "validate_cmd"]
 
 
 def _cwd_path(value: str | None) -> str | None:
@@ -53,31 +32,9 @@ def _cwd_path(value: str | None) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug logs).")
-@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors in the log.")
-@click.version_option(package_name="compress-llm")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: int, quiet: bool) -> None:
-    """Make Hugging Face language models smaller and faster.
-
-    \b
-    A recipe (YAML) lists compression steps; `compress apply` runs it and writes a checkpoint that
-    `compress.load(dir)` or transformers' `from_pretrained` (after `import compress`) loads.
-    Exit codes: 0 success, 1 a failure while running, 2 a problem with what was given.
-    """
-    ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
-    _setup_logging(-1 if quiet else verbose)
-
-
-@cli.command("plugins")
-@click.pass_context
-@_friendly_errors
-def plugins_cmd(ctx: click.Context) -> None:
-    """List the installed compression methods (built-in and third-party), then the storage formats and
-    runtime features."""
+def plugins_cmd() -> None:
+    """``compress plugins``: the methods (importing each, to show what it needs, its summary, or why it is broken),
+    then the storage formats and runtime features."""
     from compress.errors import PluginError
     from compress.formats import formats
     from compress.registry import registry
@@ -101,27 +58,13 @@ def plugins_cmd(ctx: click.Context) -> None:
         click.echo(f"{title}: {', '.join(listed) or 'none'}")
 
 
-def _recipe_options(fn):
-    fn = click.option("--calib", metavar="DATA", help="Calibration data (a .txt/.jsonl/.parquet file or a "
-                      "datasets id); overrides the recipe's calibration.dataset.")(fn)
-    fn = click.option("--model", "model", metavar="M", help="Model (Hub id or local directory); overrides "
-                      "the recipe's model.path.")(fn)
-    fn = click.argument("recipe", type=click.Path(dir_okay=False))(fn)
-    return fn
-
-
 def _overrides(model: str | None, calib: str | None, **extra: str | None) -> dict:
     values = {"model.path": _cwd_path(model), "calibration.dataset": _cwd_path(calib), **extra}
     return {k: v for k, v in values.items() if v is not None}
 
 
-@cli.command("validate")
-@_recipe_options
-@click.pass_context
-@_friendly_errors
-def validate_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str | None) -> None:
-    """Check RECIPE completely without loading weights: the file, each step's arguments, the steps
-    together, and the model's structure (on the meta device). Prints which layers each step compresses."""
+def validate_cmd(recipe: str, model: str | None, calib: str | None) -> None:
+    """``compress validate``: check the recipe completely (the model on the meta device) and print the plan."""
     from compress.api import check_recipe
 
     checked = check_recipe(recipe, _overrides(model, calib), _sections())
@@ -159,22 +102,10 @@ def _same_recipe(stored: dict | None, recipe: Recipe) -> bool:
         return False
 
 
-@cli.command("apply")
-@_recipe_options
-@click.option("--output", "-o", metavar="DIR", help="Where to write the checkpoint (default: the recipe's "
-              "output, else ./compressed/<model>-<recipe>).")
-@click.option("--device", metavar="D", help="Execution device: auto, cpu, cuda, cuda:N (default: recipe's, else auto).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at the output.")
-@click.pass_context
-@_friendly_errors
-def apply_cmd(ctx: click.Context, recipe: str, model: str | None, calib: str | None, output: str | None,
-              device: str | None, overwrite: bool) -> None:
-    """Compress a model with RECIPE and write the checkpoint.
-
-    \b
-    The recipe is checked completely before any weight is loaded. Writing is atomic: a failed or killed
-    run leaves nothing at the output. Running the same recipe again on the same model is a no-op.
-    """
+def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | None, device: str | None,
+              overwrite: bool) -> None:
+    """``compress apply``: check the recipe, compress, write the checkpoint atomically (a no-op when the output
+    holds this recipe's checkpoint of the same model), then run the recipe's eval: section."""
     from compress.api import check_recipe, run_checked
     from compress.checkpoint import read_quantization_config, save
     from compress.errors import UsageError
@@ -208,50 +139,12 @@ def _split_list(value: str | None) -> list[str] | None:
     return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
-@cli.command("eval")
-@click.argument("model")
-@click.option("--baseline", metavar="M", help="The original model to compare against (Hub id or directory).")
-@click.option("--tasks", metavar="LIST", help="Comma-separated, from ppl, kl, samples, memory, speed, speculative "
-              "(default: ppl,kl,samples,memory; kl needs --baseline).")
-@click.option("--data", metavar="DATA", help="Evaluation text: a file (read as is, e.g. wiki.test.raw), a "
-              ".jsonl/.parquet file, or DATASET_ID[:CONFIG[:SPLIT]] (default: WikiText-2 raw test, joined "
-              "with blank lines).")
-@click.option("--seq-len", type=int, metavar="N", help="Perplexity window (default: min(2048, the model's context)).")
-@click.option("--stride", type=int, metavar="N", help="Sliding windows that score their last N tokens "
-              "(default: non-overlapping windows).")
-@click.option("--bos", is_flag=True, help="Prepend the BOS token to every window.")
-@click.option("--max-tokens", type=int, metavar="N", help="Evaluate the first N tokens of the text only.")
-@click.option("--batch-size", type=int, metavar="N", help="Windows per forward pass (default 8).")
-@click.option("--prompts", metavar="FILE", help="Prompts for the samples task, one a line (default: a built-in set).")
-@click.option("--draft", metavar="M", help="A draft model for the speculative task (same tokenizer).")
-@click.option("--batch-sizes", metavar="LIST", help="Speed task batch sizes (default 1,8,32).")
-@click.option("--speed-configs", metavar="LIST", help="Speed task configurations, from no-cache, dynamic, static, "
-              "static-compile, compiled-step, compiled-verify (default no-cache,dynamic,static-compile).")
-@click.option("--prompt-len", type=int, metavar="N", help="Speed task prompt tokens (default 128).")
-@click.option("--new-tokens", type=int, metavar="N", help="Speed task new tokens (default 256; 64 without a KV cache).")
-@click.option("--repeats", type=int, metavar="N", help="Speed task timed runs, median reported (default 3).")
-@click.option("--json", "json_path", metavar="FILE", help="Write the machine-readable report here.")
-@click.option("--output", "-o", metavar="DIR", help="Write report.json, report.md and report.html here.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Compute dtype (auto: the checkpoint's).")
-@click.option("--no-fuse", is_flag=True, help="Run the models as they are, without fusing the layers that read "
-              "the same input (q/k/v, gate/up: compress.fuse_projections, done by default).")
-@click.pass_context
-@_friendly_errors
-def eval_cmd(ctx: click.Context, model: str, baseline: str | None, tasks: str | None, data: str | None,
-             seq_len: int | None, stride: int | None, bos: bool, max_tokens: int | None, batch_size: int | None,
-             prompts: str | None, draft: str | None, batch_sizes: str | None, speed_configs: str | None,
-             prompt_len: int | None, new_tokens: int | None, repeats: int | None, json_path: str | None,
-             output: str | None, device: str, dtype: str, no_fuse: bool) -> None:
-    """Evaluate MODEL (a Hub id, a model directory or a compress checkpoint), against --baseline.
-
-    \b
-    Perplexity (stated protocol), KL divergence and greedy agreement with the baseline, outputs side by
-    side, memory (disk, weights by dtype, KV cache, peak), generation speed and speculative decoding.
-    Example:
-      compress eval compressed/w4 --baseline ORIGINAL --data wiki.test.raw --json w4.json --output reports/w4
-    """
+def eval_cmd(model: str, baseline: str | None, tasks: str | None, data: str | None, seq_len: int | None,
+             stride: int | None, bos: bool, max_tokens: int | None, batch_size: int | None, prompts: str | None,
+             draft: str | None, batch_sizes: str | None, speed_configs: str | None, prompt_len: int | None,
+             new_tokens: int | None, repeats: int | None, json_path: str | None, output: str | None, device: str,
+             dtype: str, no_fuse: bool) -> None:
+    """``compress eval``: check the options, evaluate, print the summary and write the reports asked for."""
     from compress.eval.report import summary
     from compress.eval.runner import evaluate, eval_spec, write_outputs
 
@@ -267,17 +160,9 @@ def eval_cmd(ctx: click.Context, model: str, baseline: str | None, tasks: str | 
         click.echo(f"wrote {path}")
 
 
-@cli.command("report")
-@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--output", "-o", metavar="DIR", help="Write report.md and report.html here (default: print the "
-              "Markdown).")
-@click.pass_context
-@_friendly_errors
-def report_cmd(ctx: click.Context, reports: tuple[str, ...], output: str | None) -> None:
-    """Merge the JSON reports of several `compress eval` runs into one comparison.
-
-    Perplexities measured under different protocols (window, stride, BOS, text) go in separate tables.
-    """
+def report_cmd(reports: tuple[str, ...], output: str | None) -> None:
+    """``compress report``: merge run reports; print the Markdown (without plots), or write every file to
+    ``output``."""
     from compress.eval.report import load_reports, printable, write_document
 
     runs = load_reports(list(reports))
@@ -295,10 +180,6 @@ def report_cmd(ctx: click.Context, reports: tuple[str, ...], output: str | None)
 
 def _default_output(model_ref: str, recipe: str) -> str:
     return str(Path("compressed") / f"{Path(model_ref).name}-{Path(recipe).stem}")
-
-
-def main() -> None:
-    cli(obj={})
 
 
 if __name__ == "__main__":
