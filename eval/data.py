@@ -72,7 +72,7 @@ def load_eval_text(ref: str | None = None, column: str = "text") -> EvalText:
         with _cache_only(offline is not None):
             docs = read_documents(dataset, config or None, split or "test", column)
     except DataError as exc:
-        if offline is None:
+        if offline is None or not isinstance(exc.__cause__, ConnectionError):  # not a matter of the cache
             raise DataError(f"{exc}. For the standard protocol offline, pass the same split as a file: "
                             f"--data path/to/{WIKITEXT_FILE_HINT}") from exc
         what = f"the default evaluation text, {name} (WikiText-2 raw test)," if ref == DEFAULT_DATA else f"dataset {name}"
