@@ -5,17 +5,28 @@ scales / zero points, ``config.json`` whose ``quantization_config`` records the 
 step applied, the recipe and each compressed layer's stored scheme and method, the tokenizer, and the
 recipe again as ``recipe.yaml``.
 
-Writing goes to a hidden sibling folder that is renamed into place only when complete: a failure or a
-kill never leaves a half-written checkpoint at the target, and an existing target is replaced only with
-``overwrite``.
+Writing goes to a hidden sibling folder ``.NAME.partial-PID`` that is renamed into place only when complete: a
+failure or a kill never leaves a half-written checkpoint at the target, and an existing target is replaced only
+with ``overwrite``. The replacement is one atomic exchange of the two folders where the system has one (Linux's
+``renameat2``), so the target always holds the old or the new checkpoint; elsewhere it is two renames, the old
+checkpoint first moved aside to ``.NAME.old-PID``. What a killed run leaves is put right by the next save or load
+of the same target (:func:`recover_leftovers`): a dead run's partial folder is removed, its ``.old-`` folder is
+restored to the target when the target is missing and removed when the new checkpoint is in place.
+
+Loading checks the files before transformers reads them (:func:`check_files`): ``config.json`` decodes, and each
+safetensors file's header is whole and describes exactly the bytes the file has, so a truncated or damaged
+checkpoint is named with what to do instead of failing deep inside safetensors.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +44,10 @@ from compress.runtime.fusion import is_fused
 log = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.yaml"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+MAX_HEADER_BYTES = 100_000_000  # safetensors refuses a longer header
+REMEDY = "re-create the checkpoint (compress apply with --overwrite) or copy / download it again"
 
 
 def compressed_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -55,12 +70,70 @@ def _partial_dir(target: Path) -> Path:
     return target.parent / f".{target.name}.partial-{os.getpid()}"
 
 
-def _clean_stale(target: Path) -> None:
-    """Remove partial folders left by killed runs (their process no longer exists)."""
-    for stale in target.parent.glob(f".{target.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
+def _old_dir(target: Path) -> Path:
+    return target.parent / f".{target.name}.old-{os.getpid()}"
+
+
+def _left_by_dead_runs(target: Path, kind: str) -> list[tuple[Path, int]]:
+    """Target's hidden ``.NAME.KIND-PID`` siblings whose process has ended, with that process id."""
+    found = []
+    for path in target.parent.glob(f".{target.name}.{kind}-*"):
+        pid = path.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+            found.append((path, int(pid)))
+    return found
+
+
+def recover_leftovers(target: str | Path) -> None:
+    """Put right what runs killed while writing ``target`` left beside it (their process no longer exists).
+
+    A partial folder is removed. An ``.old-`` folder holds the checkpoint an overwrite was replacing: when the
+    target is missing, the run was killed between moving the old checkpoint aside and moving the new one in, and
+    the old one is restored; when the target exists, the new checkpoint landed and the old one is removed.
+    """
+    target = Path(target).expanduser().resolve()
+    if not target.parent.is_dir():
+        return
+    for path, pid in _left_by_dead_runs(target, "partial"):
+        if _remove(path):
+            log.info("removed %s, left by process %d, which ended while writing %s", path.name, pid, target)
+    olds = sorted(_left_by_dead_runs(target, "old"), key=lambda found: _changed(found[0]))
+    if olds and not os.path.lexists(target):
+        path, pid = olds.pop()  # the last one moved aside: the checkpoint the target held last
+        try:
+            path.rename(target)
+        except OSError as exc:  # another process restored it first, or the folder cannot be written
+            log.warning("could not restore %s from %s: %s", target, path.name, exc)
+            return
+        log.warning("restored %s from %s: an overwrite by process %d was killed before the new checkpoint was in "
+                    "place", target, path.name, pid)
+    if os.path.lexists(target):
+        for path, pid in olds:
+            if _remove(path):
+                log.info("removed %s, the checkpoint %s held before an overwrite by process %d, killed after the "
+                         "new one was in place", path.name, target, pid)
+
+
+def _changed(path: Path) -> int:
+    """When ``path`` was last renamed or changed (0 when it is gone)."""
+    try:
+        return path.lstat().st_ctime_ns
+    except OSError:
+        return 0
+
+
+def _remove(path: Path) -> bool:
+    """Remove the file or folder ``path``; whether it is gone (a read-only folder keeps it, with a warning)."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove %s: %s", path, exc)
+    return not os.path.lexists(path)
 
 
 def _alive(pid: int) -> bool:
@@ -73,6 +146,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one atomic rename (Linux ``renameat2`` with ``RENAME_EXCHANGE``); False where the
+    system or the file system cannot, OSError for any other failure."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without it (older glibc, musl)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, f"cannot exchange {a} and {b}: {os.strerror(code)}")
+
+
 def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict] | None = None,
          recipe: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (compressed in memory) as a checkpoint directory at ``output``, atomically.
@@ -83,11 +178,11 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict]
     if is_fused(model):
         raise UsageError(f"cannot save to {target}: the model's projections are fused for inference "
                          "(compress.fuse_projections); call compress.unfuse_projections(model) first")
+    recover_leftovers(target)  # first: an interrupted overwrite's old checkpoint is back at the target
     if target.exists() and not overwrite:
         raise UsageError(f"output {target} already exists; pass --overwrite (overwrite=True) to replace it, "
                          "or choose another output")
     target.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(target)
     partial = _partial_dir(target)
     shutil.rmtree(partial, ignore_errors=True)
     previous = getattr(model.config, "quantization_config", None)
@@ -114,29 +209,38 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict]
 
 
 def _swap_into_place(partial: Path, target: Path) -> None:
+    """Move the complete checkpoint at ``partial`` to ``target``; an existing target is replaced such that the
+    target always holds the old or the new checkpoint (and, after a kill, :func:`recover_leftovers` finishes)."""
     if not target.exists():
         partial.rename(target)
         return
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    target.rename(old)
-    try:
-        partial.rename(target)
-    except OSError:
-        old.rename(target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    if not _exchange(partial, target):
+        old = _old_dir(target)
+        target.rename(old)  # a kill from here to the next rename leaves no target: the next run restores `old`
+        try:
+            partial.rename(target)
+        except OSError:
+            old.rename(target)
+            raise
+        old.rename(partial)  # what is left to delete is a partial folder, never an incomplete `.old-` one
+    _remove(partial)
 
 
 def read_quantization_config(path: str | Path) -> dict[str, Any] | None:
     """The compress ``quantization_config`` of a model directory, None for an uncompressed model."""
     config_file = Path(path) / "config.json"
     try:
-        config = json.loads(config_file.read_text())
+        config = _read_json(config_file)
     except FileNotFoundError as exc:
         raise CheckpointError(f"{path} is not a model directory: it has no config.json") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_file} is broken: {exc}; re-create the checkpoint") from exc
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_file} is broken: {_why(exc)}; {REMEDY}") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file} is broken: it holds a JSON {_json_kind(config)}, not an object; {REMEDY}")
     qc = config.get("quantization_config")
+    if qc is not None and not isinstance(qc, dict):
+        raise CheckpointError(f"{config_file} is broken: its quantization_config is a {_json_kind(qc)}, not an "
+                              f"object; {REMEDY}")
     if qc is None or qc.get("quant_method") != QUANT_METHOD:
         return None
     if not isinstance(qc.get("layers"), dict):
@@ -144,22 +248,123 @@ def read_quantization_config(path: str | Path) -> dict[str, Any] | None:
     return qc
 
 
+def _read_json(file: Path) -> Any:
+    """The JSON in ``file``; UnicodeDecodeError or JSONDecodeError (both ValueError) for damaged text."""
+    return json.loads(file.read_bytes().decode("utf-8"))
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"it is not UTF-8 text ({exc})"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"it is not valid JSON ({exc})"
+    return str(exc)
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def check_weight_files(path: str | Path) -> None:
+    """CheckpointError naming the file when the safetensors weights transformers would read from ``path`` are
+    damaged: ``model.safetensors``, else the shards ``model.safetensors.index.json`` lists (a folder with neither
+    is left to transformers). Reads only the headers."""
+    path = Path(path)
+    single, index = path / SAFETENSORS_FILE, path / SAFETENSORS_INDEX
+    if single.is_file():  # transformers' own order: the single file first
+        _check_safetensors(single)
+    elif index.is_file():
+        for shard in _shards(index):
+            _check_safetensors(path / shard)
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a sharded checkpoint's index names, each checked to be in the folder."""
+    def broken(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint file {index} is broken: {what}; {REMEDY}")
+
+    try:
+        content = _read_json(index)
+    except (OSError, ValueError) as exc:
+        raise broken(_why(exc)) from exc
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise broken("it has no weight_map table (tensor name -> shard file)")
+    shards = sorted(set(weight_map.values()))
+    missing = [shard for shard in shards if not (index.parent / shard).is_file()]
+    if missing:
+        raise broken(f"it names shards that are not in the folder: {', '.join(missing)}")
+    return shards
+
+
+def _check_safetensors(file: Path) -> None:
+    """The 8-byte header length, the JSON header, and a file exactly as long as the header says."""
+    def damaged(what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint file {file} is damaged: {what}; {REMEDY}")
+
+    try:
+        size = file.stat().st_size
+        with file.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise damaged(f"it is {size} bytes long, too short for the 8-byte header length of a safetensors file")
+            length = int.from_bytes(head, "little")
+            if length > size - 8 or length > MAX_HEADER_BYTES:
+                raise damaged(f"its header length field says {length} bytes but only {size - 8} bytes follow "
+                              "(truncated, or not a safetensors file)")
+            raw = f.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint file {file}: {exc}") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:
+        raise damaged(f"its header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise damaged(f"its header gives tensor {name!r} no valid data_offsets (two byte offsets, start <= end)")
+        end = max(end, offsets[1])
+    expected = 8 + length + end
+    if size < expected:
+        raise damaged(f"it is {size} bytes long but its header describes {expected} bytes (truncated: an "
+                      "interrupted copy or download?)")
+    if size > expected:
+        raise damaged(f"it is {size} bytes long but its header describes only {expected} bytes (bytes added after "
+                      "the tensor data)")
+
+
+def check_files(path: str | Path) -> None:
+    """CheckpointError naming the file and what to do when ``config.json`` or the safetensors weights of the model
+    directory ``path`` are damaged; cheap (reads the config and the weights' headers)."""
+    read_quantization_config(path)
+    check_weight_files(path)
+
+
 def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
          enable_runtime: bool = True) -> nn.Module:
     """Load a compress checkpoint (or any local causal LM) for inference, on ``device`` (default: auto), with the
     runtime features its recipe named enabled there (unless ``enable_runtime`` is False)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
+    recover_leftovers(path)  # an overwrite killed half-way: its old checkpoint back, or its leftovers gone
     if not path.is_dir():
         raise UsageError(f"checkpoint not found: {path} is not a directory")
-    read_quantization_config(path)  # clear errors for a broken config before transformers reads it
+    check_files(path)  # clear errors for damaged files before transformers reads them
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = DTYPES[dtype] if isinstance(dtype, str) else dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"could not load checkpoint {path}: {exc}") from exc
     model.eval()
     model = model.to(resolve_device(device or "auto"))
