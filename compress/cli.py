@@ -145,9 +145,14 @@ def eval_cmd(model: str, baseline: str | None, tasks: str | None, data: str | No
              new_tokens: int | None, repeats: int | None, json_path: str | None, output: str | None, device: str,
              dtype: str, no_fuse: bool) -> None:
     """``compress eval``: check the options, evaluate, print the summary and write the reports asked for."""
+    from compress.errors import UsageError
     from compress.eval.report import summary
     from compress.eval.runner import evaluate, eval_spec, write_outputs
+    from compress.model import check_device
 
+    problem = check_device(device)  # before any model, config or text is read
+    if problem:
+        raise UsageError(problem)
     spec = eval_spec({"tasks": _split_list(tasks), "data": _cwd_path(data), "seq_len": seq_len, "stride": stride,
                       "bos": bos or None, "max_tokens": max_tokens, "batch_size": batch_size,
                       "fuse": False if no_fuse else None,

@@ -219,3 +219,10 @@ def test_without_data_and_no_route_to_the_hub_fails_at_once(network: str, empty_
         r"cannot connect to huggingface.co: \[Errno 101\] Network is unreachable"
     assert re.search(NOT_CACHED.format(why=why), result.output), result.output
     assert seconds < 8
+
+
+def test_an_unknown_device_exits_2_before_anything_loads(tmp_path: Path) -> None:
+    """The device is checked first: the model here does not even exist, and the device is what is named."""
+    result = run(["eval", str(tmp_path / "nowhere"), "--tasks", "memory", "--device", "tpu"])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"^error: unknown device 'tpu'; use auto, cpu, cuda or cuda:N", result.output), result.output
