@@ -20,6 +20,7 @@ checkpoint is named with what to do instead of failing deep inside safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -27,6 +28,7 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,10 +176,22 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict]
 
     ``steps`` and ``recipe`` default to what :func:`compress.apply` recorded on the model.
     """
-    target = Path(output).expanduser().resolve()
     if is_fused(model):
-        raise UsageError(f"cannot save to {target}: the model's projections are fused for inference "
-                         "(compress.fuse_projections); call compress.unfuse_projections(model) first")
+        raise UsageError(f"cannot save to {Path(output).expanduser().resolve()}: the model's projections are fused "
+                         "for inference (compress.fuse_projections); call compress.unfuse_projections(model) first")
+    with writing(output, overwrite) as partial:
+        recipe = record_layers(model, steps, recipe)
+        model.save_pretrained(partial)
+        write_extras(partial, tokenizer, recipe)
+    return Path(output).expanduser().resolve()
+
+
+@contextlib.contextmanager
+def writing(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """A hidden folder beside ``output`` to write a checkpoint into, moved into place when the block ends and
+    removed if it raises: a failure or a kill never leaves a half-written checkpoint at ``output``, and an
+    existing one is replaced only with ``overwrite``."""
+    target = Path(output).expanduser().resolve()
     recover_leftovers(target)  # first: an interrupted overwrite's old checkpoint is back at the target
     if target.exists() and not overwrite:
         raise UsageError(f"output {target} already exists; pass --overwrite (overwrite=True) to replace it, "
@@ -185,19 +199,9 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict]
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = _partial_dir(target)
     shutil.rmtree(partial, ignore_errors=True)
-    previous = getattr(model.config, "quantization_config", None)
-    if steps is None and isinstance(previous, CompressQuantizationConfig):
-        steps = previous.steps
-    if recipe is None and isinstance(previous, CompressQuantizationConfig):
-        recipe = previous.recipe
-    features = previous.runtime if isinstance(previous, CompressQuantizationConfig) else []
+    partial.mkdir()
     try:
-        model.config.quantization_config = quantization_config(model, steps or [], recipe, features)
-        model.save_pretrained(partial)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
-        if recipe:
-            (partial / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        yield partial
         _swap_into_place(partial, target)
     except BaseException as exc:
         shutil.rmtree(partial, ignore_errors=True)
@@ -205,7 +209,28 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict]
             raise CheckpointError(f"could not write checkpoint {target}: {exc}; nothing was written there") from exc
         raise
     log.info("wrote %s", target)
-    return target
+
+
+def record_layers(model: nn.Module, steps: list[dict] | None = None, recipe: dict | None = None) -> dict | None:
+    """Set the model's quantization config to what a checkpoint records: each compressed layer's scheme and
+    method, the formats, the runtime features, ``steps`` and ``recipe`` (by default those :func:`compress.apply`
+    recorded on the model). Returns the recipe."""
+    previous = getattr(model.config, "quantization_config", None)
+    if steps is None and isinstance(previous, CompressQuantizationConfig):
+        steps = previous.steps
+    if recipe is None and isinstance(previous, CompressQuantizationConfig):
+        recipe = previous.recipe
+    features = previous.runtime if isinstance(previous, CompressQuantizationConfig) else []
+    model.config.quantization_config = quantization_config(model, steps or [], recipe, features)
+    return recipe
+
+
+def write_extras(folder: Path, tokenizer=None, recipe: dict | None = None) -> None:
+    """The tokenizer and the recipe (``recipe.yaml``) beside a checkpoint's weights and config."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if recipe:
+        (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
 
 
 def _swap_into_place(partial: Path, target: Path) -> None:
