@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel
 
-from compress.calibration.data import CalibrationSet, calibration_set, pack
+from compress.calibration.data import CalibrationSet, calibration_set, check_contents, pack
 from compress.calibration.engine import BlockWork, StepWork, run_stage
-from compress.errors import UsageError
+from compress.errors import Problem, RecipeError, UsageError
 from compress.hf import CompressQuantizationConfig
 from compress.methods import Needs
 from compress.model import find_blocks, load_model, load_tokenizer, meta_model, resolve_device
@@ -63,6 +63,47 @@ def _calibration(plan_: Plan, calib: CalibLike, tokenizer) -> CalibrationSet | N
                            spec.column)
 
 
+def _check_data_size(plan_: Plan, source: str) -> None:
+    """The recipe's calibration file against the sequence length the plan took from the model's context, where
+    the recipe sets none (``validate_recipe`` checks it where the recipe does); before any weight is loaded."""
+    spec = plan_.recipe.calibration
+    if spec is None or spec.seq_len is not None or plan_.seq_len is None or not plan_.needs_calibration():
+        return
+    problem = check_contents(spec.dataset, spec.samples, plan_.seq_len, spec.column)
+    if problem:
+        raise RecipeError([Problem("calibration.dataset", problem)], source)
+
+
+def check_finite(model: nn.Module, layers: Iterable[str], action: str = "error") -> dict[str, int]:
+    """Count the NaN and infinite weights of ``layers`` (each once, on its device). ``action="error"``: a
+    UsageError names each layer holding any, with its count; ``"zero"``: they are replaced by zeros, with a
+    warning. Returns the counts (layer -> non-finite weights) of the layers holding any."""
+    found: dict[str, tuple[int, int]] = {}
+    for name in dict.fromkeys(layers):
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.is_meta:
+            continue
+        flat = weight.detach().reshape(-1)
+        bad = sum(torch.isfinite(part).logical_not_().sum() for part in flat.split(1 << 24))  # bounded temporaries
+        if (count := int(bad)) > 0:
+            found[name] = (count, weight.numel())
+    if not found:
+        return {}
+    lines = "\n".join(f"  {name}: {count} of {numel}" for name, (count, numel) in found.items())
+    total = sum(count for count, _ in found.values())
+    if action == "zero":
+        with torch.no_grad():
+            for name in found:
+                model.get_submodule(name).weight.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        log.warning("replaced %d NaN or infinite weights by zeros in %d layers (model.nonfinite: zero):\n%s", total,
+                    len(found), lines)
+        return {name: count for name, (count, _) in found.items()}
+    raise UsageError(
+        f"{total} weights of the model are NaN or infinite, in {len(found)} of the layers the recipe compresses "
+        f"(non-finite weights / all):\n{lines}\nCompressed, each would make its whole group's scale non-finite. Fix "
+        "or re-download the model, or set `nonfinite: zero` under `model:` in the recipe to replace them by zeros")
+
+
 def _step_work(step: PlannedStep) -> StepWork:
     def run(work: BlockWork) -> None:
         # Without autograd: a weight that requires grad would otherwise leave every buffer computed from it
@@ -78,7 +119,10 @@ def _step_work(step: PlannedStep) -> StepWork:
 def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device: torch.device,
             work_dir: Path | None = None) -> None:
     """Run every stage of a checked plan on ``model`` (in place). Training stages keep their resumable state
-    under ``work_dir`` (``stage-N``), when given."""
+    under ``work_dir`` (``stage-N``), when given. The targeted layers' weights are checked for NaN and infinite
+    values first (``model.nonfinite``: an error, or replaced by zeros)."""
+    check_finite(model, [name for stage in plan_.stages for step in stage for name in step.layers],
+                 plan_.recipe.model.nonfinite)
     batch_size = plan_.recipe.calibration.batch_size if plan_.recipe.calibration else 8
     compute_dtype = torch.float32 if plan_.recipe.model.compute_dtype == "float32" else None
     states: dict[str, LayerState] = {}
@@ -126,8 +170,11 @@ def apply(model: nn.Module, recipe: RecipeLike, calib: CalibLike = None, tokeniz
     data, source = recipe_dict(recipe)
     parsed, stages = validate_recipe(data, source, model_given=True, calib_given=calib is not None)
     plan_ = plan(parsed, stages, model, source)
+    if calib is None:
+        _check_data_size(plan_, source)
+    run_on = torch.device(resolve_device(device or parsed.model.device))
     calib_set = _calibration(plan_, calib, tokenizer)
-    execute(model, plan_, calib_set, torch.device(resolve_device(device or parsed.model.device)))
+    execute(model, plan_, calib_set, run_on)
     return model
 
 
@@ -157,13 +204,17 @@ def check_recipe(path: str | Path, overrides: dict[str, Any] | None = None,
     parsed, stages = validate_recipe(data, str(path), sections=sections)
     spec = parsed.model
     meta = meta_model(spec.path, spec.revision, spec.trust_remote_code)
-    return CheckedRecipe(parsed, plan(parsed, stages, meta, str(path)), str(path), data)
+    plan_ = plan(parsed, stages, meta, str(path))
+    _check_data_size(plan_, str(path))
+    return CheckedRecipe(parsed, plan_, str(path), data)
 
 
 def run_checked(checked: CheckedRecipe, work_dir: Path | None = None) -> tuple[nn.Module, Any]:
     """Load the model of a checked recipe, compress it, and return (model, tokenizer); training stages keep
-    their resumable state under ``work_dir``."""
+    their resumable state under ``work_dir``. The device, the tokenizer and the calibration data come first:
+    a problem with any of them is reported before the weights load."""
     spec = checked.recipe.model
+    device = torch.device(resolve_device(spec.device))
     try:
         tokenizer = load_tokenizer(spec.path, spec.revision, spec.trust_remote_code)
     except UsageError:
@@ -171,8 +222,8 @@ def run_checked(checked: CheckedRecipe, work_dir: Path | None = None) -> tuple[n
             raise
         log.warning("no tokenizer found for %s; the checkpoint will have none", spec.path)
         tokenizer = None
+    calib = _calibration(checked.plan, None, tokenizer)
     model = load_model(spec.path, spec.dtype, spec.init, spec.revision, spec.trust_remote_code)
     model.eval()
-    calib = _calibration(checked.plan, None, tokenizer)
-    execute(model, checked.plan, calib, torch.device(resolve_device(spec.device)), work_dir)
+    execute(model, checked.plan, calib, device, work_dir)
     return model, tokenizer

@@ -17,6 +17,7 @@ recipe with no change to compress::
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -41,19 +42,27 @@ class Needs(str, Enum):
 
 
 class MethodConfig(BaseModel):
-    """Base of every method's config: unknown fields are errors, instances are immutable.
+    """Base of every method's config: unknown fields are errors, instances are immutable, types are strict (a
+    string is never read as a number or a boolean: ``bits: "4"`` and ``symmetric: "no"`` are errors; an integer
+    fills a float field).
 
-    ``to_dict`` / ``from_dict`` round-trip through the JSON stored in a checkpoint's ``config.json``.
+    ``from_dict`` reads arguments as a recipe or a checkpoint gives them (JSON's types: a list fills a tuple
+    field, a string an enum field), and ``to_dict`` writes them so; they round-trip through the JSON stored in a
+    checkpoint's ``config.json``.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MethodConfig:
-        return cls.model_validate(data)
+        try:
+            text = json.dumps(data, allow_nan=True)
+        except (TypeError, ValueError):  # a value JSON cannot hold (a date from YAML, an object): Python's rules
+            return cls.model_validate(data)
+        return cls.model_validate_json(text)
 
 
 class Method:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +38,33 @@ def resolve_dtype(name: str, config_dtype: object = None) -> torch.dtype:
     return DTYPES[name]
 
 
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device(name: object) -> str | None:
+    """A problem with a device name (one of auto, cpu, cuda, cuda:N), found without touching any device; else
+    None. Whether this machine has the device is :func:`resolve_device`'s question."""
+    if isinstance(name, str) and _DEVICE.fullmatch(name):
+        return None
+    return (f"unknown device {name!r}; use {DEVICE_FORMS} (cuda:N: the GPU of index N; auto: the first CUDA GPU "
+            "when there is one, else the CPU)")
+
+
 def resolve_device(name: str) -> str:
-    """``auto``: the first CUDA GPU when there is one, else the CPU."""
+    """``auto``: the first CUDA GPU when there is one, else the CPU. UsageError for a name that is not a device
+    (see :func:`check_device`) and for a CUDA device this machine does not have."""
+    problem = check_device(name)
+    if problem:
+        raise UsageError(problem)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} was asked for, but this machine has no CUDA GPU; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise UsageError(f"device {name!r} was asked for, but this machine has {count} CUDA GPU{'s' if count != 1 else ''}"
+                         f" (cuda:0 to cuda:{count - 1}); use one of those")
     return name
 
 

@@ -2,7 +2,8 @@
 
 A recipe is checked in four passes, each collecting every problem before one error lists them all:
 
-1. the envelope (this module's schema): sections, fields and types; unknown keys are errors;
+1. the envelope (this module's schema): sections, fields and types; unknown keys are errors, and so are
+   duplicate keys and strings where numbers or booleans belong (types are strict);
 2. each step's ``args`` against its method's config class, errors rooted at the step;
 3. constraints between steps and sections (a training method alone in its stage, calibration data
    present when a method needs it, data files that exist);
@@ -15,6 +16,7 @@ same from any working directory; paths given on the command line are relative to
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -22,15 +24,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from compress.calibration.data import check_source
+from compress.calibration.data import check_contents, check_source
 from compress.errors import PluginError, Problem, RecipeError
 from compress.methods import Method, MethodConfig, Needs
-from compress.model import is_local_reference
+from compress.model import check_device, is_local_reference
 from compress.registry import Registry, registry
 
 
 class Section(BaseModel):
-    """Base of a recipe section: unknown keys are errors, values are immutable."""
+    """Base of a recipe section: unknown keys are errors, values are immutable. A recipe is validated strictly
+    (``validate_recipe``: no string is read as a number or a boolean); other callers, such as command-line
+    options given as text, validate sections as they need."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -44,6 +48,9 @@ class ModelSpec(Section):
                              "and casts it back, so a bf16/fp16 model is calibrated without 16-bit rounding of its "
                              "activations (slower on large models)")
     device: str = Field("auto", description="execution device: auto, cpu, cuda or cuda:N")
+    nonfinite: Literal["error", "zero"] = Field(
+        "error", description="what to do with NaN or infinite weights in the targeted layers: error (stop before "
+                             "compressing, naming each layer) or zero (replace them by zeros, with a warning)")
     init: Literal["pretrained", "random"] = "pretrained"
     revision: str | None = None
     trust_remote_code: bool = False
@@ -170,19 +177,75 @@ def _resolve_paths(data: dict, base: Path) -> None:
         data["output"] = str((base / data["output"]).resolve())
 
 
-def read_recipe_file(path: str | Path) -> dict:
-    """The recipe file as a dict with its relative paths resolved; RecipeError for unreadable YAML."""
-    path = Path(path)
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading floats as YAML 1.2 does too: ``1e-3`` is a number (YAML 1.1, PyYAML's
+    default, reads it as a string, which strict types would then refuse)."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _duplicate_keys(node: yaml.Node, loc: tuple, seen: set[int], problems: list[Problem]) -> None:
+    """A problem for every key given twice in one mapping, at its path in the recipe."""
+    if id(node) in seen:  # anchors make a graph; visit each node once
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], yaml.Mark] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is not None and key_node.tag != "tag:yaml.org,2002:merge":
+                mark, earlier = key_node.start_mark, first.get((key_node.tag, key))
+                if earlier is None:
+                    first[key_node.tag, key] = mark
+                elif earlier.line == mark.line:
+                    problems.append(Problem(_path_text(loc + (key,)), f"duplicate key, given twice on line "
+                                            f"{mark.line + 1} (columns {earlier.column + 1} and {mark.column + 1}); keep one"))
+                else:
+                    problems.append(Problem(_path_text(loc + (key,)), f"duplicate key, given at line "
+                                            f"{earlier.line + 1} and again at line {mark.line + 1}; keep one"))
+            _duplicate_keys(value_node, loc + (key,) if key is not None else loc, seen, problems)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicate_keys(item, loc + (i,), seen, problems)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """A YAML document, with duplicate keys as errors (RecipeError lists each with its path and lines) and
+    YAML 1.2's floats; RecipeError for text that is not YAML."""
+    loader = _RecipeLoader(text)
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RecipeError([Problem("", f"cannot read recipe file: {exc.strerror or exc}")], source=str(path)) from exc
-    try:
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        problems: list[Problem] = []
+        if node is not None:
+            _duplicate_keys(node, (), set(), problems)
+        if problems:
+            raise RecipeError(problems, source=source)
+        return loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError([Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")], source=str(path)) from exc
+        raise RecipeError([Problem(where, f"not valid YAML: {getattr(exc, 'problem', exc)}")], source=source) from exc
+    finally:
+        loader.dispose()
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """The recipe file as a dict with its relative paths resolved; RecipeError for a file that is not UTF-8,
+    not YAML, or gives a key twice."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError([Problem("", f"cannot read recipe file: {exc.strerror or exc}")], source=str(path)) from exc
+    try:
+        text = raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise RecipeError([Problem(f"line {line}, byte {exc.start}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}: "
+                                   f"{exc.reason}); save the file as UTF-8")], source=str(path)) from exc
+    data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
         raise RecipeError([Problem("", f"a recipe is a mapping of sections, got {type(data).__name__}")], source=str(path))
     _resolve_paths(data, path.parent.resolve())
@@ -210,7 +273,7 @@ def validate_recipe(data: dict, source: str = "recipe", plugins: Registry = regi
     """
     problems: list[Problem] = []
     try:
-        recipe: Recipe | None = Recipe.model_validate(data)
+        recipe: Recipe | None = Recipe.model_validate(data, strict=True)
     except ValidationError as exc:
         recipe = None
         problems.extend(problems_from_validation(exc))
@@ -228,15 +291,18 @@ def validate_recipe(data: dict, source: str = "recipe", plugins: Registry = regi
         if not isinstance(args, dict):
             continue
         try:
-            checked[where] = (method, method.Config.model_validate(args))
+            checked[where] = (method, method.Config.from_dict(args))
         except ValidationError as exc:
             for p in problems_from_validation(exc, fields=list(method.Config.model_fields)):
                 problems.append(Problem(f"{where}.args.{p.where}" if p.where else f"{where}.args", p.message))
     problems += _runtime_problems(data)
+    device = data["model"].get("device") if isinstance(data.get("model"), dict) else None
+    if isinstance(device, str) and (problem := check_device(device)):
+        problems.append(Problem("model.device", problem))
     for name, schema in (sections or {}).items():
         if isinstance(data.get(name), dict):
             try:
-                schema.model_validate(data[name])
+                schema.model_validate(data[name], strict=True)
             except ValidationError as exc:
                 problems += problems_from_validation(exc, root=(name,), schema=schema)
     if recipe is None:
@@ -274,7 +340,7 @@ def _runtime_problems(data: dict) -> list[Problem]:
             problems.append(Problem(f"runtime[{i}].feature", str(exc)))
             continue
         try:
-            feature.Config.model_validate(entry.get("args") or {})
+            feature.Config.from_dict(entry.get("args") or {})
         except ValidationError as exc:
             for p in problems_from_validation(exc, fields=list(feature.Config.model_fields)):
                 problems.append(Problem(f"runtime[{i}].args.{p.where}" if p.where else f"runtime[{i}].args", p.message))
@@ -309,7 +375,10 @@ def _cross_checks(recipe: Recipe, stages: list[list[ResolvedStep]], model_given:
         problems.append(Problem(first.where, f"method {first.method.name!r} needs calibration data; add a "
                                 "calibration: section (dataset: a .txt/.jsonl/.parquet file) or pass --calib"))
     if recipe.calibration is not None and needing:
-        problem = check_source(recipe.calibration.dataset)
+        spec = recipe.calibration
+        problem = check_source(spec.dataset)
+        if not problem and not calib_given:  # the size test waits for the model's context when seq_len is not set
+            problem = check_contents(spec.dataset, spec.samples, spec.seq_len, spec.column)
         if problem:
             problems.append(Problem("calibration.dataset", problem))
     if not model_given and recipe.model.path is None:

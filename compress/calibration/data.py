@@ -58,6 +58,113 @@ def check_source(dataset: str) -> str | None:
     return None
 
 
+HEAD_BYTES = 2**16  # what validation reads of a data file at least (for UTF-8), when its size settles nothing
+
+
+def check_contents(dataset: str, samples: int, seq_len: int | None, column: str = "text") -> str | None:
+    """A problem with a local data file found by reading its head, without a tokenizer: empty, not UTF-8 text,
+    rows that cannot be read, or too little text for ``samples`` windows of ``seq_len`` tokens (with ``seq_len``
+    None, only the others). Else None; also None for a ``datasets`` id or a path :func:`check_source` refuses.
+
+    The size test needs no tokenizer: a token stands for at least one byte of text (byte-level BPE, and
+    SentencePiece with byte fallback), and the packing adds at most two per document (an EOS between documents,
+    a SentencePiece word start). So a file with fewer bytes of text than that cannot fill the samples; one with
+    more may still fall short, which :func:`pack` says once the text is tokenized."""
+    if not is_local_reference(dataset) or check_source(dataset):
+        return None
+    path = Path(dataset).expanduser()
+    needed = samples * seq_len if seq_len else None
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return f"{path} is empty (0 bytes); give a file with text"
+        if path.suffix == ".txt":
+            text_bytes, docs, problem = _txt_head(path, needed)
+        elif path.suffix == ".jsonl":
+            text_bytes, docs, problem = _jsonl_head(path, column, needed)
+        else:
+            text_bytes, docs, problem = _parquet_head(path, column, needed)
+    except OSError as exc:
+        return f"cannot read data file {path}: {exc.strerror or exc}"
+    if problem:
+        return problem
+    if text_bytes == 0:
+        return f"{path} holds no text ({docs} documents, all empty, in {size} bytes); give a file with text"
+    if needed is not None and text_bytes + 2 * docs < needed:
+        held = f"{text_bytes} bytes of text" if path.suffix == ".txt" else \
+            f"{text_bytes} bytes of text in {docs} document{'s' if docs != 1 else ''} (file: {size} bytes)"
+        return (f"{path} holds {held}; {samples} samples of {seq_len} tokens need {needed} tokens (a token takes at "
+                "least one byte of text); lower calibration.samples or calibration.seq_len, or give more text")
+    return None
+
+
+def _txt_head(path: Path, needed: int | None) -> tuple[int, int, str | None]:
+    """(bytes of text read, documents, problem) for a plain text file: one document."""
+    limit = max(needed or 0, HEAD_BYTES) + 4
+    with open(path, "rb") as fh:
+        head = fh.read(limit)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        cut = len(head) == limit and exc.reason == "unexpected end of data"  # a character cut by the read
+        if not cut:
+            return 0, 1, f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); give a text file"
+    return len(head), 1, None
+
+
+def _jsonl_head(path: Path, column: str, needed: int | None) -> tuple[int, int, str | None]:
+    """(bytes of text in the rows read, non-empty documents, problem), reading rows until they may hold enough."""
+    text_bytes = docs = rows = offset = 0
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            start, offset = offset, offset + len(raw)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return 0, 0, f"{path}:{lineno}: not UTF-8 text ({exc.reason} at byte {start + exc.start}); give a text file"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return 0, 0, f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object"
+            if not isinstance(row, dict) or column not in row:
+                keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                return 0, 0, f"{path}:{lineno}: no field {column!r} (found: {keys}); set calibration.column"
+            rows += 1
+            text = str(row[column]).encode()
+            text_bytes += len(text)
+            docs += bool(text)
+            if offset >= HEAD_BYTES and text_bytes + 2 * docs >= (needed or 1):
+                break
+    if rows == 0:
+        return 0, 0, f"{path} holds no JSON rows, only blank lines; give one JSON object a line"
+    return text_bytes, docs if text_bytes else rows, None
+
+
+def _parquet_head(path: Path, column: str, needed: int | None) -> tuple[int, int, str | None]:
+    """(bytes of text in the rows read, non-empty documents, problem), reading batches until they may hold enough."""
+    import pyarrow.parquet as pq
+
+    text_bytes = docs = rows = 0
+    try:
+        file = pq.ParquetFile(path)
+        names = file.schema_arrow.names
+        if column not in names:
+            return 0, 0, f"{path}: no column {column!r} (columns: {', '.join(names)}); set calibration.column"
+        for batch in file.iter_batches(batch_size=1024, columns=[column]):
+            for value in batch.column(0).to_pylist():
+                rows += 1
+                text = str(value).encode()
+                text_bytes += len(text)
+                docs += bool(text)
+            if text_bytes + 2 * docs >= (needed or 1):
+                break
+    except Exception as exc:  # pyarrow raises its own types for corrupt files
+        return 0, 0, f"cannot read data file {path}: {exc}"
+    return text_bytes, docs if text_bytes else rows, None
+
+
 def read_documents(dataset: str, config: str | None = None, split: str = "train", column: str = "text") -> list[str]:
     """The documents of a local .txt / .jsonl / .parquet file or of a ``datasets`` split."""
     problem = check_source(dataset)
