@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +16,17 @@ from pydantic import BaseModel
 
 from compress.calibration.data import CalibrationSet, calibration_set, check_contents, pack
 from compress.calibration.engine import BlockWork, StepWork, run_stage
+from compress.checkpoint import record_layers, write_extras, writing
 from compress.errors import Problem, RecipeError, UsageError
 from compress.hf import CompressQuantizationConfig
 from compress.methods import Needs
-from compress.model import find_blocks, load_model, load_tokenizer, meta_model, resolve_device
+from compress.model import (
+    find_blocks, is_local_reference, load_config, load_model, load_tokenizer, meta_model, resolve_device, resolve_dtype,
+)
 from compress.plan import Plan, PlannedStep, plan
 from compress.recipe import Recipe, read_recipe_file, validate_recipe
 from compress.states import LayerState
+from compress.streaming import ModelStream, empty_model
 from compress.train import training_context
 
 log = logging.getLogger(__name__)
@@ -117,12 +123,16 @@ def _step_work(step: PlannedStep) -> StepWork:
 
 
 def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device: torch.device,
-            work_dir: Path | None = None) -> None:
+            work_dir: Path | None = None, stream: ModelStream | None = None) -> None:
     """Run every stage of a checked plan on ``model`` (in place). Training stages keep their resumable state
     under ``work_dir`` (``stage-N``), when given. The targeted layers' weights are checked for NaN and infinite
-    values first (``model.nonfinite``: an error, or replaced by zeros)."""
-    check_finite(model, [name for stage in plan_.stages for step in stage for name in step.layers],
-                 plan_.recipe.model.nonfinite)
+    values first (``model.nonfinite``: an error, or replaced by zeros); with ``stream`` (a model whose blocks are
+    on the meta device, :mod:`compress.streaming`), each block's as it is read."""
+    targets = [name for stage in plan_.stages for step in stage for name in step.layers]
+    check_finite(model, targets, plan_.recipe.model.nonfinite)
+    if stream is not None:
+        stream.on_load = lambda block: check_finite(model, [t for t in targets if t.startswith(block + ".")],
+                                                    plan_.recipe.model.nonfinite)
     batch_size = plan_.recipe.calibration.batch_size if plan_.recipe.calibration else 8
     compute_dtype = torch.float32 if plan_.recipe.model.compute_dtype == "float32" else None
     states: dict[str, LayerState] = {}
@@ -134,7 +144,9 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
                 step.method.train(context, step.config)
             continue
         run_stage(model, find_blocks(model), [_step_work(s) for s in stage], calib, device, batch_size,
-                  compute_dtype, states)
+                  compute_dtype, states, stream.stage(index) if stream else None)
+        if stream is not None:
+            stream.end_stage(index, model)
     _record_steps(model, plan_)
 
 
@@ -215,6 +227,15 @@ def run_checked(checked: CheckedRecipe, work_dir: Path | None = None) -> tuple[n
     a problem with any of them is reported before the weights load."""
     spec = checked.recipe.model
     device = torch.device(resolve_device(spec.device))
+    tokenizer, calib = _tokenizer_and_data(checked)
+    model = load_model(spec.path, spec.dtype, spec.init, spec.revision, spec.trust_remote_code)
+    model.eval()
+    execute(model, checked.plan, calib, device, work_dir)
+    return model, tokenizer
+
+
+def _tokenizer_and_data(checked: CheckedRecipe) -> tuple[Any, CalibrationSet | None]:
+    spec = checked.recipe.model
     try:
         tokenizer = load_tokenizer(spec.path, spec.revision, spec.trust_remote_code)
     except UsageError:
@@ -222,8 +243,45 @@ def run_checked(checked: CheckedRecipe, work_dir: Path | None = None) -> tuple[n
             raise
         log.warning("no tokenizer found for %s; the checkpoint will have none", spec.path)
         tokenizer = None
-    calib = _calibration(checked.plan, None, tokenizer)
-    model = load_model(spec.path, spec.dtype, spec.init, spec.revision, spec.trust_remote_code)
-    model.eval()
-    execute(model, checked.plan, calib, device, work_dir)
+    return tokenizer, _calibration(checked.plan, None, tokenizer)
+
+
+def streams(checked: CheckedRecipe) -> bool:
+    """Whether ``compress apply`` streams the model (``model.load``; auto: a local safetensors checkpoint larger
+    than half the memory available, and a recipe that can stream), saying so in the log."""
+    spec = checked.recipe.model
+    if spec.load != "auto":
+        return spec.load == "stream"
+    if spec.init == "random" or not is_local_reference(spec.path) or any(
+            s.method.needs_for(s.config) == Needs.TRAINING for stage in checked.plan.stages for s in stage):
+        return False
+    size = sum(f.stat().st_size for f in Path(spec.path).expanduser().glob("*.safetensors"))
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if size > available / 2:
+        log.info("streaming %s: its checkpoint (%.1f GB) is larger than half the memory available (%.1f GB); "
+                 "set model.load: memory to load it whole", spec.path, size / 1e9, available / 1e9)
+        return True
+    return False
+
+
+def run_streamed(checked: CheckedRecipe, output: Path, overwrite: bool = False,
+                 work_dir: Path | None = None) -> tuple[nn.Module, Any]:
+    """Compress the model of a checked recipe block by block from its checkpoint and write the checkpoint at
+    ``output`` as it goes (:mod:`compress.streaming`); returns (model, tokenizer), the model's blocks freed."""
+    spec = checked.recipe.model
+    device = torch.device(resolve_device(spec.device))
+    tokenizer, calib = _tokenizer_and_data(checked)
+    config = load_config(spec.path, spec.revision, spec.trust_remote_code)
+    dtype = resolve_dtype(spec.dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    model, tensors = empty_model(spec.path, dtype, spec.trust_remote_code)
+    scratch = (work_dir or output.parent / f".{output.name}.work") / "stream"
+    with writing(output, overwrite) as partial:
+        execute(model, checked.plan, calib, device, work_dir, ModelStream(tensors, partial, scratch,
+                                                                          len(checked.plan.stages)))
+        recipe = record_layers(model, recipe=checked.recipe.to_dict())
+        model.config.save_pretrained(partial)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(partial)
+        write_extras(partial, tokenizer, recipe)
+    shutil.rmtree(scratch, ignore_errors=True)
     return model, tokenizer

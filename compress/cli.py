@@ -106,14 +106,15 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
               overwrite: bool) -> None:
     """``compress apply``: check the recipe, compress, write the checkpoint atomically (a no-op when the output
     holds this recipe's checkpoint of the same model), then run the recipe's eval: section."""
-    from compress.api import check_recipe, run_checked
-    from compress.checkpoint import read_quantization_config, save
+    from compress.api import check_recipe, run_checked, run_streamed, streams
+    from compress.checkpoint import read_quantization_config, recover_leftovers, save
     from compress.errors import UsageError
     from compress.formats import storage_summary
 
     checked = check_recipe(recipe, _overrides(model, calib, **{"output": _cwd_path(output), "model.device": device}),
                            _sections())
-    target = Path(checked.recipe.output or _default_output(checked.recipe.model.path, recipe))
+    target = Path(checked.recipe.output or _default_output(checked.recipe.model.path, recipe)).resolve()
+    recover_leftovers(target)  # an interrupted --overwrite's old checkpoint goes back first
     if target.exists() and not overwrite:
         stored = read_quantization_config(target) if (target / "config.json").exists() else None
         if stored is not None and _same_recipe(stored.get("recipe"), checked.recipe):
@@ -122,10 +123,14 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
         raise UsageError(f"output {target} already exists and was not made by this recipe; pass --overwrite "
                          "to replace it, or choose another --output")
     start = time.perf_counter()
-    work_dir = target.parent / f".{target.name}.train"  # training stages' resumable state, until the checkpoint is written
-    compressed, tokenizer = run_checked(checked, work_dir)
-    elapsed = time.perf_counter() - start
-    save(compressed, target, tokenizer, recipe=checked.recipe.to_dict(), overwrite=overwrite)
+    work_dir = target.parent / f".{target.name}.work"  # resumable or scratch state, until the checkpoint is written
+    if streams(checked):  # block by block from the checkpoint's files, written as it goes
+        compressed, tokenizer = run_streamed(checked, target, overwrite, work_dir)
+        elapsed = time.perf_counter() - start
+    else:
+        compressed, tokenizer = run_checked(checked, work_dir)
+        elapsed = time.perf_counter() - start
+        save(compressed, target, tokenizer, recipe=checked.recipe.to_dict(), overwrite=overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     click.echo(f"compressed in {elapsed:.1f} s; wrote {target}")
     click.echo(storage_summary(compressed))

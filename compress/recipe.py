@@ -52,6 +52,12 @@ class ModelSpec(Section):
         "error", description="what to do with NaN or infinite weights in the targeted layers: error (stop before "
                              "compressing, naming each layer) or zero (replace them by zeros, with a warning)")
     init: Literal["pretrained", "random"] = "pretrained"
+    load: Literal["auto", "memory", "stream"] = Field(
+        "auto", description="memory: load the whole model, then compress it; stream: read each decoder block from "
+                            "the checkpoint's safetensors files when its turn comes and write it out compressed, so "
+                            "memory holds one block (for models larger than the machine's memory; a local "
+                            "directory, no training stage); auto: stream when the checkpoint is larger than half "
+                            "the memory available")
     revision: str | None = None
     trust_remote_code: bool = False
 
@@ -381,6 +387,14 @@ def _cross_checks(recipe: Recipe, stages: list[list[ResolvedStep]], model_given:
             problem = check_contents(spec.dataset, spec.samples, spec.seq_len, spec.column)
         if problem:
             problems.append(Problem("calibration.dataset", problem))
+    if recipe.model.load == "stream":
+        trainers = [s for stage in stages for s in stage if s.method.needs_for(s.config) == Needs.TRAINING]
+        if trainers:
+            problems.append(Problem("model.load", f"stream cannot run {trainers[0].where} ({trainers[0].method.name}), "
+                                    "which trains the whole model; use load: memory"))
+        if recipe.model.init == "random":
+            problems.append(Problem("model.load", "stream reads a checkpoint's weights; init: random has none: use "
+                                    "load: memory"))
     if not model_given and recipe.model.path is None:
         problems.append(Problem("model.path", "no model given: set model.path in the recipe or pass --model"))
     elif not model_given and is_local_reference(recipe.model.path) and not Path(recipe.model.path).expanduser().exists():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,13 +58,15 @@ class ShardedTensors:
         return self._open[path].get_tensor(name)
 
 
-def materialize(module: nn.Module, prefix: str, tensors: ShardedTensors) -> None:
+def materialize(module: nn.Module, prefix: str, tensors: ShardedTensors, skip: str | None = None) -> None:
     """Give every parameter and buffer of ``module`` that is on the meta device its tensor from ``tensors`` (the
     name is ``prefix`` + its name in ``module``), in its dtype where both are floating-point, as ``from_pretrained``
     casts them. Tensors shared by two modules stay shared. One the checkpoint does not hold is left on the meta
-    device for the model's weight tying to fill."""
+    device for the model's weight tying to fill. Modules whose qualified name starts with ``skip`` are left."""
     fresh: dict[int, torch.Tensor] = {}
     for module_name, sub in module.named_modules():
+        if skip is not None and f"{prefix}{module_name}.".startswith(skip):
+            continue
         for table in (sub._parameters, sub._buffers):  # buffers: a compressed layer's, from an earlier stage's output
             for name, old in list(table.items()):
                 if old is None or not old.is_meta:
@@ -144,13 +147,68 @@ class BlockStream:
     """The engine's hooks around each decoder block when the model streams: read the block's tensors before it
     is compressed, write them (compressed) and free them after."""
 
-    def __init__(self, tensors: ShardedTensors, writer: ShardWriter):
+    def __init__(self, tensors: ShardedTensors, writer: ShardWriter,
+                 on_load: Callable[[str], None] | None = None):
         self.tensors = tensors
         self.writer = writer
+        self.on_load = on_load
 
     def load(self, name: str, block: nn.Module) -> None:
         materialize(block, f"{name}.", self.tensors)
+        if self.on_load is not None:
+            self.on_load(name)
 
     def store(self, name: str, block: nn.Module) -> None:
         self.writer.add({f"{name}.{k}": v for k, v in block.state_dict().items()})
         release(block)
+
+
+def empty_model(ref: str, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[nn.Module, ShardedTensors]:
+    """The model of directory ``ref`` with its decoder blocks on the meta device and everything else (the
+    embeddings, final norm and head, and every buffer) read from its checkpoint; and the checkpoint's tensors."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from compress.model import find_blocks, load_config
+
+    config = load_config(ref, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    tensors = ShardedTensors(ref)
+    blocks = find_blocks(model)
+    materialize(model, "", tensors, skip=blocks.prefix + ".")
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks.prefix + ".")]
+    if missing:
+        raise CheckpointError(f"{ref}: the checkpoint holds no tensor for {', '.join(missing[:5])}; it does not "
+                              "match its config.json")
+    return model.eval(), tensors
+
+
+class ModelStream:
+    """A streamed run of a recipe's stages: the first stage reads the blocks from the model's checkpoint, a later
+    one from the stage before's output in ``scratch``; the last stage writes to ``output``, the embeddings, norm
+    and head (which stay in memory throughout) after the blocks."""
+
+    def __init__(self, source: ShardedTensors, output: Path, scratch: Path, stages: int):
+        self.source = source
+        self.output = output
+        self.scratch = scratch
+        self.stages = stages
+        self.on_load: Callable[[str], None] | None = None  # called with a block's name once it is read
+        self._writer: ShardWriter | None = None
+
+    def stage(self, index: int) -> BlockStream:
+        """The hooks for stage ``index``'s walk over the blocks."""
+        folder = self.output if index == self.stages - 1 else self.scratch / f"stage-{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        self._writer = ShardWriter(folder)
+        return BlockStream(self.source, self._writer, self.on_load)
+
+    def end_stage(self, index: int, model: nn.Module) -> None:
+        """Close stage ``index``'s output (the last stage's with the rest of ``model``); the next stage reads it."""
+        if index == self.stages - 1:
+            self._writer.add(model.state_dict())  # the blocks are freed (meta) by now: this adds the rest
+        self._writer.close()
+        if index < self.stages - 1:
+            self.source = ShardedTensors(self.scratch / f"stage-{index}")

@@ -163,7 +163,8 @@ def test_too_little_calibration_data(observe, tiny_dirs, tmp_path: Path) -> None
     recipe.write_text(f"calibration: {{dataset: {data}, samples: 16, seq_len: 64}}\nsteps: [{{method: test-observe}}]\n")
     result = run(["apply", str(recipe), "--model", str(tiny_dirs["llama"]), "--output", str(tmp_path / "out")])
     assert result.exit_code == 2
-    assert re.search(r"has \d+ tokens: 0 windows of 64, fewer than the 16 samples asked for; lower samples", result.output)
+    assert re.search(r"calibration\.dataset: .*short\.txt holds 14 bytes of text; 16 samples of 64 tokens need 1024 "
+                     r"tokens", result.output), result.output
 
 
 def test_runtime_failure_exits_1_and_writes_nothing(observe, tiny_dirs, calib_text, tmp_path: Path) -> None:

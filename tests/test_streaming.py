@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from compress.streaming import ShardedTensors, ShardWriter, materialize, release
-from conftest import make_tiny
+from conftest import REF_A, REFCODE, REPO, make_tiny, needs_shared
 
 
 def _empty_like(model):
@@ -55,3 +56,82 @@ def test_materialised_blocks_equal_the_loaded_model_and_tied_weights_stay_tied(t
         assert torch.equal(empty(ids).logits, model(ids).logits)
     release(empty.model.layers[0])
     assert all(p.is_meta for p in empty.model.layers[0].parameters())
+
+
+def test_an_empty_model_holds_all_but_its_blocks(tmp_path: Path) -> None:
+    from compress.streaming import empty_model
+
+    model = make_tiny("llama")
+    model.save_pretrained(tmp_path)
+    empty, _ = empty_model(str(tmp_path), model.dtype)
+    assert all(p.is_meta for p in empty.model.layers.parameters())
+    assert not any(p.is_meta for n, p in empty.named_parameters() if not n.startswith("model.layers."))
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    assert torch.equal(empty.model.norm.weight, model.model.norm.weight)
+
+
+def _apply(recipe: dict, model_dir: Path, calib: Path, out: Path) -> dict[str, torch.Tensor]:
+    import yaml
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    from compress.cli import cli
+
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = CliRunner().invoke(cli, ["apply", str(path), "--model", str(model_dir), "--calib", str(calib),
+                                      "--output", str(out)], obj={})
+    assert result.exit_code == 0, result.output
+    files = sorted(out.glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("shipped", ["w4-gptq", "w4-awq-gptq", "int8-absmax"])
+def test_streaming_writes_what_compressing_in_memory_writes(arch: str, shipped: str, tiny_dirs, calib_text,
+                                                            tmp_path: Path, monkeypatch) -> None:
+    import yaml
+
+    import compress.streaming
+
+    read = []
+    real = compress.streaming.materialize
+    monkeypatch.setattr(compress.streaming, "materialize", lambda module, prefix, *a, **k: read.append(prefix) or
+                        real(module, prefix, *a, **k))
+
+    recipe = yaml.safe_load((REPO / "recipes" / f"{shipped}.yaml").read_text())
+    recipe["calibration"] = {"dataset": str(calib_text), "samples": 8, "seq_len": 64}
+    recipe.setdefault("model", {})
+    stored = {}
+    for load in ("memory", "stream"):
+        recipe["model"]["load"] = load
+        stored[load] = _apply(recipe, tiny_dirs[arch], calib_text, tmp_path / load)
+        assert (len(read) == 3) is (load == "stream"), read  # streaming read the rest, then each of the 2 blocks
+    assert stored["memory"].keys() == stored["stream"].keys()
+    for name, value in stored["memory"].items():
+        assert torch.equal(stored["stream"][name], value), name
+
+
+def test_streaming_a_two_stage_recipe_reads_the_first_stage_back(tiny_dirs, calib_text, tmp_path: Path) -> None:
+    """A second stage reads the blocks the first wrote (int8 on attention, then GPTQ on the MLP)."""
+    recipe = {"calibration": {"dataset": str(calib_text), "samples": 8, "seq_len": 64},
+              "stages": [{"steps": [{"method": "int8", "targets": ["*.self_attn.*"]}]},
+                         {"steps": [{"method": "gptq", "args": {"group_size": 64}, "targets": ["*.mlp.*"]}]}]}
+    stored = {}
+    for load in ("memory", "stream"):
+        recipe["model"] = {"load": load}
+        stored[load] = _apply(recipe, tiny_dirs["llama"], calib_text, tmp_path / load)
+    assert stored["memory"].keys() == stored["stream"].keys()
+    assert all(torch.equal(stored["stream"][k], v) for k, v in stored["memory"].items())
+
+
+@needs_shared
+def test_streaming_ref_a_equals_compressing_it_in_memory(tmp_path: Path) -> None:
+    recipe = {"calibration": {"dataset": str(REFCODE / "calib.txt"), "samples": 8, "seq_len": 256},
+              "steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 128, "act_order": True, "mse": True}}]}
+    stored = {}
+    for load in ("memory", "stream"):
+        recipe["model"] = {"load": load}
+        stored[load] = _apply(recipe, REF_A, REFCODE / "calib.txt", tmp_path / load)
+    assert stored["memory"].keys() == stored["stream"].keys() and len(stored["memory"]) > 100
+    assert all(torch.equal(stored["stream"][k], v) for k, v in stored["memory"].items())

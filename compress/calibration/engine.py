@@ -21,6 +21,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,9 @@ from compress.errors import PluginError
 from compress.formats.base import CompressedLinear
 from compress.model import Blocks
 from compress.states import LayerKind, LayerState
+
+if TYPE_CHECKING:
+    from compress.streaming import BlockStream
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +345,11 @@ def _progress(blocks: list, labels: str) -> Iterator:
 
 def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: CalibrationSet | None,
               device: torch.device, batch_size: int = 8, compute_dtype: torch.dtype | None = None,
-              states: dict[str, LayerState] | None = None) -> None:
+              states: dict[str, LayerState] | None = None, stream: BlockStream | None = None) -> None:
     """Walk the decoder blocks once, applying ``steps`` in order to each block (see the module doc). With
     ``compute_dtype``, each block (and the layers before the first) is in that dtype while it is worked on.
-    ``states`` is the recipe's table of layer states, read and updated by the steps."""
+    ``states`` is the recipe's table of layer states, read and updated by the steps. With ``stream``, each block
+    is read from disk before its turn and written out and freed after it (:mod:`compress.streaming`)."""
     states = {} if states is None else states
     needs_inputs = any(s.needs_inputs for s in steps)
     if needs_inputs and calib is None:
@@ -355,6 +360,8 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
     in_blocks: set[str] = set()
     last = len(blocks.modules) - 1
     for i, (name, block) in enumerate(_progress(list(zip(names, blocks.modules)), ", ".join(s.label for s in steps))):
+        if stream is not None:
+            stream.load(name, block)
         home = _module_device(block)
         with on_device(block, device, compute_dtype):
             prefix = name + "."
@@ -372,9 +379,11 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
                     ref_inputs = ref_inputs.with_hidden(BlockWork(i, name, reference.block, {}, ref_inputs,
                                                                   device).forward())
             del reference
-        for t, state in states.items():  # masks wait with their block, not on the execution device
+        for t, state in states.items():  # masks wait with their block (in memory), not on the execution device
             if t.startswith(prefix) and state.mask is not None:
                 state.mask = state.mask.to(home)
+        if stream is not None:
+            stream.store(name, block)
     for step in steps:  # layers outside the decoder blocks (data-free methods only; checked beforehand)
         rest = [t for t in step.targets if t not in in_blocks]
         if rest:
