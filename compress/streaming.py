@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-SHARD_BYTES = 4 * 2**30  # an output shard closes once it holds this much
+SHARD_BYTES = 2**29  # an output shard closes once it holds this much (what waits in memory meanwhile)
 
 
 class ShardedTensors:
@@ -46,16 +46,14 @@ class ShardedTensors:
         else:
             raise UsageError(f"{self.root} has no {SINGLE_FILE} or {INDEX_FILE}: streaming reads safetensors "
                              "checkpoints only; set model.load: memory for other kinds")
-        self._open: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
     def get(self, name: str) -> torch.Tensor:
-        path = self.files[name]
-        if path not in self._open:
-            self._open[path] = safe_open(path, "pt")
-        return self._open[path].get_tensor(name)
+        # opened for each read: a file kept open stays mapped, and the pages read count against the process
+        with safe_open(self.files[name], "pt") as f:
+            return f.get_tensor(name)
 
 
 def materialize(module: nn.Module, prefix: str, tensors: ShardedTensors, skip: str | None = None) -> None:
