@@ -33,11 +33,15 @@ def label_of(ref: str) -> str:
 
 
 def check_model(ref: str):
-    """The config of ``ref``; a clear error for a missing path or a checkpoint whose config.json is broken."""
-    from compress.checkpoint import read_quantization_config
+    """The config of ``ref``; a clear error for a missing path or a damaged checkpoint (its config.json or its
+    weight files), found before any evaluation text is read. An interrupted overwrite's old checkpoint is put
+    back first."""
+    from compress.checkpoint import check_files, recover_leftovers
 
-    if is_local_reference(ref) and (Path(ref).expanduser() / "config.json").is_file():
-        read_quantization_config(ref)
+    if is_local_reference(ref):
+        recover_leftovers(ref)
+        if (Path(ref).expanduser() / "config.json").is_file():
+            check_files(ref)
     return load_config(ref)
 
 

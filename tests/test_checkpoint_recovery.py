@@ -248,6 +248,13 @@ def test_load_restores_the_old_checkpoint_after_a_kill_between_the_renames(model
     assert re.search(rf"removed \.ck\.partial-{pid}, left by process {pid}, which ended while writing", caplog.text)
 
 
+def test_eval_restores_the_old_checkpoint_after_a_kill_between_the_renames(model, tmp_path: Path) -> None:
+    target, _ = killed_between_the_renames(model, tmp_path)
+    result = run(["eval", str(target), "--tasks", "memory", "--device", "cpu"])
+    assert result.exit_code == 0, result.output  # before: "model path not found"
+    assert (target / "which.txt").read_text() == "old" and names(tmp_path) == ["ck"]
+
+
 def test_save_restores_the_old_checkpoint_before_deciding(model, tmp_path: Path, caplog) -> None:
     target, pid = killed_between_the_renames(model, tmp_path)
     caplog.set_level(logging.INFO, logger="compress.checkpoint")
