@@ -1,9 +1,6 @@
 """The work of the ``compress`` commands. Their options and help are declared in :mod:`compress_cli` (outside this
 package, so that ``--help`` does not import torch), which calls the functions here, with the options as keyword
 arguments, when a command runs. Library code logs; the command line prints.
-
-``cli`` and ``main`` are importable from here too (``python -m compress.cli``, tests driving ``cli`` with click's
-CliRunner).
 """
 
 from __future__ import annotations
@@ -15,12 +12,10 @@ from typing import TYPE_CHECKING
 
 import click
 
-from compress_cli import cli, main
-
 if TYPE_CHECKING:
     from compress.recipe import Recipe
 
-__all__ = ["apply_cmd", "cli", "eval_cmd", "main", "plugins_cmd", "report_cmd", "validate_cmd"]
+__all__ = ["apply_cmd", "eval_cmd", "plugins_cmd", "report_cmd", "validate_cmd"]
 
 
 def _cwd_path(value: str | None) -> str | None:
@@ -191,6 +186,3 @@ def report_cmd(reports: tuple[str, ...], output: str | None) -> None:
 def _default_output(model_ref: str, recipe: str) -> str:
     return str(Path("compressed") / f"{Path(model_ref).name}-{Path(recipe).stem}")
 
-
-if __name__ == "__main__":
-    main()

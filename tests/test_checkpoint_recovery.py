@@ -28,7 +28,7 @@ from click.testing import CliRunner
 import compress
 from compress import checkpoint
 from compress.checkpoint import save
-from compress.cli import cli
+from compress_cli import cli
 from compress.errors import CheckpointError, UsageError
 from conftest import REPO, make_tiny
 

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 import compress
-from compress.cli import cli
+from compress_cli import cli
 from compress.errors import CalibrationError
 from compress.formats import CompressedLinear
 from compress.methods import Method, MethodConfig, Needs

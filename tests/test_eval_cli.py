@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import compress
-from compress.cli import cli
+from compress_cli import cli
 from compress.model import load_tokenizer
 from conftest import REPO
 

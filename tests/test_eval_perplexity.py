@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from compress.cli import cli
+from compress_cli import cli
 from compress.errors import DataError
 from compress.eval import data as eval_data
 from compress.eval.perplexity import Protocol, perplexity

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import compress
-from compress.cli import cli
+from compress_cli import cli
 from compress.eval.data import EvalText
 from compress.eval.render import to_markdown
 from compress.eval.report import document, write_document

@@ -148,7 +148,7 @@ def test_a_third_party_format_and_method_round_trip_through_a_fresh_process(sign
 def test_validate_says_the_plugin_format_has_no_kernel(sign_plugin: Path, tiny_dirs, tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from compress.cli import cli
+    from compress_cli import cli
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("steps: [{method: binarize}]\n")

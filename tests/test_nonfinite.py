@@ -14,7 +14,7 @@ import torch.nn as nn
 from click.testing import CliRunner
 
 import compress
-from compress.cli import cli
+from compress_cli import cli
 from compress.errors import RecipeError, UsageError
 from compress.formats import CompressedLinear
 from conftest import REPO, TINY_TOKENIZER, make_tiny

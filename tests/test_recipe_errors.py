@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from compress.cli import cli
+from compress_cli import cli
 
 
 def run(args: list[str]):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from compress.cli import cli
+from compress_cli import cli
 from compress.errors import PluginError
 from compress.registry import Registry, registry
 from conftest import REPO, install_fake_distribution

@@ -10,7 +10,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 import compress
-from compress.cli import cli
+from compress_cli import cli
 from compress.runtime.fusion import is_fused
 
 

@@ -75,7 +75,7 @@ def _apply(recipe: dict, model_dir: Path, calib: Path, out: Path) -> dict[str, t
     from click.testing import CliRunner
     from safetensors.torch import load_file
 
-    from compress.cli import cli
+    from compress_cli import cli
 
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
