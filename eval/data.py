@@ -9,34 +9,25 @@ dataset split.
 A reference is a local path when it names one (see :func:`compress.model.is_local_reference`) or looks
 like a file name (it has an extension and no ``:``); otherwise it is ``DATASET_ID[:CONFIG[:SPLIT]]``.
 
-A dataset is looked for on the Hub only when the Hub can be reached: in offline mode (``HF_HUB_OFFLINE``) or with
-no route to it, only the local cache is read, so a machine without network gets its error at once rather than
-after ``datasets``' retries.
+A dataset is looked for on the Hub only when the Hub can be reached (:mod:`compress.hub`): in offline mode
+(``HF_HUB_OFFLINE``) or with no route to it, only the local cache is read, so a machine without network gets its
+error at once rather than after ``datasets``' retries.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
-import socket
-import threading
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
-from compress.calibration.data import read_documents
+from compress.calibration.data import NotCached, read_documents
 from compress.errors import DataError
 from compress.model import is_local_reference
 
 DEFAULT_DATA = "Salesforce/wikitext:wikitext-2-raw-v1:test"
 WIKITEXT_FILE_HINT = "wikitext-2-raw/wiki.test.raw"
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-HUB_PROBE_SECONDS = 2.0
 DOCUMENT_JOIN = "\n\n"
 MULTI_DOCUMENT_FILES = (".jsonl", ".parquet")
 
@@ -67,66 +58,16 @@ def load_eval_text(ref: str | None = None, column: str = "text") -> EvalText:
     dataset, _, rest = ref.partition(":")
     config, _, split = rest.partition(":")
     name = f"{dataset}:{config}:{split or 'test'}"
-    offline = hub_unreachable()
     try:
-        with _cache_only(offline is not None):
-            docs = read_documents(dataset, config or None, split or "test", column)
-    except DataError as exc:
-        if offline is None or not isinstance(exc.__cause__, ConnectionError):  # not a matter of the cache
-            raise DataError(f"{exc}. For the standard protocol offline, pass the same split as a file: "
-                            f"--data path/to/{WIKITEXT_FILE_HINT}") from exc
+        docs = read_documents(dataset, config or None, split or "test", column)
+    except NotCached as exc:
         what = f"the default evaluation text, {name} (WikiText-2 raw test)," if ref == DEFAULT_DATA else f"dataset {name}"
-        raise DataError(f"{what} is not in the local cache and cannot be downloaded ({offline}); pass the evaluation "
-                        f"text as a file: --data FILE (for the standard protocol, {WIKITEXT_FILE_HINT})") from exc
+        raise DataError(f"{what} is not in the local cache and cannot be downloaded ({exc.offline}); pass the "
+                        f"evaluation text as a file: --data FILE (for the standard protocol, {WIKITEXT_FILE_HINT})") from exc
+    except DataError as exc:
+        raise DataError(f"{exc}. For the standard protocol offline, pass the same split as a file: "
+                        f"--data path/to/{WIKITEXT_FILE_HINT}") from exc
     return EvalText(DOCUMENT_JOIN.join(docs), name, DOCUMENT_JOIN)
-
-
-def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
-    """Why the Hugging Face Hub cannot be reached now, or None: offline mode is set (read from the environment now,
-    not when ``huggingface_hub`` was imported), or no connection to the Hub (or to the HTTPS proxy) opens within
-    ``timeout`` seconds, name lookup included."""
-    for variable in OFFLINE_VARIABLES:
-        if os.environ.get(variable, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-            return f"{variable} is set"
-    from huggingface_hub import constants
-
-    hub = urlparse(constants.ENDPOINT)
-    host, port = hub.hostname or "huggingface.co", hub.port or (443 if hub.scheme == "https" else 80)
-    proxy = urllib.request.getproxies().get(hub.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        via = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = via.hostname or host, via.port or 80
-    outcome: list[str | None] = []
-
-    def connect() -> None:  # in a thread: a name lookup that hangs does not honour the socket's timeout
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            outcome.append(None)
-        except OSError as exc:
-            outcome.append(f"cannot connect to {host}: {exc}")
-
-    thread = threading.Thread(target=connect, name="hub-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return outcome[0] if outcome else f"no connection to {host} within {timeout:g} s"
-
-
-@contextlib.contextmanager
-def _cache_only(offline: bool) -> Iterator[None]:
-    """While active (when ``offline``), ``datasets`` and ``huggingface_hub`` read their caches and never try the
-    network, as with ``HF_HUB_OFFLINE=1`` set before they were imported."""
-    if not offline:
-        yield
-        return
-    import datasets.config
-    from huggingface_hub import constants
-
-    before = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = before
 
 
 def _read_file(path: Path, column: str) -> EvalText:

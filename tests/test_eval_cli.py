@@ -226,3 +226,19 @@ def test_an_unknown_device_exits_2_before_anything_loads(tmp_path: Path) -> None
     result = run(["eval", str(tmp_path / "nowhere"), "--tasks", "memory", "--device", "tpu"])
     assert result.exit_code == 2, result.output
     assert re.search(r"^error: unknown device 'tpu'; use auto, cpu, cuda or cuda:N", result.output), result.output
+
+
+def test_calibration_from_the_hub_offline_fails_at_once(empty_hub_cache, tiny_dirs, tmp_path: Path, monkeypatch) -> None:
+    """compress apply --calib DATASET_ID takes the same path: offline, the cache only, and a clear error at once."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("offline mode: no connection"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("calibration: {dataset: someone/code-corpus, samples: 4, seq_len: 32}\n"
+                      "steps: [{method: gptq, args: {group_size: 64}}]\n")
+    start = time.perf_counter()
+    result = run(["apply", str(recipe), "--model", str(tiny_dirs["llama"]), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert re.search(r"error: dataset 'someone/code-corpus' \(config None, split 'train'\) is not in the local cache "
+                     r"and cannot be downloaded \(HF_HUB_OFFLINE is set\); use a local \.txt/\.jsonl/\.parquet file",
+                     result.output), result.output
+    assert time.perf_counter() - start < 8 and not (tmp_path / "out").exists()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from compress.errors import DataError
+from compress.hub import cache_only, hub_unreachable
 from compress.model import is_local_reference
 
 log = logging.getLogger(__name__)
@@ -211,12 +212,25 @@ def _read_file(path: Path, column: str) -> list[str]:
         raise DataError(f"cannot read data file {path}: {exc}") from exc
 
 
+class NotCached(DataError):
+    """A ``datasets`` dataset that is not in the local cache, on a machine that cannot reach the Hub."""
+
+    def __init__(self, message: str, offline: str):
+        super().__init__(message)
+        self.offline = offline  # why the Hub cannot be reached
+
+
 def _read_hub_dataset(name: str, config: str | None, split: str, column: str) -> list[str]:
     import datasets
 
+    offline = hub_unreachable()
     try:
-        ds = datasets.load_dataset(name, config, split=split)
+        with cache_only(offline is not None):
+            ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError...)
+        if offline is not None and isinstance(exc, ConnectionError):
+            raise NotCached(f"dataset {name!r} (config {config!r}, split {split!r}) is not in the local cache and "
+                            f"cannot be downloaded ({offline}); use a local .txt/.jsonl/.parquet file", offline) from exc
         raise DataError(
             f"could not load dataset {name!r} (config {config!r}, split {split!r}): {exc}. This machine may be "
             "offline: use a local .txt/.jsonl/.parquet file instead"
