@@ -388,9 +388,16 @@ def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype |
     if dtype is not None:
         kwargs["dtype"] = DTYPES[dtype] if isinstance(dtype, str) else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise CheckpointError(f"could not load checkpoint {path}: {exc}") from exc
+    layers = tuple(f"{name}." for name in compressed_layers(model))
+    missing = [key for key in info.get("missing_keys", []) if key.startswith(layers)]
+    if missing:  # the config declares tensors the weights lack (e.g. zero points of a scheme relabelled asymmetric)
+        shown = ", ".join(sorted(missing)[:4]) + (f" (+{len(missing) - 4} more)" if len(missing) > 4 else "")
+        raise CheckpointError(f"checkpoint {path}: {len(missing)} tensors its config.json declares are not in its "
+                              f"weights: {shown}; the config or the weights were edited or damaged: re-create the "
+                              "checkpoint")
     model.eval()
     model = model.to(resolve_device(device or "auto"))
     if enable_runtime:

@@ -54,3 +54,19 @@ def test_a_changed_group_size_is_refused(tmp_path: Path) -> None:
     out = _edited(tmp_path, {"method": "rtn", "args": {"bits": 4, "group_size": 64}}, group_size=32)
     with pytest.raises(CheckpointError, match=r"could not load checkpoint"):
         compress.load(out, device="cpu")
+
+
+def test_tensors_the_config_declares_but_the_weights_lack_are_refused(tmp_path: Path) -> None:
+    """Relabelled asymmetric, a symmetric checkpoint's layers want zero points it never stored; they were left as
+    whatever memory held."""
+    from compress.formats.integer import IntLinear
+
+    out = _edited(tmp_path, {"method": "rtn", "args": {"bits": 4, "group_size": 64}}, symmetric=False)
+    original = IntLinear.check_loaded
+    IntLinear.check_loaded = lambda self: None  # the loader's own check, not the garbage in the zero points, decides
+    try:
+        with pytest.raises(CheckpointError, match=r"14 tensors its config\.json declares are not in its weights: "
+                                                  r"model\.layers\.0\.mlp\.down_proj\.zeros, .*re-create the checkpoint"):
+            compress.load(out, device="cpu")
+    finally:
+        IntLinear.check_loaded = original
