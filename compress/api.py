@@ -21,7 +21,7 @@ from compress.errors import Problem, RecipeError, UsageError
 from compress.hf import CompressQuantizationConfig
 from compress.methods import Needs
 from compress.model import (
-    find_blocks, is_local_reference, load_config, load_model, load_tokenizer, meta_model, resolve_device, resolve_dtype,
+    find_blocks, is_local_reference, load_model, load_tokenizer, meta_model, resolve_device,
 )
 from compress.plan import Plan, PlannedStep, plan
 from compress.recipe import Recipe, read_recipe_file, validate_recipe
@@ -271,9 +271,7 @@ def run_streamed(checked: CheckedRecipe, output: Path, overwrite: bool = False,
     spec = checked.recipe.model
     device = torch.device(resolve_device(spec.device))
     tokenizer, calib = _tokenizer_and_data(checked)
-    config = load_config(spec.path, spec.revision, spec.trust_remote_code)
-    dtype = resolve_dtype(spec.dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
-    model, tensors = empty_model(spec.path, dtype, spec.trust_remote_code)
+    model, tensors = empty_model(spec.path, spec.dtype, spec.trust_remote_code)
     scratch = (work_dir or output.parent / f".{output.name}.work") / "stream"
     with writing(output, overwrite) as partial:
         execute(model, checked.plan, calib, device, work_dir, ModelStream(tensors, partial, scratch,

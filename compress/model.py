@@ -27,6 +27,11 @@ def is_local_reference(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(ref))
 
 
+def config_dtype(config, name: str = "auto") -> torch.dtype:
+    """The dtype a model of ``config`` is loaded in: ``name``, or with ``auto`` the one its config states."""
+    return resolve_dtype(name, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+
+
 def resolve_dtype(name: str, config_dtype: object = None) -> torch.dtype:
     """``auto`` takes the checkpoint's dtype (float32 when it states none)."""
     if name == "auto":
@@ -107,7 +112,7 @@ def load_model(ref: str, dtype: str = "auto", init: str = "pretrained", revision
     from transformers import AutoModelForCausalLM
 
     config = load_config(ref, revision, trust_remote_code)
-    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    torch_dtype = config_dtype(config, dtype)
     if init == "random":
         log.warning("model %s: building RANDOM weights from its config (init: random); outputs are meaningless", ref)
         torch.manual_seed(seed)

@@ -161,17 +161,19 @@ class BlockStream:
         release(block)
 
 
-def empty_model(ref: str, dtype: torch.dtype, trust_remote_code: bool = False) -> tuple[nn.Module, ShardedTensors]:
+def empty_model(ref: str, dtype: str = "auto", trust_remote_code: bool = False) -> tuple[nn.Module, ShardedTensors]:
     """The model of directory ``ref`` with its decoder blocks on the meta device and everything else (the
-    embeddings, final norm and head, and every buffer) read from its checkpoint; and the checkpoint's tensors."""
+    embeddings, final norm and head, and every buffer) read from its checkpoint, in ``dtype`` (a name; auto: the
+    config's, as :func:`compress.model.load_model` loads it); and the checkpoint's tensors."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from compress.model import find_blocks, load_config
+    from compress.model import config_dtype, find_blocks, load_config
 
     config = load_config(ref, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=config_dtype(config, dtype),
+                                                 trust_remote_code=trust_remote_code)
     tensors = ShardedTensors(ref)
     blocks = find_blocks(model)
     materialize(model, "", tensors, skip=blocks.prefix + ".")
