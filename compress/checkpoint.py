@@ -306,6 +306,11 @@ def check_weight_files(path: str | Path) -> None:
 
 def _shards(index: Path) -> list[str]:
     """The shard files a sharded checkpoint's index names, each checked to be in the folder."""
+    return sorted(set(weight_map(index).values()))
+
+
+def weight_map(index: Path) -> dict[str, str]:
+    """A sharded checkpoint's index: tensor name -> shard file, every shard checked to be in the folder."""
     def broken(what: str) -> CheckpointError:
         return CheckpointError(f"checkpoint file {index} is broken: {what}; {REMEDY}")
 
@@ -313,14 +318,13 @@ def _shards(index: Path) -> list[str]:
         content = _read_json(index)
     except (OSError, ValueError) as exc:
         raise broken(_why(exc)) from exc
-    weight_map = content.get("weight_map") if isinstance(content, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+    table = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(table, dict) or not all(isinstance(f, str) for f in table.values()):
         raise broken("it has no weight_map table (tensor name -> shard file)")
-    shards = sorted(set(weight_map.values()))
-    missing = [shard for shard in shards if not (index.parent / shard).is_file()]
+    missing = sorted({shard for shard in table.values() if not (index.parent / shard).is_file()})
     if missing:
         raise broken(f"it names shards that are not in the folder: {', '.join(missing)}")
-    return shards
+    return table
 
 
 def _check_safetensors(file: Path) -> None:

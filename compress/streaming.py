@@ -19,12 +19,11 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from compress.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, weight_map
 from compress.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 SHARD_BYTES = 2**29  # an output shard closes once it holds this much (what waits in memory meanwhile)
 
 
@@ -33,19 +32,15 @@ class ShardedTensors:
 
     def __init__(self, model_dir: str | Path):
         self.root = Path(model_dir)
-        index = self.root / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index} is broken ({exc}); re-download or re-create the model") from exc
-            self.files = {name: self.root / file for name, file in weight_map.items()}
-        elif (self.root / SINGLE_FILE).is_file():
-            with safe_open(self.root / SINGLE_FILE, "pt") as f:
-                self.files = dict.fromkeys(f.keys(), self.root / SINGLE_FILE)
+        single, index = self.root / SAFETENSORS_FILE, self.root / SAFETENSORS_INDEX
+        if single.is_file():  # transformers' own order: the single file first
+            with safe_open(single, "pt") as f:
+                self.files = dict.fromkeys(f.keys(), single)
+        elif index.is_file():
+            self.files = {name: self.root / file for name, file in weight_map(index).items()}
         else:
-            raise UsageError(f"{self.root} has no {SINGLE_FILE} or {INDEX_FILE}: streaming reads safetensors "
-                             "checkpoints only; set model.load: memory for other kinds")
+            raise UsageError(f"{self.root} has no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}: streaming reads "
+                             "safetensors checkpoints only; set model.load: memory for other kinds")
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
@@ -128,7 +123,7 @@ class ShardWriter:
         """Write what is queued and name the shards as ``from_pretrained`` expects."""
         self._flush()
         if len(self._shards) == 1:
-            self._shards[0][0].rename(self.folder / SINGLE_FILE)
+            self._shards[0][0].rename(self.folder / SAFETENSORS_FILE)
             return
         count = len(self._shards)
         weight_map, total = {}, 0
@@ -138,7 +133,7 @@ class ShardWriter:
             weight_map.update(dict.fromkeys(names, final))
             total += (self.folder / final).stat().st_size
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (self.folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 class BlockStream:
