@@ -102,7 +102,8 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
     """``compress apply``: check the recipe, compress, write the checkpoint atomically (a no-op when the output
     holds this recipe's checkpoint of the same model), then run the recipe's eval: section."""
     from compress.api import check_recipe, run_checked, run_streamed, streams
-    from compress.checkpoint import read_quantization_config, recover_leftovers, save
+    from compress.checkpoint import recover_leftovers, save
+    from compress.checkpoint_files import read_quantization_config
     from compress.errors import UsageError
     from compress.formats import storage_summary
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from compress.checkpoint import SAFETENSORS_FILE, SAFETENSORS_INDEX, weight_map
+from compress.checkpoint_files import SAFETENSORS_FILE, SAFETENSORS_INDEX, weight_map
 from compress.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,8 @@ def check_model(ref: str):
     """The config of ``ref``; a clear error for a missing path or a damaged checkpoint (its config.json or its
     weight files), found before any evaluation text is read. An interrupted overwrite's old checkpoint is put
     back first."""
-    from compress.checkpoint import check_files, recover_leftovers
+    from compress.checkpoint import recover_leftovers
+    from compress.checkpoint_files import check_files
 
     if is_local_reference(ref):
         recover_leftovers(ref)

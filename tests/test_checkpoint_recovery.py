@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 import compress
-from compress import checkpoint
+from compress import checkpoint, checkpoint_files
 from compress.checkpoint import save
 from compress_cli import cli
 from compress.errors import CheckpointError, UsageError
@@ -154,7 +154,7 @@ def test_config_json_with_flipped_bytes_is_named(ck: Path) -> None:
 def test_config_json_of_the_wrong_shape_is_named(ck: Path, text: str, what: str) -> None:
     (ck / "config.json").write_text(text)
     with pytest.raises(CheckpointError, match=re.escape(f"{ck / 'config.json'} is broken: {what}") + REMEDY):
-        checkpoint.read_quantization_config(ck)
+        checkpoint_files.read_quantization_config(ck)
 
 
 @pytest.fixture
