@@ -30,6 +30,8 @@ SHAPES = {
                        num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
                        max_position_embeddings=8192, rope_theta=500000.0),
 }
+# Llama-3-8B with its MLP widened to 14,400, which group 128 does not divide (issue 19's ragged-group speed bar)
+SHAPES["llama-3-8b-mlp14400"] = {**SHAPES["llama-3-8b"], "intermediate_size": 14400}
 
 
 def random_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0):
