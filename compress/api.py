@@ -131,9 +131,10 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
     targets = [name for stage in plan_.stages for step in stage for name in step.layers]
     check_finite(model, targets, plan_.recipe.model.nonfinite)
     if stream is not None:
-        stream.on_load = lambda block: check_finite(model, [t for t in targets if t.startswith(block + ".")],
-                                                    plan_.recipe.model.nonfinite)
-    batch_size = plan_.recipe.calibration.batch_size if plan_.recipe.calibration else 8
+        stream.on_load = lambda name: check_finite(model, [t for t in targets if t == name or t.startswith(name + ".")],
+                                                   plan_.recipe.model.nonfinite)
+    calibration = plan_.recipe.calibration
+    batch_size, activations = (calibration.batch_size, calibration.activations) if calibration else (8, "auto")
     compute_dtype = torch.float32 if plan_.recipe.model.compute_dtype == "float32" else None
     states: dict[str, LayerState] = {}
     for index, stage in enumerate(plan_.stages):
@@ -144,7 +145,7 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
                 step.method.train(context, step.config)
             continue
         run_stage(model, find_blocks(model), [_step_work(s) for s in stage], calib, device, batch_size,
-                  compute_dtype, states, stream.stage(index) if stream else None)
+                  compute_dtype, states, stream.stage(index) if stream else None, activations)
         if stream is not None:
             stream.end_stage(index, model)
     _record_steps(model, plan_)

@@ -6,6 +6,7 @@ arguments, when a command runs. Library code logs; the command line prints.
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -129,11 +130,26 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
         save(compressed, target, tokenizer, recipe=checked.recipe.to_dict(), overwrite=overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     click.echo(f"compressed in {elapsed:.1f} s; wrote {target}")
+    click.echo(_peak_memory())
     click.echo(storage_summary(compressed))
     if checked.recipe.eval is not None:
         from compress.eval.runner import run_recipe_eval
 
         click.echo(run_recipe_eval(checked.recipe, target))
+
+
+def _peak_memory() -> str:
+    """The most memory this process has held: resident CPU memory, and GPU memory where CUDA was used."""
+    import resource
+
+    import torch
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    line = f"peak memory: {rss / 1e9:.2f} GB CPU (resident)"
+    if torch.cuda.is_initialized():
+        line += (f", {torch.cuda.max_memory_allocated() / 1e9:.2f} GB GPU allocated "
+                 f"({torch.cuda.max_memory_reserved() / 1e9:.2f} GB reserved)")
+    return line
 
 
 def _split_list(value: str | None) -> list[str] | None:

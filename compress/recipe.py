@@ -71,6 +71,9 @@ class CalibrationSpec(Section):
     seq_len: int | None = Field(None, ge=8, description="default: min(2048, the model's context)")
     seed: int = 0
     batch_size: int = Field(8, ge=1, description="samples per forward pass")
+    activations: Literal["auto", "device", "cpu"] = Field(
+        "auto", description="where the current block's calibration activations live: auto (on the device when they "
+        "fit beside the block's work, else in CPU memory), device, or cpu")
 
 
 class StepSpec(Section):

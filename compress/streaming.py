@@ -9,15 +9,17 @@ output shards and released, so memory holds one block (plus the embeddings and h
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from compress.checkpoint_files import SAFETENSORS_FILE, SAFETENSORS_INDEX, weight_map
 from compress.errors import CheckpointError, UsageError
@@ -51,13 +53,15 @@ class ShardedTensors:
             return f.get_tensor(name)
 
 
-def materialize(module: nn.Module, prefix: str, tensors: ShardedTensors, skip: str | None = None) -> None:
+def materialize(module: nn.Module, prefix: str, tensors: ShardedTensors, skip: str | None = None,
+                recurse: bool = True) -> None:
     """Give every parameter and buffer of ``module`` that is on the meta device its tensor from ``tensors`` (the
     name is ``prefix`` + its name in ``module``), in its dtype where both are floating-point, as ``from_pretrained``
     casts them. Tensors shared by two modules stay shared. One the checkpoint does not hold is left on the meta
-    device for the model's weight tying to fill. Modules whose qualified name starts with ``skip`` are left."""
+    device for the model's weight tying to fill. Modules whose qualified name starts with ``skip`` are left, and
+    without ``recurse`` only ``module``'s own tensors are read."""
     fresh: dict[int, torch.Tensor] = {}
-    for module_name, sub in module.named_modules():
+    for module_name, sub in module.named_modules() if recurse else [("", module)]:
         if skip is not None and f"{prefix}{module_name}.".startswith(skip):
             continue
         for table in (sub._parameters, sub._buffers):  # buffers: a compressed layer's, from an earlier stage's output
@@ -86,6 +90,61 @@ def release(module: nn.Module) -> None:
     module.to("meta")
 
 
+def _return_freed_memory() -> None:
+    """Hand the memory freed by a released block back to the system (glibc keeps freed blocks for reuse, which
+    would count a block's worth of memory twice in the process's resident size)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def has_meta(module: nn.Module, recurse: bool = True) -> bool:
+    """Whether any of ``module``'s tensors is on the meta device (not read yet, or freed)."""
+    return any(t.is_meta for t in (*module.parameters(recurse), *module.buffers(recurse)))
+
+
+def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``module`` itself holds that a state dict saves (not its children's, not its non-persistent
+    buffers)."""
+    own = {name: t for name, t in module._parameters.items() if t is not None}
+    own.update({name: t for name, t in module._buffers.items()
+                if t is not None and name not in module._non_persistent_buffers_set})
+    return own
+
+
+def _free_own(module: nn.Module, names: list[str]) -> None:
+    """Put ``module``'s own tensors ``names`` back on the meta device (its children keep theirs)."""
+    for table in (module._parameters, module._buffers):
+        for name in names:
+            t = table.get(name)
+            if t is not None and not t.is_meta:
+                meta = t.detach().to("meta")
+                table[name] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (contiguous, on the CPU) as a safetensors file, each straight from its memory:
+    ``safetensors.torch.save_file`` first copies all of them into bytes, which would double what a shard holds."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with path.open("wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for t in tensors.values():
+            f.write(t.reshape(-1).view(torch.uint8).numpy())
+
+
 class ShardWriter:
     """Writes tensors to safetensors shards in a folder as they come, then Hugging Face's index of them (one
     ``model.safetensors`` when they fit one shard)."""
@@ -106,8 +165,11 @@ class ShardWriter:
             if t.is_meta or key in seen:
                 continue
             seen.add(key)
+            size = t.numel() * t.element_size()
+            if self._pending_bytes + size > self.shard_bytes:
+                self._flush()  # what waits, first: a large tensor is then held alone
             self._pending[name] = t.detach().to("cpu").contiguous()
-            self._pending_bytes += t.numel() * t.element_size()
+            self._pending_bytes += size
             if self._pending_bytes >= self.shard_bytes:
                 self._flush()
 
@@ -115,9 +177,10 @@ class ShardWriter:
         if not self._pending:
             return
         path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._pending, path, metadata={"format": "pt"})
+        write_safetensors(path, self._pending, {"format": "pt"})
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
+        _return_freed_memory()
 
     def close(self) -> None:
         """Write what is queued and name the shards as ``from_pretrained`` expects."""
@@ -137,13 +200,15 @@ class ShardWriter:
 
 
 class BlockStream:
-    """The engine's hooks around each decoder block when the model streams: read the block's tensors before it
-    is compressed, write them (compressed) and free them after."""
+    """The engine's hooks when the model streams: read a decoder block's tensors before it is compressed, write
+    them (compressed) and free them after; read a module outside the blocks (the embeddings while the stage's
+    inputs are captured, a layer a data-free step compresses) when it is needed."""
 
-    def __init__(self, tensors: ShardedTensors, writer: ShardWriter,
+    def __init__(self, tensors: ShardedTensors, writer: ShardWriter, original: ShardedTensors | None = None,
                  on_load: Callable[[str], None] | None = None):
         self.tensors = tensors
         self.writer = writer
+        self.original = original or tensors  # where the modules outside the blocks are read from
         self.on_load = on_load
 
     def load(self, name: str, block: nn.Module) -> None:
@@ -151,15 +216,23 @@ class BlockStream:
         if self.on_load is not None:
             self.on_load(name)
 
+    def load_outside(self, name: str, module: nn.Module) -> None:
+        """Read the module ``name`` outside the decoder blocks from the model's own checkpoint."""
+        materialize(module, f"{name}.", self.original)
+        if self.on_load is not None:
+            self.on_load(name)
+
     def store(self, name: str, block: nn.Module) -> None:
         self.writer.add({f"{name}.{k}": v for k, v in block.state_dict().items()})
         release(block)
+        _return_freed_memory()
 
 
 def empty_model(ref: str, dtype: str = "auto", trust_remote_code: bool = False) -> tuple[nn.Module, ShardedTensors]:
-    """The model of directory ``ref`` with its decoder blocks on the meta device and everything else (the
-    embeddings, final norm and head, and every buffer) read from its checkpoint, in ``dtype`` (a name; auto: the
-    config's, as :func:`compress.model.load_model` loads it); and the checkpoint's tensors."""
+    """The model of directory ``ref`` on the meta device, in ``dtype`` (a name; auto: the config's, as
+    :func:`compress.model.load_model` loads it), and the checkpoint's tensors. Only tied tensors (embeddings that
+    are also the head) are read now: the decoder blocks and the other modules are read when the engine needs them,
+    which keeps a large vocabulary's embeddings and head out of memory while the blocks are compressed."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -171,9 +244,18 @@ def empty_model(ref: str, dtype: str = "auto", trust_remote_code: bool = False) 
                                                  trust_remote_code=trust_remote_code)
     tensors = ShardedTensors(ref)
     blocks = find_blocks(model)
-    materialize(model, "", tensors, skip=blocks.prefix + ".")
+    model.tie_weights()  # tied tensors become one parameter, read below
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for tied in (group for group in names.values() if len(group) > 1):
+        for name in tied:
+            module_name, _, _ = name.rpartition(".")
+            materialize(model.get_submodule(module_name), f"{module_name}." if module_name else "", tensors,
+                        recurse=False)
     model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(blocks.prefix + ".")]
+    missing = [n for n, p in model.named_parameters()
+               if not n.startswith(blocks.prefix + ".") and p.is_meta and n not in tensors]
     if missing:
         raise CheckpointError(f"{ref}: the checkpoint holds no tensor for {', '.join(missing[:5])}; it does not "
                               "match its config.json")
@@ -182,11 +264,13 @@ def empty_model(ref: str, dtype: str = "auto", trust_remote_code: bool = False) 
 
 class ModelStream:
     """A streamed run of a recipe's stages: the first stage reads the blocks from the model's checkpoint, a later
-    one from the stage before's output in ``scratch``; the last stage writes to ``output``, the embeddings, norm
-    and head (which stay in memory throughout) after the blocks."""
+    one from the stage before's output in ``scratch``; the last stage writes to ``output``, after the blocks the
+    modules outside them, one at a time (those still on the meta device read from the checkpoint, written and freed
+    again)."""
 
     def __init__(self, source: ShardedTensors, output: Path, scratch: Path, stages: int):
         self.source = source
+        self.original = source
         self.output = output
         self.scratch = scratch
         self.stages = stages
@@ -198,12 +282,30 @@ class ModelStream:
         folder = self.output if index == self.stages - 1 else self.scratch / f"stage-{index}"
         folder.mkdir(parents=True, exist_ok=True)
         self._writer = ShardWriter(folder)
-        return BlockStream(self.source, self._writer, self.on_load)
+        return BlockStream(self.source, self._writer, self.original, self.on_load)
 
     def end_stage(self, index: int, model: nn.Module) -> None:
         """Close stage ``index``'s output (the last stage's with the rest of ``model``); the next stage reads it."""
         if index == self.stages - 1:
-            self._writer.add(model.state_dict())  # the blocks are freed (meta) by now: this adds the rest
+            self._write_outside(model)
         self._writer.close()
         if index < self.stages - 1:
             self.source = ShardedTensors(self.scratch / f"stage-{index}")
+
+    def _write_outside(self, model: nn.Module) -> None:
+        """Add the tensors outside the decoder blocks (freed by now) to the output: those in memory (tied, or
+        compressed by a step) together, then each module's tensors still on the meta device read from the model's
+        checkpoint, added and freed, one module at a time."""
+        from compress.model import find_blocks
+
+        skip = find_blocks(model).prefix + "."
+        outside = [(f"{name}." if name else "", module) for name, module in model.named_modules()
+                   if not f"{name}.".startswith(skip) and _own_tensors(module)]
+        self._writer.add({prefix + key: t for prefix, module in outside for key, t in _own_tensors(module).items()})
+        for prefix, module in outside:
+            unread = [key for key, t in _own_tensors(module).items() if t.is_meta]
+            if unread:
+                materialize(module, prefix, self.original, recurse=False)
+                own = _own_tensors(module)
+                self._writer.add({prefix + key: own[key] for key in unread})
+                _free_own(module, unread)

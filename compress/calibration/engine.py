@@ -28,8 +28,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from compress.calibration.activations import BlockInputs, choose_store, moved
 from compress.calibration.data import CalibrationSet
-from compress.errors import PluginError
+from compress.errors import CalibrationError, PluginError
 from compress.formats.base import CompressedLinear
 from compress.model import Blocks
 from compress.states import LayerKind, LayerState
@@ -42,33 +43,6 @@ log = logging.getLogger(__name__)
 
 class _StopForward(Exception):
     """Raised by the capture hook to end a forward pass at the first decoder block."""
-
-
-@dataclass
-class BlockInputs:
-    """The positional and keyword arguments one decoder block is called with, one entry per batch."""
-
-    calls: list[tuple[tuple, dict]]
-    hidden_key: int | str = 0  # where the hidden states are: a position in args or a keyword
-
-    def hidden(self, i: int) -> torch.Tensor:
-        args, kwargs = self.calls[i]
-        return args[self.hidden_key] if isinstance(self.hidden_key, int) else kwargs[self.hidden_key]
-
-    def with_hidden(self, hidden: list[torch.Tensor]) -> BlockInputs:
-        """The same calls with new hidden states (the previous block's outputs)."""
-        calls = []
-        for (args, kwargs), h in zip(self.calls, hidden):
-            if isinstance(self.hidden_key, int):
-                args = args[: self.hidden_key] + (h,) + args[self.hidden_key + 1 :]
-            else:
-                kwargs = {**kwargs, self.hidden_key: h}
-            calls.append((args, kwargs))
-        return BlockInputs(calls, self.hidden_key)
-
-    @property
-    def tokens(self) -> int:
-        return sum(self.hidden(i).shape[0] * self.hidden(i).shape[1] for i in range(len(self.calls)))
 
 
 def block_output(out: object) -> torch.Tensor:
@@ -151,8 +125,7 @@ class BlockWork:
         """Run the block on its calibration inputs (the first ``limit`` batches); the outputs per batch."""
         if self.inputs is None:
             raise RuntimeError("forward() needs calibration inputs; the method must declare Needs.CALIBRATION")
-        calls = self.inputs.calls if limit is None else self.inputs.calls[:limit]
-        return [block_output(self.block(*args, **kwargs)) for args, kwargs in calls]
+        return [block_output(self.block(*args, **kwargs)) for args, kwargs in self.inputs.on(self.device, limit)]
 
     @contextlib.contextmanager
     def observe(self, layers: dict[str, nn.Module], fn: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
@@ -173,7 +146,7 @@ class BlockWork:
         input of each listed layer (the rest of the block is skipped)."""
         if self.inputs is None:
             raise RuntimeError("collect_inputs() needs calibration inputs; the method must declare Needs.CALIBRATION")
-        for call in self.inputs.calls:
+        for call in self.inputs.on(self.device):
             _run_until(self.block, call, layers, fn)
 
     @torch.no_grad()
@@ -184,10 +157,10 @@ class BlockWork:
         if self.reference is None:
             raise RuntimeError("collect_input_pairs() needs the reference stream; the method must ask for it")
         ref_layers = {n: self.reference.block.get_submodule(self.local(n)) for n in layers}
-        for b in range(len(self.inputs.calls)):
+        for ref_call, call in zip(self.reference.inputs.on(self.device), self.inputs.on(self.device)):
             seen: dict[str, torch.Tensor] = {}
-            _run_until(self.reference.block, self.reference.inputs.calls[b], ref_layers, seen.__setitem__)
-            _run_until(self.block, self.inputs.calls[b], layers, lambda n, x: fn(n, seen[n], x))
+            _run_until(self.reference.block, ref_call, ref_layers, seen.__setitem__)
+            _run_until(self.block, call, layers, lambda n, x: fn(n, seen[n], x))
 
     def linear_groups(self) -> list[list[str]]:
         """The targets grouped by the tensor they read (q/k/v; o; gate/up; down), in execution order."""
@@ -218,20 +191,20 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _stem_modules(model: nn.Module, blocks_list: nn.Module) -> list[nn.Module]:
-    """The children (recursively) that are not the decoder blocks nor contain them."""
+def _stem_modules(model: nn.Module, blocks_list: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The children (recursively) that are not the decoder blocks nor contain them, with their qualified names."""
     stem = []
 
-    def visit(module: nn.Module) -> None:
-        for child in module.children():
+    def visit(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
             if child is blocks_list:
                 continue
             if any(m is blocks_list for m in child.modules()):
-                visit(child)
+                visit(child, f"{prefix}{name}.")
             else:
-                stem.append(child)
+                stem.append((prefix + name, child))
 
-    visit(model)
+    visit(model, "")
     return stem
 
 
@@ -263,30 +236,58 @@ def on_device(module: nn.Module, device: torch.device, dtype: torch.dtype | None
 
 
 @contextlib.contextmanager
-def stem_on(model: nn.Module, blocks: Blocks, device: torch.device, dtype: torch.dtype | None = None) -> Iterator[None]:
-    """Temporarily move everything except the decoder blocks to ``device`` (and ``dtype``)."""
+def stem_on(model: nn.Module, blocks: Blocks, device: torch.device, dtype: torch.dtype | None = None,
+            stream: BlockStream | None = None) -> Iterator[None]:
+    """Temporarily move everything except the decoder blocks to ``device`` (and ``dtype``). With ``stream``, a
+    module not read yet (on the meta device) is read when it is first called, and freed again on exit."""
     blocks_list = model.get_submodule(blocks.prefix)
     with contextlib.ExitStack() as stack:
-        for m in _stem_modules(model, blocks_list):
-            stack.enter_context(on_device(m, device, dtype))
+        for name, m in _stem_modules(model, blocks_list):
+            unread = stream is not None and any(t.is_meta for t in (*m.parameters(), *m.buffers()))
+            stack.enter_context(_read_on_call(m, name, device, dtype, stream) if unread else on_device(m, device, dtype))
         yield
+
+
+@contextlib.contextmanager
+def _read_on_call(module: nn.Module, name: str, device: torch.device, dtype: torch.dtype | None,
+                  stream: BlockStream) -> Iterator[None]:
+    """While active, ``module`` (on the meta device) is read from ``stream`` and moved to ``device`` the first time
+    it is called; on exit it is freed (put back on the meta device)."""
+    def read(_module: nn.Module, _args: tuple) -> None:
+        handle.remove()
+        stream.load_outside(name, module)
+        module.to(device, dtype if _floating(module) else None)
+
+    handle = module.register_forward_pre_hook(read)
+    try:
+        yield
+    finally:
+        handle.remove()
+        module.to("meta")
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: Blocks, calib: CalibrationSet, device: torch.device,
-                         batch_size: int, dtype: torch.dtype | None = None) -> BlockInputs:
+                         batch_size: int, dtype: torch.dtype | None = None, stream: BlockStream | None = None,
+                         activations: str = "auto", copies: int = 2) -> BlockInputs:
     """Run the model (its layers before the first block in ``dtype``, if given) on each calibration batch up
-    to the first decoder block and keep its arguments."""
+    to the first decoder block and keep its arguments: on ``device``, or in CPU memory where ``copies`` copies of
+    them would not fit there (``activations``: auto, device or cpu; :func:`choose_store`). With ``stream``, the
+    layers it runs are read for it."""
     calls: list[tuple[tuple, dict]] = []
+    batches = calib.batches(batch_size)
+    store: list[torch.device] = []
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        calls.append((args, kwargs))
+        if not store:
+            store.append(choose_store(activations, device, (args, kwargs), len(batches), copies, blocks.modules[0]))
+        calls.append((moved(args, store[0]), moved(kwargs, store[0])))
         raise _StopForward
 
     handle = blocks.modules[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with stem_on(model, blocks, device, dtype):
-            for batch in calib.batches(batch_size):
+        with stem_on(model, blocks, device, dtype, stream):
+            for batch in batches:
                 try:
                     model(input_ids=batch.to(device), use_cache=False)
                 except _StopForward:
@@ -295,7 +296,46 @@ def capture_block_inputs(model: nn.Module, blocks: Blocks, calib: CalibrationSet
         handle.remove()
     args, kwargs = calls[0]
     hidden_key: int | str = 0 if args else "hidden_states"
-    return BlockInputs(calls, hidden_key)
+    return BlockInputs(calls, hidden_key, store[0])
+
+
+@torch.no_grad()
+def next_inputs(block: nn.Module, inputs: BlockInputs, device: torch.device) -> BlockInputs:
+    """The inputs of the block after ``block``: its outputs on ``inputs``, kept where ``inputs`` are."""
+    return inputs.with_hidden([moved(block_output(block(*args, **kwargs)), inputs.store)
+                               for args, kwargs in inputs.on(device)])
+
+
+class _Backup:
+    """A decoder block as it was before its steps ran, to run them again: its modules, its tensors (those on the
+    execution device copied to the CPU, the others kept as they are, since moving the block gives it new ones)
+    and its layers' states."""
+
+    def __init__(self, block: nn.Module, device: torch.device, states: dict[str, LayerState], prefix: str):
+        def kept(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", copy=True) if t.device == device else t.detach()
+
+        self.modules = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers)) for m in block.modules()]
+        self.data = {id(t): kept(t) for _, _, params, buffers in self.modules
+                     for t in (*params.values(), *buffers.values()) if t is not None}
+        self.states = {name: state for name, state in states.items() if name.startswith(prefix)}
+        self.prefix = prefix
+
+    def restore(self, states: dict[str, LayerState]) -> None:
+        fresh = {key: t.clone() for key, t in self.data.items()}  # copies: the next attempt may change them in place
+        for module, children, params, buffers in self.modules:
+            module._modules.clear()
+            module._modules.update(children)
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update({k: None if t is None else fresh[id(t)] for k, t in buffers.items()})
+            for p in params.values():
+                if p is not None:
+                    p.data = fresh[id(p)]
+        for name in [n for n in states if n.startswith(self.prefix)]:
+            del states[name]
+        states.update(self.states)
 
 
 @dataclass
@@ -345,17 +385,24 @@ def _progress(blocks: list, labels: str) -> Iterator:
 
 def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: CalibrationSet | None,
               device: torch.device, batch_size: int = 8, compute_dtype: torch.dtype | None = None,
-              states: dict[str, LayerState] | None = None, stream: BlockStream | None = None) -> None:
+              states: dict[str, LayerState] | None = None, stream: BlockStream | None = None,
+              activations: str = "auto", retry: bool | None = None) -> None:
     """Walk the decoder blocks once, applying ``steps`` in order to each block (see the module doc). With
     ``compute_dtype``, each block (and the layers before the first) is in that dtype while it is worked on.
     ``states`` is the recipe's table of layer states, read and updated by the steps. With ``stream``, each block
-    is read from disk before its turn and written out and freed after it (:mod:`compress.streaming`)."""
+    is read from disk before its turn and written out and freed after it (:mod:`compress.streaming`).
+    ``activations`` says where the calibration activations live (:func:`choose_store`). With ``retry`` (default:
+    on a CUDA device), a block whose work runs out of device memory is put back as it was and done again with
+    batches half as large, down to one sample."""
     states = {} if states is None else states
+    retry = device.type == "cuda" if retry is None else retry
     needs_inputs = any(s.needs_inputs for s in steps)
     if needs_inputs and calib is None:
         raise ValueError("a step needs calibration inputs but no calibration set was given")
-    inputs = capture_block_inputs(model, blocks, calib, device, batch_size, compute_dtype) if needs_inputs else None
-    ref_inputs = inputs if any(s.needs_reference for s in steps) else None
+    with_reference = any(s.needs_reference for s in steps)
+    inputs = (capture_block_inputs(model, blocks, calib, device, batch_size, compute_dtype, stream, activations,
+                                   copies=4 if with_reference else 2) if needs_inputs else None)
+    ref_inputs = inputs if with_reference else None
     names = blocks.names()
     in_blocks: set[str] = set()
     last = len(blocks.modules) - 1
@@ -363,22 +410,30 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
         if stream is not None:
             stream.load(name, block)
         home = _module_device(block)
-        with on_device(block, device, compute_dtype):
-            prefix = name + "."
-            reference = Reference(copy.deepcopy(block), ref_inputs) if ref_inputs is not None else None
-            for step in steps:
-                hit = [t for t in step.targets if t.startswith(prefix)]
-                in_blocks.update(hit)
-                if hit:
-                    work = step.work(i, name, block, model, hit, inputs, device, reference, states)
-                    step.apply(work)
-                    step.check(work)
-            if inputs is not None and i < last:
-                inputs = inputs.with_hidden(BlockWork(i, name, block, {}, inputs, device).forward())
-                if reference is not None:
-                    ref_inputs = ref_inputs.with_hidden(BlockWork(i, name, reference.block, {}, ref_inputs,
-                                                                  device).forward())
-            del reference
+        prefix = name + "."
+        backup = _Backup(block, device, states, prefix) if retry and inputs is not None else None
+        while True:
+            try:
+                with on_device(block, device, compute_dtype):
+                    for step in steps:
+                        in_blocks.update(t for t in step.targets if t.startswith(prefix))
+                    inputs, ref_inputs = _compress_block(i, name, block, model, steps, inputs, ref_inputs, device,
+                                                         states, propagate=i < last)
+                break
+            except torch.OutOfMemoryError as exc:
+                if backup is None or inputs.batch == 1:
+                    raise CalibrationError(
+                        f"out of memory on {device} while compressing block {name}"
+                        f"{' with one calibration sample per batch' if inputs is not None else ''}: set "
+                        "calibration.activations: cpu, use fewer calibration.samples or a shorter seq_len, or a "
+                        f"device with more memory ({str(exc).splitlines()[0] if str(exc) else 'no details'})") from exc
+            backup.restore(states)  # outside the except clause: the failed attempt's tensors are released
+            torch.cuda.empty_cache()
+            log.warning("out of memory on %s while compressing block %s with %d samples per batch: doing it again "
+                        "with %d", device, name, inputs.batch, (inputs.batch + 1) // 2)
+            inputs = inputs.halved()
+            ref_inputs = ref_inputs.halved() if ref_inputs is not None else None
+        del backup
         for t, state in states.items():  # masks wait with their block (in memory), not on the execution device
             if t.startswith(prefix) and state.mask is not None:
                 state.mask = state.mask.to(home)
@@ -386,7 +441,31 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
             stream.store(name, block)
     for step in steps:  # layers outside the decoder blocks (data-free methods only; checked beforehand)
         rest = [t for t in step.targets if t not in in_blocks]
+        if rest and stream is not None:
+            for t in rest:
+                stream.load_outside(t, model.get_submodule(t))
         if rest:
             work = step.work(-1, "", model, model, rest, None, device, None, states)
             step.apply(work)
             step.check(work)
+
+
+def _compress_block(index: int, name: str, block: nn.Module, model: nn.Module, steps: list[StepWork],
+                    inputs: BlockInputs | None, ref_inputs: BlockInputs | None, device: torch.device,
+                    states: dict[str, LayerState], propagate: bool) -> tuple[BlockInputs | None, BlockInputs | None]:
+    """Apply ``steps`` to one block (on the device); the next block's inputs (and reference inputs) when
+    ``propagate``."""
+    prefix = name + "."
+    reference = Reference(copy.deepcopy(block), ref_inputs) if ref_inputs is not None else None
+    for step in steps:
+        hit = [t for t in step.targets if t.startswith(prefix)]
+        if hit:
+            work = step.work(index, name, block, model, hit, inputs, device, reference, states)
+            step.apply(work)
+            step.check(work)
+    if inputs is not None and propagate:
+        following = next_inputs(block, inputs, device)
+        if reference is not None:
+            ref_inputs = next_inputs(reference.block, ref_inputs, device)
+        inputs = following
+    return inputs, ref_inputs
