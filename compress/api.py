@@ -15,7 +15,7 @@ import torch.nn as nn
 from pydantic import BaseModel
 
 from compress.calibration.data import CalibrationSet, calibration_set, check_contents, pack
-from compress.calibration.engine import BlockWork, StepWork, run_stage
+from compress.calibration.engine import BlockWork, StepWork, run_stage, store_masked
 from compress.checkpoint import record_layers, write_extras, writing
 from compress.errors import Problem, RecipeError, UsageError
 from compress.hf import CompressQuantizationConfig
@@ -144,10 +144,12 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
                                   work_dir / f"stage-{index}" if work_dir else None) as context:
                 step.method.train(context, step.config)
             continue
+        last = index == len(plan_.stages) - 1
         run_stage(model, find_blocks(model), [_step_work(s) for s in stage], calib, device, batch_size,
-                  compute_dtype, states, stream.stage(index) if stream else None, activations)
+                  compute_dtype, states, stream.stage(index) if stream else None, activations, last_stage=last)
         if stream is not None:
             stream.end_stage(index, model)
+    store_masked(model, states)  # when a training stage came last (the last run_stage stored the others)
     _record_steps(model, plan_)
 
 

@@ -68,6 +68,9 @@ class CompressHfQuantizer(HfQuantizer):
             raise CheckpointError(f"{len(bad)} compressed layers do not match the scheme the checkpoint's config.json "
                                   f"declares: {shown}; the config or the weights were edited or damaged: re-create the "
                                   "checkpoint")
+        for module in model.modules():
+            if isinstance(module, CompressedLinear):
+                module.after_load()
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

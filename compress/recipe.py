@@ -161,7 +161,8 @@ def problems_from_validation(exc: ValidationError, root: tuple = (), fields: lis
         else:
             got = err.get("input")
             shown = f" (got {got!r})" if got is not None and not isinstance(got, (dict, list)) else ""
-            problems.append(Problem(_path_text(loc), f"{err['msg'].lower()}{shown}"))
+            message = err["msg"].removeprefix("Value error, ")  # a validator's own words, as it wrote them
+            problems.append(Problem(_path_text(loc), f"{message[:1].lower()}{message[1:]}{shown}"))
     return problems
 
 

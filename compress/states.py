@@ -40,7 +40,7 @@ class LayerState:
     """One layer's state while a recipe runs."""
 
     kind: LayerKind = LayerKind.DENSE
-    mask: torch.Tensor | None = None  # bool [out, in], True where a weight is kept (MASKED only)
+    mask: torch.Tensor | None = None  # bool [out, in], True where a weight is kept (MASKED, or FORMAT after it)
     format: str | None = None  # the stored format's name (FORMAT only)
     written_by: dict[str, Any] = field(default_factory=dict)  # {"method": ..., "method_version": ...}
 

@@ -25,6 +25,9 @@ CASES: dict[str, list[dict]] = {
             {"bits": 3, "symmetric": True, "clip": False, "grid": 4, "fit_original": True}],
     "fp8": [{"weights": "channel", "activations": "dynamic"}, {"weights": "tensor", "activations": "none"},
             {"weights": "channel", "activations": "static"}],
+    "magnitude": [{"sparsity": 0.3}, {"structure": "2:4"}],
+    "wanda": [{"sparsity": 0.4, "layer_sparsity": {"*.mlp.*": 0.5}}, {"structure": "4:8"}],
+    "sparsegpt": [{"structure": "2:4"}, {"sparsity": 0.5, "fit_original": True}],
 }
 CASE_IDS = [(m, i) for m, cases in CASES.items() for i in range(len(cases))]
 
@@ -72,7 +75,8 @@ def test_apply_save_reload(arch: str, case: tuple[str, int], tmp_path) -> None:
     after = _logits(model, ids)
     assert torch.isfinite(after).all()
     rel = ((after - before).norm() / before.norm()).item()
-    bound = 1.2 if CASES[name][i].get("bits") == 2 else 0.6  # 2-bit per-channel is crude on random weights
+    # 2-bit per channel is crude on random weights, and so is pruning half of them
+    bound = 1.2 if CASES[name][i].get("bits") == 2 or ":" in CASES[name][i].get("structure", "") else 0.6
     assert 0 < rel < bound, rel  # changed, but still the same model
 
     compress.save(model, tmp_path / "ckpt")

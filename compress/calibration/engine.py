@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +32,7 @@ from compress.calibration.activations import BlockInputs, choose_store, moved
 from compress.calibration.data import CalibrationSet
 from compress.errors import CalibrationError, PluginError
 from compress.formats.base import CompressedLinear
+from compress.formats.sparse import SPARSE_FORMATS, sparse_layer
 from compress.model import Blocks
 from compress.states import LayerKind, LayerState
 
@@ -107,7 +108,8 @@ class BlockWork:
             self.targets[qualified] = new
         if isinstance(new, CompressedLinear):
             new.written_by = dict(self.written_by)
-            self.states[qualified] = LayerState(LayerKind.FORMAT, format=new.format, written_by=dict(self.written_by))
+            mask = self.states.get(qualified, LayerState()).mask  # a pruner's, stored with the format's weights
+            self.states[qualified] = LayerState(LayerKind.FORMAT, mask, new.format, dict(self.written_by))
 
     def mask(self, qualified: str) -> torch.Tensor | None:
         """The mask a pruner left on layer ``qualified`` (bool [out, in] on this block's device, True where a
@@ -118,7 +120,8 @@ class BlockWork:
     def set_mask(self, qualified: str, mask: torch.Tensor) -> None:
         """Record that layer ``qualified`` keeps only the weights where ``mask`` (bool [out, in]) is True: later
         steps that take masked layers keep them zero."""
-        self.states[qualified] = self.states.get(qualified, LayerState()).masked(mask)
+        self.states[qualified] = replace(self.states.get(qualified, LayerState()).masked(mask),
+                                         written_by=dict(self.written_by))
 
     @torch.no_grad()
     def forward(self, limit: int | None = None) -> list[torch.Tensor]:
@@ -386,14 +389,15 @@ def _progress(blocks: list, labels: str) -> Iterator:
 def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: CalibrationSet | None,
               device: torch.device, batch_size: int = 8, compute_dtype: torch.dtype | None = None,
               states: dict[str, LayerState] | None = None, stream: BlockStream | None = None,
-              activations: str = "auto", retry: bool | None = None) -> None:
+              activations: str = "auto", retry: bool | None = None, last_stage: bool = False) -> None:
     """Walk the decoder blocks once, applying ``steps`` in order to each block (see the module doc). With
     ``compute_dtype``, each block (and the layers before the first) is in that dtype while it is worked on.
     ``states`` is the recipe's table of layer states, read and updated by the steps. With ``stream``, each block
     is read from disk before its turn and written out and freed after it (:mod:`compress.streaming`).
     ``activations`` says where the calibration activations live (:func:`choose_store`). With ``retry`` (default:
     on a CUDA device), a block whose work runs out of device memory is put back as it was and done again with
-    batches half as large, down to one sample."""
+    batches half as large, down to one sample. In the recipe's ``last_stage``, the layers it leaves masked are
+    stored in a sparse format as their block is done (:func:`store_masked`)."""
     states = {} if states is None else states
     retry = device.type == "cuda" if retry is None else retry
     needs_inputs = any(s.needs_inputs for s in steps)
@@ -437,6 +441,8 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
         for t, state in states.items():  # masks wait with their block (in memory), not on the execution device
             if t.startswith(prefix) and state.mask is not None:
                 state.mask = state.mask.to(home)
+        if last_stage:
+            store_masked(model, states, prefix)
         if stream is not None:
             stream.store(name, block)
     for step in steps:  # layers outside the decoder blocks (data-free methods only; checked beforehand)
@@ -448,6 +454,22 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
             work = step.work(-1, "", model, model, rest, None, device, None, states)
             step.apply(work)
             step.check(work)
+    if last_stage:
+        store_masked(model, states)
+
+
+def store_masked(model: nn.Module, states: dict[str, LayerState], prefix: str = "") -> None:
+    """Store each layer (whose name starts with ``prefix``) that the recipe leaves masked in its sparse format
+    (:func:`compress.formats.sparse.sparse_layer`): a pruned layer's checkpoint holds only what it keeps."""
+    for name, state in list(states.items()):
+        if state.mask is None or not name.startswith(prefix) or state.format in SPARSE_FORMATS:
+            continue
+        new = sparse_layer(model.get_submodule(name), state.mask)
+        if new is None:
+            continue
+        new.written_by = dict(state.written_by)
+        model.set_submodule(name, new)
+        states[name] = replace(state, kind=LayerKind.FORMAT, format=new.format)
 
 
 def _compress_block(index: int, name: str, block: nn.Module, model: nn.Module, steps: list[StepWork],

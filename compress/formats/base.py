@@ -77,6 +77,10 @@ class CompressedLinear(nn.Module, ABC):
         range, non-finite scales), or None. Shapes are checked by the loader."""
         return None
 
+    def after_load(self) -> None:
+        """Called once the stored tensors are loaded (and checked): a format that computes with another form of
+        them (a sparse layer unpacked to a dense weight) builds it here."""
+
     # -- exports to other checkpoint layouts ---------------------------------------------------------------
 
     def export_layouts(self) -> tuple[str, ...]:
@@ -98,15 +102,17 @@ class CompressedLinear(nn.Module, ABC):
 
 
 def storage_summary(model: nn.Module) -> str:
-    """One line: bytes of the compressed layers' weights (with scales / zeros, without bias) against the
-    same weights in bf16."""
+    """One line: bytes of the compressed layers' weights as stored (with scales, zero points, sparse positions;
+    without bias) against the same weights dense in the model's own dtype."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
+    width = torch.finfo(dtype).bits // 8
     stored = dense = count = 0
     for module in model.modules():
         if isinstance(module, CompressedLinear):
-            stored += sum(b.numel() * b.element_size() for n, b in module.named_buffers(recurse=False) if n != "bias")
-            dense += module.in_features * module.out_features * 2
+            stored += sum(t.numel() * t.element_size() for n, t in module.state_dict().items() if n != "bias")
+            dense += module.in_features * module.out_features * width
             count += 1
     if not count:
         return "no compressed layers"
     return (f"{count} compressed layers: {stored / 1e6:.2f} MB of weights, {stored / dense:.3f}x their "
-            f"{dense / 1e6:.2f} MB in bf16")
+            f"{dense / 1e6:.2f} MB dense in {str(dtype).removeprefix('torch.')}")

@@ -137,18 +137,18 @@ class IntLinear(CompressedLinear):
     @classmethod
     def empty(cls, in_features: int, out_features: int, bias: bool, scheme: dict[str, Any],
               dtype: torch.dtype, device: torch.device | str = "meta") -> IntLinear:
-        return cls(in_features, out_features, _int_scheme(scheme), bias, dtype, device)
+        return cls(in_features, out_features, int_scheme(scheme), bias, dtype, device)
 
     def scheme(self) -> dict[str, Any]:
         return {"format": self.format, **self.int_scheme.to_dict()}
 
     @classmethod
     def kernel(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> KernelChoice:
-        return decode_kernel(_int_scheme(scheme), in_features, out_features)
+        return decode_kernel(int_scheme(scheme), in_features, out_features)
 
     @classmethod
     def storage_note(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> str | None:
-        return ragged_note(_int_scheme(scheme), in_features)
+        return ragged_note(int_scheme(scheme), in_features)
 
     # -- computing ------------------------------------------------------------------------------------
 
@@ -240,5 +240,6 @@ def quantize_layer(layer: nn.Module, scheme: IntScheme, device: torch.device, sc
     return q.to(home)
 
 
-def _int_scheme(scheme: dict[str, Any]) -> IntScheme:
+def int_scheme(scheme: dict[str, Any]) -> IntScheme:
+    """The integer scheme of a stored per-layer scheme (what ``IntLinear.scheme`` writes)."""
     return IntScheme(**{k: scheme[k] for k in ("bits", "symmetric", "granularity", "group_size", "restricted")})

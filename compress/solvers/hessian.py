@@ -5,10 +5,15 @@ SparseGPT and activation-aware low-rank methods all start from; and its damped C
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from compress.errors import CalibrationError
+from compress.linear import linear_shape
+
+if TYPE_CHECKING:
+    from compress.calibration.engine import BlockWork
 
 log = logging.getLogger(__name__)
 
@@ -59,3 +64,24 @@ def damped_factors(H: torch.Tensor, damp: float, label: str,
             damp *= 10
     raise CalibrationError(f"{label}: Hessian stays singular up to damp={damp:g}; the calibration data may be "
                            "too small or degenerate for this layer: give more samples, or ignore the layer")
+
+
+def asymmetric_start(W: torch.Tensor, H: torch.Tensor, L: torch.Tensor, C: torch.Tensor,
+                     W_ref: torch.Tensor) -> torch.Tensor:
+    """The weight a sweep starts from to fit the uncompressed model (GPTAQ's asymmetric objective
+    ||x_ref W_ref^T - x W^T||, with ``C`` of :class:`Hessian`): W + (W_ref C - W H) (H + damp)^-1, ``L`` being the
+    lower Cholesky factor of the damped H. When nothing upstream changed (x = x_ref, W = W_ref) that is W."""
+    return W + torch.cholesky_solve((W_ref @ C - W @ H).t(), L).t()
+
+
+def block_hessians(work: BlockWork, groups: list[list[str]], cross: bool) -> list[Hessian]:
+    """One Hessian per layer group of a block, from the inputs of its first layer (the group's layers read the
+    same input), on one pass over the calibration batches; with ``cross``, from the block's inputs paired with
+    the uncompressed block's (``work.reference``)."""
+    hessians = {g[0]: Hessian(linear_shape(work.targets[g[0]])[0], work.device, cross) for g in groups}
+    leaders = {g[0]: work.targets[g[0]] for g in groups}
+    if cross:
+        work.collect_input_pairs(leaders, lambda name, x_ref, x: hessians[name].add(x, x_ref))
+    else:
+        work.collect_inputs(leaders, lambda name, x: hessians[name].add(x))
+    return [hessians[g[0]] for g in groups]

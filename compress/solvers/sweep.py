@@ -6,6 +6,8 @@ block's errors are applied to every column right of the block in one matrix prod
 
 :func:`round_columns` settles a block by rounding each column to its quantization grid; ``keep`` (a pruner's
 mask) pins the masked-out weights to zero on the way, so their error is spread too and they stay zero.
+:func:`prune_columns` (SparseGPT) settles a block by zeroing the weights a mask drops, choosing an N:M mask as it
+goes.
 ``sweep_torch`` is the reference (any device). On CUDA a Triton kernel does the same (without ``keep``) in one
 launch per block: rows are independent, so each program takes a tile of rows and walks the block's columns with
 the tile in registers, instead of ~10 PyTorch launches per column.
@@ -16,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from compress.sparsity import nm_mask
 
 try:
     import triton
@@ -98,6 +102,27 @@ def sweep_triton(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: 
         W1, U1, scale, zero, codes, err, rows, cols, W1.stride(0), U1.stride(0), scale.stride(0), zero.stride(0),
         codes.stride(0), err.stride(0), float(maxq), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return codes, err
+
+
+def prune_columns(W1: torch.Tensor, U1: torch.Tensor, keep: torch.Tensor | None = None, n: int = 0, m: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseGPT's settle: the block ``W1`` [R, B] (float32, not modified) with the weights outside ``keep`` set
+    to zero one column at a time, each column's error spread over the block's columns to its right through ``U1``
+    (the block of the upper Cholesky factor of H^-1), so the kept weights compensate. With ``m``, ``keep`` is
+    chosen as the sweep reaches each run of ``m`` columns: the ``n`` weights of least saliency w^2 / [U1]_ii^2 in
+    the run's current (updated) values go. Returns (pruned block, keep, scaled errors)."""
+    W1 = W1.clone()
+    keep = torch.ones_like(W1, dtype=torch.bool) if keep is None else keep.clone()
+    err = torch.empty_like(W1)
+    d = torch.diagonal(U1)
+    for i in range(W1.shape[1]):
+        if m and i % m == 0:
+            keep[:, i : i + m] = nm_mask(W1[:, i : i + m] ** 2 / d[i : i + m] ** 2, n, m)
+        e = torch.where(keep[:, i], 0.0, W1[:, i]) / d[i]
+        W1[:, i:].addr_(e, U1[i, i:], alpha=-1)
+        W1[:, i].masked_fill_(~keep[:, i], 0.0)  # exactly zero, not w - (w / d) * d
+        err[:, i] = e
+    return W1, keep, err
 
 
 def round_columns(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,

@@ -20,7 +20,7 @@ from compress.int_methods import IntMethod, IntWeightConfig
 from compress.linear import get_weight, linear_shape
 from compress.methods import Needs
 from compress.plugins.gptq.algorithm import gptq
-from compress.solvers.hessian import Hessian
+from compress.solvers.hessian import Hessian, block_hessians
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +50,10 @@ class GPTQ(IntMethod):
         groups = work.linear_groups()
         if config.sequential:
             for group in groups:
-                self._quantize_group(work, group, self._hessians(work, [group], config.fit_original)[0], config)
+                self._quantize_group(work, group, block_hessians(work, [group], config.fit_original)[0], config)
         else:
-            for group, hessian in zip(groups, self._hessians(work, groups, config.fit_original)):
+            for group, hessian in zip(groups, block_hessians(work, groups, config.fit_original)):
                 self._quantize_group(work, group, hessian, config)
-
-    @staticmethod
-    def _hessians(work: BlockWork, groups: list[list[str]], cross: bool) -> list[Hessian]:
-        """One Hessian per group, from the inputs of its first layer (all its layers read the same input)."""
-        hessians = {g[0]: Hessian(linear_shape(work.targets[g[0]])[0], work.device, cross) for g in groups}
-        leaders = {g[0]: work.targets[g[0]] for g in groups}
-        if cross:
-            work.collect_input_pairs(leaders, lambda name, x_ref, x: hessians[name].add(x, x_ref))
-        else:
-            work.collect_inputs(leaders, lambda name, x: hessians[name].add(x))
-        return [hessians[g[0]] for g in groups]
 
     @staticmethod
     def _quantize_group(work: BlockWork, group: list[str], hessian: Hessian, config: GPTQConfig) -> None:

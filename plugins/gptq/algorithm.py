@@ -21,7 +21,7 @@ import torch
 
 from compress import quant
 from compress.quant import IntScheme
-from compress.solvers.hessian import damped_factors
+from compress.solvers.hessian import asymmetric_start, damped_factors
 from compress.solvers.sweep import lazy_sweep, round_columns
 
 
@@ -65,7 +65,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
     L, U, damp = damped_factors(H, damp, label, inverse=perm is None)
     if cross is not None:
         W_ref = W if reference_weight is None else reference_weight.to(W.device, torch.float32)
-        W += torch.cholesky_solve((W_ref @ cross - W @ H).t(), L).t()
+        W = asymmetric_start(W, H, L, cross, W_ref)
         W[:, dead] = 0
     gs = scheme.group_size if scheme.granularity == "group" else columns
     scale = torch.empty(out_f, scheme.groups_per_row(columns), dtype=torch.float32, device=W.device)  # exact in dtype

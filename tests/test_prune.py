@@ -1,0 +1,209 @@
+"""Pruning (issue 20): the masks (N:M keeps exactly N of every M; the sparsity asked is the sparsity got), the three
+criteria ordered by the output error they leave, the mask kept through GPTQ, the sparse formats a pruned layer is
+stored in (smaller, and the same logits after save and load), and bad input refused before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compress
+from compress.errors import RecipeError
+from compress.formats import CompressedLinear
+from compress.formats.base import storage_summary
+from compress.formats.sparse import (
+    BitmaskLinear,
+    Sparse24IntLinear,
+    Sparse24Linear,
+    pack_bits,
+    pack_positions,
+    positions_24,
+    unpack_bits,
+    unpack_positions,
+)
+from compress.plugins.prune.sparsegpt import sparsegpt
+from compress.solvers.hessian import Hessian
+from compress.sparsity import Pattern, follows, nm_mask, parse_pattern, select_mask, unstructured_mask
+from conftest import ARCHS, make_tiny
+
+CALIB = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+
+
+# -- masks ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, m", [(2, 4), (4, 8), (1, 4)])
+def test_nm_mask_keeps_the_n_largest_of_every_m(n: int, m: int) -> None:
+    scores = torch.randn(16, 64, generator=torch.Generator().manual_seed(n + m))
+    keep = nm_mask(scores, n, m)
+    runs = keep.reshape(16, -1, m)
+    assert (runs.sum(-1) == n).all() and follows(keep, Pattern(n, m))
+    grouped = scores.reshape(16, -1, m)
+    smallest_kept = torch.where(runs, grouped, float("inf")).min(-1).values
+    largest_pruned = torch.where(runs, -float("inf"), grouped).max(-1).values
+    assert (smallest_kept >= largest_pruned).all()  # nothing pruned outranks anything kept in its run
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.75])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_unstructured_mask_prunes_exactly_the_sparsity_asked(sparsity: float, per_row: bool) -> None:
+    scores = torch.randn(10, 40, generator=torch.Generator().manual_seed(1))
+    keep = unstructured_mask(scores, sparsity, per_row)
+    if per_row:
+        assert (keep.sum(1) == 40 - round(sparsity * 40)).all()
+    else:
+        assert int((~keep).sum()) == round(sparsity * 400)
+    assert scores[keep].min() >= scores[~keep].max() if not per_row else True
+
+
+@pytest.mark.parametrize("text, message", [("4:2", "0 < N < M"), ("2:2", "0 < N < M"), ("0:4", "0 < N < M"),
+                                           ("half", "neither 'unstructured' nor N:M")])
+def test_a_bad_structure_is_named(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_pattern(text)
+
+
+# -- the criteria, on one layer ------------------------------------------------------------------------------------
+
+def _correlated_inputs(n: int = 2048, width: int = 128) -> torch.Tensor:
+    """Inputs with correlated channels of very different scales (as a transformer's are)."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(width, width, generator=g) / width**0.5 + torch.eye(width)
+    scales = torch.logspace(-1, 1, width)[torch.randperm(width, generator=g)]
+    return (torch.randn(n, width, generator=g) @ mix) * scales
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_output_error_orders_sparsegpt_below_wanda_below_magnitude(structure: str) -> None:
+    x = _correlated_inputs()
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    pattern = parse_pattern(structure)
+    hessian = Hessian(128, torch.device("cpu"))
+    hessian.add(x)
+
+    def error(pruned: torch.Tensor) -> float:
+        return float((x @ (w - pruned).t()).pow(2).mean())
+
+    magnitude = w * select_mask(w.abs(), pattern, 0.5, per_row=False)
+    wanda = w * select_mask(w.abs() * x.pow(2).sum(0).sqrt(), pattern, 0.5)
+    pruned, keep = sparsegpt(w, hessian.H, pattern, 0.5)
+    assert follows(keep, pattern) and float((~keep).float().mean()) == pytest.approx(0.5)
+    assert torch.equal(pruned[~keep], torch.zeros(int((~keep).sum())))
+    assert error(pruned) < error(wanda) < error(magnitude)
+
+
+# -- the methods on models -----------------------------------------------------------------------------------------
+
+def _pruned_layers(model) -> dict[str, CompressedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method, args, stored", [
+    ("magnitude", {"sparsity": 0.6}, BitmaskLinear),
+    ("wanda", {"structure": "2:4"}, Sparse24Linear),
+    ("sparsegpt", {"sparsity": 0.5}, BitmaskLinear),
+    ("sparsegpt", {"structure": "2:4"}, Sparse24Linear),
+])
+def test_each_pruner_stores_the_sparsity_asked_and_loads_to_the_same_logits(arch, method, args, stored,
+                                                                            tmp_path) -> None:
+    model = make_tiny(arch)
+    compress.apply(model, [{"method": method, "args": args}], calib=CALIB, device="cpu")
+    layers = _pruned_layers(model)
+    assert layers and all(type(m) is stored for m in layers.values())
+    for name, layer in layers.items():
+        weight = layer.dequantized_weight()
+        if "structure" in args:
+            assert follows(weight != 0, Pattern(2, 4)), name
+            assert float((weight == 0).float().mean()) >= 0.5, name
+        else:  # zeros counted: a kept weight may be 0 itself, never fewer zeros than asked
+            assert (layer.out_features * layer.in_features - layer.kept) == round(
+                args["sparsity"] * layer.out_features * layer.in_features), name
+    ids = torch.randint(0, 512, (2, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+    compress.save(model, tmp_path / "ck")
+    loaded = compress.load(tmp_path / "ck", device="cpu")
+    assert {n: type(m) for n, m in _pruned_layers(loaded).items()} == {n: type(m) for n, m in layers.items()}
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, before)
+
+
+def test_2of4_then_gptq_stores_only_the_kept_codes_and_keeps_the_zeros(tmp_path) -> None:
+    model = make_tiny("llama")
+    compress.apply(model, [{"method": "sparsegpt", "args": {"structure": "2:4"}},
+                           {"method": "gptq", "args": {"bits": 4, "group_size": 64}}], calib=CALIB, device="cpu")
+    layers = _pruned_layers(model)
+    assert all(type(m) is Sparse24IntLinear for m in layers.values())
+    for layer in layers.values():
+        assert follows(layer.dequantized_weight() != 0, Pattern(2, 4))
+        assert layer.qweight.shape[1] == layer.in_features // 4  # 4-bit codes of half the columns: a byte holds 2
+    dense_int = make_tiny("llama")
+    compress.apply(dense_int, [{"method": "gptq", "args": {"bits": 4, "group_size": 64}}], calib=CALIB, device="cpu")
+    ratio = lambda m: float(storage_summary(m).split(", ")[1].split("x ")[0])  # noqa: E731
+    assert ratio(model) < 0.8 * ratio(dense_int)
+    ids = torch.randint(0, 512, (1, 12))
+    compress.save(model, tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(compress.load(tmp_path / "ck", device="cpu")(ids).logits, model(ids).logits)
+
+
+def test_a_transformers_load_of_a_pruned_checkpoint_computes_as_compress_load(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny("qwen2")
+    compress.apply(model, [{"method": "magnitude"}], device="cpu")
+    compress.save(model, tmp_path / "ck")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    ids = torch.randint(0, 512, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+# -- the stored layouts --------------------------------------------------------------------------------------------
+
+def test_2of4_positions_and_bits_round_trip() -> None:
+    keep = nm_mask(torch.randn(6, 40), 2, 4)
+    index = positions_24(keep)
+    assert torch.equal(unpack_positions(pack_positions(index), 40), index)
+    mask = torch.rand(5, 21) > 0.5
+    assert torch.equal(unpack_bits(pack_bits(mask), 21), mask)
+
+
+def test_2of4_bf16_is_stored_in_0_5625_of_its_dense_bytes() -> None:
+    weight = torch.randn(64, 256, dtype=torch.bfloat16)
+    keep = nm_mask(weight.float().abs(), 2, 4)
+    layer = Sparse24Linear.from_dense(weight, keep, None)
+    assert torch.equal(layer.dequantized_weight(), torch.where(keep, weight, 0))
+    stored = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    assert stored / (64 * 256 * 2) == 0.5625
+
+
+def test_bitmask_layer_computes_with_a_dense_weight_and_saves_its_packed_form() -> None:
+    weight = torch.randn(8, 20)
+    keep = torch.rand(8, 20, generator=torch.Generator().manual_seed(0)) > 0.5
+    layer = BitmaskLinear.from_dense(weight, keep, None)
+    assert layer.values is None and torch.equal(layer.dense, torch.where(keep, weight, 0))
+    state = layer.state_dict()
+    assert set(state) == {"bitmask", "values"} and torch.equal(state["values"], weight[keep])
+    empty = BitmaskLinear.empty(20, 8, False, layer.scheme(), torch.float32, "cpu")
+    empty.load_state_dict(state)
+    assert empty.check_loaded() is None
+    empty.after_load()
+    assert torch.equal(empty.dense, layer.dense)
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    ({"sparsity": 1.0}, r"steps\[0\]\.args\.sparsity: .*less than 1"),
+    ({"sparsity": 0}, r"steps\[0\]\.args\.sparsity: .*greater than 0"),
+    ({"structure": "4:4"}, r"steps\[0\]\.args\.structure: .*0 < N < M"),
+    ({"structure": "2:4", "sparsity": 0.3}, r"structure 2:4 prunes 0\.5 of the weights, but sparsity is 0\.3"),
+    ({"structure": "2:3"}, r"steps\[0\]\.args\.structure: 2:3 needs in_features divisible by 3; 14 layers are not"),
+])
+def test_bad_pruning_arguments_are_refused_before_any_weight_changes(args, message) -> None:
+    model = make_tiny("llama")
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(RecipeError, match=message):
+        compress.apply(model, [{"method": "wanda", "args": args}], calib=CALIB, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
