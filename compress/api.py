@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +145,13 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
                 step.method.train(context, step.config)
             continue
         last = index == len(plan_.stages) - 1
+
+        def survey(fn: Callable[[BlockWork], None], step: PlannedStep) -> None:
+            label = f"{step.method.name} (survey)"
+            run_stage(model, find_blocks(model), [StepWork(label, fn, step.layers, needs_inputs=True)], calib, device,
+                      batch_size, compute_dtype, dict(states), stream.survey() if stream else None, activations)
+
+        stage = [replace(s, config=s.method.before_stage(s.config, lambda fn, s=s: survey(fn, s))) for s in stage]
         run_stage(model, find_blocks(model), [_step_work(s) for s in stage], calib, device, batch_size,
                   compute_dtype, states, stream.stage(index) if stream else None, activations, last_stage=last)
         if stream is not None:

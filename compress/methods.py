@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -93,6 +94,11 @@ class Method:
         ``KEEPS`` (None, the default: it changes float weights in place and the state stays what it was)."""
         return KEEPS
 
+    def mask_pattern(self, config: MethodConfig) -> str | None:
+        """For methods that produce MASKED: the pattern of their masks (``2:4``, ``unstructured``), from which the
+        plan says how the layers will be stored (:mod:`compress.formats.sparse`)."""
+        return None
+
     def writes(self, config: MethodConfig) -> dict[str, Any] | None:
         """For methods that produce FORMAT: the per-layer scheme they store (``{"format": name, ...}``, as the
         format's ``scheme()`` gives it), so the plan can say which kernel each layer will run with."""
@@ -116,6 +122,14 @@ class Method:
         naming the layers concerned and what to do.
         """
         return []
+
+    def before_stage(self, config: MethodConfig, survey: Callable[[Callable[[BlockWork], None]], None]
+                     ) -> MethodConfig:
+        """Called before the stage that runs this step, with ``survey(fn)``: a walk over the decoder blocks of the
+        model as it stands, calling ``fn(work)`` with each block's targets and calibration inputs and changing
+        nothing. Returns the config the step runs with (default: ``config``); a method that decides something for
+        the whole model from every block (OWL's sparsity per block) overrides it."""
+        return config
 
     def compress_block(self, work: BlockWork, config: MethodConfig) -> None:
         """Compress ``work.targets`` (the targeted layers of one decoder block, or of the layers outside

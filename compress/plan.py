@@ -19,10 +19,12 @@ import torch.nn as nn
 from compress.errors import CompressError, Problem, RecipeError
 from compress.formats import format_class
 from compress.formats.base import KernelChoice
+from compress.formats.sparse import stored_format
 from compress.linear import linear_shape
 from compress.methods import Method, MethodConfig, Needs
 from compress.model import config_context, find_blocks
 from compress.recipe import Recipe, ResolvedStep
+from compress.sparsity import Pattern, parse_pattern
 from compress.states import LayerKind, describe_kinds
 from compress.targets import linear_names, select
 
@@ -44,6 +46,7 @@ class Plan:
     recipe: Recipe
     stages: list[list[PlannedStep]]
     seq_len: int | None  # calibration sequence length, resolved against the model's context
+    stored: dict[str, str] = field(default_factory=dict)  # masked layer -> its sparse format
 
     def needs_calibration(self) -> bool:
         return any(s.method.needs_for(s.config) != Needs.NOTHING for stage in self.stages for s in stage)
@@ -62,6 +65,13 @@ class Plan:
                 for layer, note in step.notes.items():
                     by_note.setdefault(note, []).append(layer)
                 lines += [f"    {len(names)} layers ({_kinds(names)}) have {note}" for note, names in by_note.items()]
+        by_format: dict[str, list[str]] = {}
+        for layer, fmt in self.stored.items():
+            by_format.setdefault(fmt, []).append(layer)
+        for fmt, layers in by_format.items():
+            choice = format_class(fmt).kernel({}, 0, 0)
+            lines.append(f"pruned, then stored sparse as {fmt}: {len(layers)} layers ({_kinds(layers)}); on CUDA: "
+                         f"{choice.kernel + ' kernel' if choice.kernel else choice.note}")
         return "\n".join(lines)
 
 
@@ -96,6 +106,7 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
     block_prefix = blocks.prefix + "."
     planned: list[list[PlannedStep]] = []
     states: dict[str, tuple[LayerKind, str]] = {}  # layer -> its state and the step that left it so
+    masks: dict[str, tuple[Pattern, dict | None]] = {}  # masked layer -> its pattern, and a later step's format
     for stage in stages:
         planned_stage = []
         for step in stage:
@@ -118,12 +129,22 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
                 problems.append(Problem(f"{step.where}.args.{p.where}" if p.where else step.where, p.message))
             problems += _state_problems(step, list(sel.modules), states)
             kernels, notes = _storage(step, sel.modules, problems)
+            pattern, scheme = step.method.mask_pattern(step.config), step.method.writes(step.config)
+            for name in sel.modules:
+                if pattern is not None:
+                    masks[name] = (parse_pattern(pattern), None)
+                elif scheme is not None and name in masks:
+                    masks[name] = (masks[name][0], scheme)
             planned_stage.append(PlannedStep(step.where, step.method, step.config, list(sel.modules), kernels, notes))
         planned.append(planned_stage)
     seq_len = _seq_len(recipe, model, problems)
     if problems:
         raise RecipeError(problems, f"{source} (against {type(model).__name__})")
-    return Plan(recipe, planned, seq_len)
+    stored = {name: fmt for name, (pattern, scheme) in masks.items() if (fmt := stored_format(pattern, scheme))}
+    for step in (s for stage in planned for s in stage):  # those run as their sparse format says, not as the step's
+        for name in stored:
+            step.kernels.pop(name, None)
+    return Plan(recipe, planned, seq_len, stored)
 
 
 def _state_problems(step: ResolvedStep, layers: list[str], states: dict[str, tuple[LayerKind, str]]) -> list[Problem]:

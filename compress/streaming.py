@@ -204,7 +204,7 @@ class BlockStream:
     them (compressed) and free them after; read a module outside the blocks (the embeddings while the stage's
     inputs are captured, a layer a data-free step compresses) when it is needed."""
 
-    def __init__(self, tensors: ShardedTensors, writer: ShardWriter, original: ShardedTensors | None = None,
+    def __init__(self, tensors: ShardedTensors, writer: ShardWriter | None, original: ShardedTensors | None = None,
                  on_load: Callable[[str], None] | None = None):
         self.tensors = tensors
         self.writer = writer
@@ -223,7 +223,8 @@ class BlockStream:
             self.on_load(name)
 
     def store(self, name: str, block: nn.Module) -> None:
-        self.writer.add({f"{name}.{k}": v for k, v in block.state_dict().items()})
+        if self.writer is not None:
+            self.writer.add({f"{name}.{k}": v for k, v in block.state_dict().items()})
         release(block)
         _return_freed_memory()
 
@@ -283,6 +284,11 @@ class ModelStream:
         folder.mkdir(parents=True, exist_ok=True)
         self._writer = ShardWriter(folder)
         return BlockStream(self.source, self._writer, self.original, self.on_load)
+
+    def survey(self) -> BlockStream:
+        """The hooks for a walk over the blocks that changes nothing (a method's survey before its stage): each
+        block is read as the coming stage will read it, and freed after, nothing written."""
+        return BlockStream(self.source, None, self.original, self.on_load)
 
     def end_stage(self, index: int, model: nn.Module) -> None:
         """Close stage ``index``'s output (the last stage's with the rest of ``model``); the next stage reads it."""

@@ -207,3 +207,81 @@ def test_bad_pruning_arguments_are_refused_before_any_weight_changes(args, messa
     with pytest.raises(RecipeError, match=message):
         compress.apply(model, [{"method": "wanda", "args": args}], calib=CALIB, device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("recipe, stored", [("magnitude-50.yaml", "bitmask"), ("wanda-2of4.yaml", "sparse24"),
+                                            ("sparsegpt-2of4-w4.yaml", "sparse24-int")])
+def test_validate_says_how_pruned_layers_will_be_stored(recipe: str, stored: str, tiny_dirs, calib_text) -> None:
+    from click.testing import CliRunner
+
+    from compress_cli import cli
+    from conftest import REPO
+
+    result = CliRunner().invoke(cli, ["validate", str(REPO / "recipes" / recipe), "--model", str(tiny_dirs["qwen2"]),
+                                      "--calib", str(calib_text)], obj={})
+    assert result.exit_code == 0, result.output
+    assert f"pruned, then stored sparse as {stored}: 14 layers" in result.output
+    assert "cuda-int4" not in result.output  # the int step's kernel does not run a layer stored sparse
+
+
+def test_a_pruner_after_a_quantizer_is_refused_with_the_order_that_works() -> None:
+    model = make_tiny("llama")
+    with pytest.raises(RecipeError, match=r"are stored in a format by steps\[0\] \(gptq\); method 'sparsegpt' takes "
+                                          r"dense layers"):
+        compress.apply(model, [{"method": "gptq"}, {"method": "sparsegpt"}], calib=CALIB, device="cpu")
+
+
+def test_owl_spreads_sparsity_by_outlier_ratio_and_keeps_the_average() -> None:
+    from compress.plugins.prune import owl_sparsity
+
+    ratios = {"b0": 0.010, "b1": 0.030, "b2": 0.020, "b3": 0.010}
+    sparsity = owl_sparsity(ratios, 0.5, 0.08)
+    assert sum(sparsity.values()) / 4 == pytest.approx(0.5)
+    assert sparsity["b1"] < sparsity["b2"] < sparsity["b0"] == sparsity["b3"]  # more outliers, less pruned
+    assert max(sparsity.values()) - min(sparsity.values()) == pytest.approx(0.16)  # 2 x lambda apart
+    assert all(v == pytest.approx(0.6) for v in owl_sparsity({"a": 0.1, "b": 0.1}, 0.6, 0.08).values())
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_owl_prunes_blocks_unevenly_and_the_model_as_much_as_asked(method: str) -> None:
+    model = make_tiny("mistral")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    compress.apply(model, [{"method": method, "args": {"sparsity": 0.5, "owl": True, "owl_lambda": 0.1}}],
+                   calib=CALIB, device="cpu")
+    per_block: dict[str, list[int]] = {}
+    for name, layer in _pruned_layers(model).items():
+        block = name.split(".self_attn")[0].split(".mlp")[0]
+        count = per_block.setdefault(block, [0, 0])
+        count[0] += layer.out_features * layer.in_features - layer.kept
+        count[1] += layer.out_features * layer.in_features
+    sparsity = [pruned / total for pruned, total in per_block.values()]
+    assert sparsity[0] != pytest.approx(sparsity[1], abs=0.05)  # 0.4 and 0.6 (two blocks: the extremes)
+    assert sum(p for p, _ in per_block.values()) / sum(t for _, t in per_block.values()) == pytest.approx(0.5, abs=1e-3)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters() if "layers" not in n)
+
+
+def test_owl_streams_as_it_runs_in_memory(tiny_dirs, calib_text, tmp_path) -> None:
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+
+    import yaml
+    from compress_cli import cli
+
+    stored = {}
+    for load in ("memory", "stream"):
+        recipe = {"model": {"load": load}, "calibration": {"dataset": str(calib_text), "samples": 8, "seq_len": 64},
+                  "steps": [{"method": "wanda", "args": {"owl": True}}]}
+        path = tmp_path / f"{load}.yaml"
+        path.write_text(yaml.safe_dump(recipe))
+        result = CliRunner().invoke(cli, ["apply", str(path), "--model", str(tiny_dirs["qwen2"]), "--output",
+                                          str(tmp_path / load)], obj={})
+        assert result.exit_code == 0, result.output
+        stored[load] = load_file(tmp_path / load / "model.safetensors")
+    assert stored["memory"].keys() == stored["stream"].keys()
+    assert all(torch.equal(stored["stream"][k], v) for k, v in stored["memory"].items())
+
+
+def test_owl_with_a_fixed_pattern_is_refused() -> None:
+    with pytest.raises(RecipeError, match=r"owl sets a sparsity per block, which 2:4 fixes: use it unstructured"):
+        compress.apply(make_tiny("llama"), [{"method": "wanda", "args": {"structure": "2:4", "owl": True}}],
+                       calib=CALIB, device="cpu")

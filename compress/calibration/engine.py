@@ -247,7 +247,8 @@ def stem_on(model: nn.Module, blocks: Blocks, device: torch.device, dtype: torch
     with contextlib.ExitStack() as stack:
         for name, m in _stem_modules(model, blocks_list):
             unread = stream is not None and any(t.is_meta for t in (*m.parameters(), *m.buffers()))
-            stack.enter_context(_read_on_call(m, name, device, dtype, stream) if unread else on_device(m, device, dtype))
+            placed = _read_on_call(m, name, device, dtype, stream) if unread else on_device(m, device, dtype)
+            stack.enter_context(placed)
         yield
 
 

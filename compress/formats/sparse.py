@@ -280,7 +280,9 @@ class BitmaskLinear(CompressedLinear):
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.values is None:  # packed again from the dense weight, under the name it is loaded by
-            destination[prefix + "values"] = self.dense[self.mask()]
+            dense = self.dense
+            destination[prefix + "values"] = (torch.empty(self.kept, dtype=dense.dtype, device="meta") if dense.is_meta
+                                              else dense[self.mask()])
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         if self.values is not None:
@@ -310,6 +312,17 @@ def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """:func:`pack_bits` undone: bool [out, cols]."""
     bits = (packed[..., None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
+
+
+def stored_format(pattern: Pattern, scheme: dict[str, Any] | None) -> str | None:
+    """The sparse format :func:`sparse_layer` will store a layer in, known before any weight: from the pattern of
+    its mask and the scheme of the format a later step stores it in (None: none); None where the layer stays in
+    that format."""
+    two_four = pattern.structured and 4 % pattern.m == 0 and pattern.n * (4 // pattern.m) <= 2
+    if scheme is None:
+        return "sparse24" if two_four else "bitmask"
+    signed = scheme.get("bits") == 8 and scheme.get("symmetric")
+    return "sparse24-int" if scheme.get("format") == "int" and two_four and not signed else None
 
 
 def sparse_layer(layer: nn.Module, keep: torch.Tensor) -> CompressedLinear | None:

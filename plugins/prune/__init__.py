@@ -87,6 +87,9 @@ class Pruner(Method):
     def produces(self, config: PruneConfig) -> LayerKind:
         return LayerKind.MASKED
 
+    def mask_pattern(self, config: PruneConfig) -> str:
+        return str(config.pattern)
+
     def check_targets(self, targets: dict[str, torch.nn.Module], config: PruneConfig) -> list[Problem]:
         pattern = config.pattern
         if not pattern.structured:
@@ -108,7 +111,7 @@ class Pruner(Method):
 class Magnitude(Pruner):
     name = "magnitude"
     needs = Needs.NOTHING
-    summary = "prune the smallest weights of each layer, unstructured or N:M (2:4); stored sparse"
+    summary = "prune the smallest weights of each layer, unstructured or N:M; stored sparse (unstructured: dense speed)"
 
     def compress_block(self, work: BlockWork, config: PruneConfig) -> None:
         for name, layer in work.targets.items():
@@ -117,22 +120,78 @@ class Magnitude(Pruner):
             self._masked(work, name, w, keep)
 
 
-class Wanda(Pruner):
-    name = "wanda"
+class ActivationPruneConfig(PruneConfig):
+    owl: bool = Field(False, description="outlier-weighed sparsity per block (OWL, Yin et al.): blocks with more "
+                                         "outlier |W| x ||x|| keep more weights, the average kept as asked "
+                                         "(unstructured only; one extra calibration pass)")
+    owl_lambda: float = Field(0.08, gt=0, lt=0.5, description="OWL: the most a block's sparsity moves from the "
+                                                              "average, either way")
+    owl_threshold: float = Field(5.0, gt=0, description="OWL: an outlier is above this many times its block's mean")
+
+    @model_validator(mode="after")
+    def _owl_unstructured(self) -> ActivationPruneConfig:
+        if self.owl and self.pattern.structured:
+            raise ValueError(f"owl sets a sparsity per block, which {self.pattern} fixes: use it unstructured")
+        return self
+
+
+def input_norms(work: BlockWork, groups: list[list[str]]) -> dict[str, torch.Tensor]:
+    """The L2 norm of each input channel over the calibration tokens, per group (keyed by its first layer), on one
+    pass over the block's inputs."""
+    leaders = {g[0]: work.targets[g[0]] for g in groups}
+    sums = {n: torch.zeros(linear_shape(layer)[0], device=work.device) for n, layer in leaders.items()}
+
+    def see(name: str, x: torch.Tensor) -> None:
+        sums[name] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)
+
+    work.collect_inputs(leaders, see)
+    return {n: total.sqrt() for n, total in sums.items()}
+
+
+class ActivationPruner(Pruner):
+    """A pruner that sees the calibration inputs (Wanda, SparseGPT), and so can allocate sparsity with OWL."""
+
     needs = Needs.CALIBRATION
-    summary = "Wanda: prune the smallest |W| x input norm in each row, unstructured or N:M; stored sparse"
+    Config = ActivationPruneConfig
 
-    def compress_block(self, work: BlockWork, config: PruneConfig) -> None:
+    def before_stage(self, config: ActivationPruneConfig, survey) -> ActivationPruneConfig:
+        if not config.owl:
+            return config
+        ratios: dict[str, float] = {}
+
+        def outliers(work: BlockWork) -> None:
+            groups = work.linear_groups()
+            norms = input_norms(work, groups)
+            scores = torch.cat([(get_weight(work.targets[n]).float().abs().to(work.device) * norms[g[0]]).flatten()
+                                for g in groups for n in g])
+            ratios[work.name] = float((scores > config.owl_threshold * scores.mean()).float().mean())
+
+        survey(outliers)
+        sparsity = owl_sparsity(ratios, 0.5 if config.sparsity is None else config.sparsity, config.owl_lambda)
+        log.info("%s: OWL sparsity per block: %s", self.name, ", ".join(f"{s:.3f}" for s in sparsity.values()))
+        per_block = {f"{block}.*": s for block, s in sparsity.items()}
+        return config.model_copy(update={"layer_sparsity": {**config.layer_sparsity, **per_block}})
+
+
+def owl_sparsity(ratios: dict[str, float], sparsity: float, lam: float) -> dict[str, float]:
+    """OWL's sparsity per block from its outlier ratio: densities spread over [-lam, lam] around 1 - ``sparsity``
+    in the order of the ratios (more outliers, fewer weights pruned), their mean kept."""
+    values = torch.tensor(list(ratios.values()), dtype=torch.float64)
+    spread = values.max() - values.min()
+    scaled = (values - values.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(values)
+    density = scaled - scaled.mean() + (1 - sparsity)
+    return {block: float(1 - d) for block, d in zip(ratios, density)}
+
+
+class Wanda(ActivationPruner):
+    name = "wanda"
+    summary = "Wanda: prune the smallest |W| x input norm per row, unstructured or N:M, OWL; stored sparse"
+
+    def compress_block(self, work: BlockWork, config: ActivationPruneConfig) -> None:
         groups = work.linear_groups()
-        leaders = {g[0]: work.targets[g[0]] for g in groups}
-        sums = {n: torch.zeros(linear_shape(layer)[0], device=work.device) for n, layer in leaders.items()}
-
-        def see(name: str, x: torch.Tensor) -> None:
-            sums[name] += x.reshape(-1, x.shape[-1]).float().pow(2).sum(dim=0)
-
-        work.collect_inputs(leaders, see)  # one pass: every layer of the block judged on the same inputs
+        norms = input_norms(work, groups)  # one pass: every layer of the block judged on the same inputs
         for group in groups:
-            norm = sums[group[0]].sqrt()
+            norm = norms[group[0]]
             for name in group:
                 layer = work.targets[name]
                 w = get_weight(layer).to(work.device)
@@ -140,18 +199,17 @@ class Wanda(Pruner):
                 self._masked(work, name, w, keep)
 
 
-class SparseGPTConfig(PruneConfig):
+class SparseGPTConfig(ActivationPruneConfig):
     damp: float = Field(0.01, gt=0, lt=1, description="damping added to H, as a fraction of its mean diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy batch update (and per unstructured mask)")
     fit_original: bool = Field(False, description="fit the uncompressed model's layer outputs on its own inputs "
                                                   "(GPTAQ's asymmetric objective, as gptq's option)")
 
 
-class SparseGPT(Pruner):
+class SparseGPT(ActivationPruner):
     name = "sparsegpt"
     Config = SparseGPTConfig
-    needs = Needs.CALIBRATION
-    summary = "SparseGPT: prune with second-order updates of the kept weights, unstructured or N:M; stored sparse"
+    summary = "SparseGPT: prune with second-order updates of the kept weights, unstructured or N:M, OWL; stored sparse"
 
     def needs_reference(self, config: SparseGPTConfig) -> bool:
         return config.fit_original
