@@ -35,6 +35,7 @@ from compress.formats.base import CompressedLinear
 from compress.formats.sparse import SPARSE_FORMATS, sparse_layer
 from compress.model import Blocks
 from compress.states import LayerKind, LayerState
+from compress.streaming import has_meta
 
 if TYPE_CHECKING:
     from compress.streaming import BlockStream
@@ -246,7 +247,7 @@ def stem_on(model: nn.Module, blocks: Blocks, device: torch.device, dtype: torch
     blocks_list = model.get_submodule(blocks.prefix)
     with contextlib.ExitStack() as stack:
         for name, m in _stem_modules(model, blocks_list):
-            unread = stream is not None and any(t.is_meta for t in (*m.parameters(), *m.buffers()))
+            unread = stream is not None and has_meta(m)
             placed = _read_on_call(m, name, device, dtype, stream) if unread else on_device(m, device, dtype)
             stack.enter_context(placed)
         yield

@@ -28,6 +28,31 @@ from compress.linear import get_bias, get_weight
 from compress.quant import IntScheme
 
 
+def zero_points(scales: torch.Tensor, zeros: torch.Tensor | None, scheme: IntScheme) -> torch.Tensor:
+    """The float zero point of each group: the stored ``zeros``, or the scheme's symmetric zero."""
+    if zeros is not None:
+        return zeros.float()
+    return torch.full(scales.shape, float(scheme.sym_zero), device=scales.device)
+
+
+def check_int_buffers(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, scheme: IntScheme,
+                      signed: bool = False) -> str | None:
+    """What is wrong with loaded ``int`` buffers (codes wider than ``scheme.bits``, zero points out of range,
+    scales not finite and positive), or None; ``signed`` codes (absmax int8) take every byte value."""
+    if not signed:
+        per = quant.codes_per_byte(scheme.bits)
+        width = 8 // per
+        above = ((1 << width) - 1) ^ scheme.maxq  # the bits of a slot that a code of scheme.bits never sets
+        mask = sum(above << (j * width) for j in range(per))
+        if mask and torch.any(qweight & mask):
+            return f"codes wider than the declared {scheme.bits} bits"
+        if zeros is not None and torch.any(zeros > scheme.maxq):
+            return f"zero points above {scheme.maxq}, the largest {scheme.bits}-bit code"
+    if not torch.isfinite(scales).all() or not (scales > 0).all():
+        return "scales that are not finite and positive"
+    return None
+
+
 def gemv_group(scheme: IntScheme, in_features: int) -> tuple[int | None, str]:
     """The group size the decode kernels (:mod:`compress.kernels.gemv`) take a layer with: 0 for 8 bits per
     channel; None where they do not apply, with the reason."""
@@ -159,24 +184,10 @@ class IntLinear(CompressedLinear):
         return quant.unpack(self.qweight, self.int_scheme.bits, self.in_features)
 
     def check_loaded(self) -> str | None:
-        s = self.int_scheme
-        if not self.signed_storage:
-            per = quant.codes_per_byte(s.bits)
-            width = 8 // per
-            above = ((1 << width) - 1) ^ s.maxq  # the bits of a slot that a code of s.bits bits never sets
-            mask = sum(above << (j * width) for j in range(per))
-            if mask and torch.any(self.qweight & mask):
-                return f"codes wider than the declared {s.bits} bits"
-            if self.zeros is not None and torch.any(self.zeros > s.maxq):
-                return f"zero points above {s.maxq}, the largest {s.bits}-bit code"
-        if not torch.isfinite(self.scales).all() or not (self.scales > 0).all():
-            return "scales that are not finite and positive"
-        return None
+        return check_int_buffers(self.qweight, self.scales, self.zeros, self.int_scheme, self.signed_storage)
 
     def zero_points(self) -> torch.Tensor:
-        if self.zeros is not None:
-            return self.zeros.float()
-        return torch.full(self.scales.shape, float(self.int_scheme.sym_zero), device=self.scales.device)
+        return zero_points(self.scales, self.zeros, self.int_scheme)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         s = self.int_scheme

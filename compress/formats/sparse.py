@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from compress import quant
 from compress.formats.base import CompressedLinear, KernelChoice
-from compress.formats.integer import IntLinear, int_scheme
+from compress.formats.integer import IntLinear, check_int_buffers, int_scheme, zero_points
 from compress.linear import get_bias, get_weight
 from compress.sparsity import Pattern, follows
 
@@ -198,14 +198,10 @@ class Sparse24IntLinear(CompressedLinear):
         return z.round().to(torch.uint8)
 
     def zero_points(self) -> torch.Tensor:
-        if self.zeros is not None:
-            return self.zeros.float()
-        return torch.full(self.scales.shape, float(self.int_scheme.sym_zero), device=self.scales.device)
+        return zero_points(self.scales, self.zeros, self.int_scheme)
 
     def check_loaded(self) -> str | None:
-        if not torch.isfinite(self.scales).all() or not (self.scales > 0).all():
-            return "scales that are not finite and positive"
-        return None
+        return check_int_buffers(self.qweight, self.scales, self.zeros, self.int_scheme)
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return quant.dequantize_weight(self.codes(), self.scales, self.zero_points(), self.int_scheme,
