@@ -12,7 +12,8 @@ ANCHORS.md), prefill tok/s at batch
 weights read per token over the device-to-device copy bandwidth measured in the same run). Formats:
 ``int4`` = RTN 4-bit group 128 symmetric, ``int8`` = absmax int8 per channel, ``fp8`` = FP8 W8A8 dynamic
 (each with ``-lm-head``: the output head too, as torchao's ``quantize_`` does by default), ``fp8-wo`` = FP8
-weight-only, ``nf4`` / ``llm.int8`` = bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; bf16 or a compress format
+weight-only, ``sparse24`` = 2:4 magnitude pruning stored as kept bf16 values and positions, ``sparse24-int4`` =
+the same then ``int4`` (the kept codes only), ``nf4`` / ``llm.int8`` = bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; bf16 or a compress format
 with ``+fused`` (``int4+fused``) has its q/k/v and gate/up layers fused (``compress.fuse_projections``).
 """
 
@@ -39,6 +40,9 @@ STEPS = {
     "fp8": [{"method": "fp8", "args": {"activations": "dynamic"}}],
     "fp8-lm-head": [{"method": "fp8", "args": {"activations": "dynamic"}, "targets": ["Linear", "lm_head"]}],
     "fp8-wo": [{"method": "fp8", "args": {"activations": "none"}}],
+    "sparse24": [{"method": "magnitude", "args": {"structure": "2:4"}}],
+    "sparse24-int4": [{"method": "magnitude", "args": {"structure": "2:4"}},
+                      {"method": "rtn", "args": {"bits": 4, "group_size": 128}}],
 }
 
 

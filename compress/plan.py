@@ -46,7 +46,7 @@ class Plan:
     recipe: Recipe
     stages: list[list[PlannedStep]]
     seq_len: int | None  # calibration sequence length, resolved against the model's context
-    stored: dict[str, str] = field(default_factory=dict)  # masked layer -> its sparse format
+    stored: dict[str, tuple[str, KernelChoice]] = field(default_factory=dict)  # masked layer -> sparse format, kernel
 
     def needs_calibration(self) -> bool:
         return any(s.method.needs_for(s.config) != Needs.NOTHING for stage in self.stages for s in stage)
@@ -65,11 +65,10 @@ class Plan:
                 for layer, note in step.notes.items():
                     by_note.setdefault(note, []).append(layer)
                 lines += [f"    {len(names)} layers ({_kinds(names)}) have {note}" for note, names in by_note.items()]
-        by_format: dict[str, list[str]] = {}
-        for layer, fmt in self.stored.items():
-            by_format.setdefault(fmt, []).append(layer)
-        for fmt, layers in by_format.items():
-            choice = format_class(fmt).kernel({}, 0, 0)
+        by_format: dict[tuple[str, KernelChoice], list[str]] = {}
+        for layer, stored in self.stored.items():
+            by_format.setdefault(stored, []).append(layer)
+        for (fmt, choice), layers in by_format.items():
             lines.append(f"pruned, then stored sparse as {fmt}: {len(layers)} layers ({_kinds(layers)}); on CUDA: "
                          f"{choice.kernel + ' kernel' if choice.kernel else choice.note}")
         return "\n".join(lines)
@@ -107,6 +106,7 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
     planned: list[list[PlannedStep]] = []
     states: dict[str, tuple[LayerKind, str]] = {}  # layer -> its state and the step that left it so
     masks: dict[str, tuple[Pattern, dict | None]] = {}  # masked layer -> its pattern, and a later step's format
+    shapes: dict[str, tuple[int, int]] = {}  # masked layer -> (in_features, out_features)
     for stage in stages:
         planned_stage = []
         for step in stage:
@@ -133,6 +133,7 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
             for name in sel.modules:
                 if pattern is not None:
                     masks[name] = (parse_pattern(pattern), None)
+                    shapes[name] = linear_shape(sel.modules[name])
                 elif scheme is not None and name in masks:
                     masks[name] = (masks[name][0], scheme)
             planned_stage.append(PlannedStep(step.where, step.method, step.config, list(sel.modules), kernels, notes))
@@ -140,7 +141,8 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
     seq_len = _seq_len(recipe, model, problems)
     if problems:
         raise RecipeError(problems, f"{source} (against {type(model).__name__})")
-    stored = {name: fmt for name, (pattern, scheme) in masks.items() if (fmt := stored_format(pattern, scheme))}
+    stored = {name: (fmt, format_class(fmt).kernel(scheme or {}, *shapes[name]))
+              for name, (pattern, scheme) in masks.items() if (fmt := stored_format(pattern, scheme))}
     for step in (s for stage in planned for s in stage):  # those run as their sparse format says, not as the step's
         for name in stored:
             step.kernels.pop(name, None)

@@ -109,6 +109,64 @@ print("equal")
 """
 
 
+SPARSE24_SCRIPT = r"""
+import torch, triton
+from compress.formats.integer import IntLinear
+from compress.formats.sparse import Sparse24IntLinear, Sparse24Linear
+from compress.kernels import sparse24
+from compress.quant import IntScheme
+from compress.sparsity import nm_mask
+
+def run(kernel, config, fn):
+    kernel.configs, kernel.cache = [triton.Config(config)], {}
+    return fn()
+
+TILES = ({"BLOCK_N": 1, "BLOCK_W": 4}, {"BLOCK_N": 4, "BLOCK_W": 8})
+calls = 0
+
+def counted(op):
+    def call(*args):
+        global calls
+        calls += 1
+        return op(*args)
+    return call
+
+sparse24.gemv_24, sparse24.gemv_24_int4 = counted(sparse24.gemv_24), counted(sparse24.gemv_24_int4)
+gen = torch.Generator().manual_seed(0)
+worst = 0.0
+# widths: whole tiles (no masks), words of four position bytes, single bytes with a last one holding one run
+# (K % 8 == 4), a tile not filled; rows not a multiple of BLOCK_N
+for out_f, in_f, bits, sym, gran, group in [(8, 512, 4, False, "group", 128), (12, 256, 4, True, "group", 64),
+                                            (7, 200, 4, False, "group", 64),
+                                            (5, 132, 3, False, "group", 32), (9, 72, 4, True, "channel", None)]:
+    w = torch.randn(out_f, in_f, generator=gen)
+    keep = nm_mask(w.abs(), 2, 4)
+    layers = [(Sparse24Linear.from_dense(w, keep, torch.randn(out_f, generator=gen)).to(torch.bfloat16),
+               sparse24._gemv_24_kernel),
+              (Sparse24IntLinear.from_int(IntLinear.from_weight(w * keep, None, IntScheme(bits, sym, gran, group),
+                                                                torch.bfloat16), keep), sparse24._gemv_24_int4_kernel)]
+    for layer, kernel in layers:
+        ref_w = layer.dequantized_weight(torch.float32)
+        for shape in ((1, in_f), (2, 3, in_f)):  # a decode step; a few tokens in a batch
+            x = torch.randn(*shape, generator=gen).bfloat16()
+            ref = x.float() @ ref_w.t() + (0 if layer.bias is None else layer.bias.float())
+            for tile in TILES:
+                y = run(kernel, tile, lambda: layer(x))  # the format's forward takes the kernel
+                assert y.shape == (*shape[:-1], out_f) and y.dtype == torch.bfloat16
+                worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
+    dense, codes = layers[0][0], layers[1][0]
+    assert torch.equal(sparse24.decompress_24(dense.values, dense.meta, in_f), dense.dequantized_weight())
+    ref_w = codes.dequantized_weight(torch.float32)
+    group = in_f if gran == "channel" else group
+    w = sparse24.decompress_24_int4(codes.qweight, codes.meta, codes.scales, codes.zeros, group,
+                                    float(codes.int_scheme.sym_zero), in_f)
+    # within a bfloat16 step of the float32 weight (the interpreter rounds toward zero)
+    assert w.dtype == torch.bfloat16 and ((w.float() - ref_w).abs() <= ref_w.abs() * 2**-7).all()
+    assert torch.equal(w == 0, ref_w == 0)  # pruned entries exactly zero
+print("calls", calls, "worst", worst)
+"""
+
+
 def _interpret(script: str) -> str:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
@@ -120,6 +178,15 @@ def test_kernels_match_dequantized_matmul() -> None:
     worst = float(_interpret(SCRIPT).split("worst")[-1])
     # bf16 inputs and outputs, fp32 accumulation: the output's bf16 rounding (2**-9 relative) dominates
     assert worst <= 1e-2, worst
+
+
+def test_sparse24_kernels_match_dense_matmul() -> None:
+    """Both 2:4 decode kernels, reached through the formats' forward, against the product of the dense weight they
+    store (bf16 values and 3-/4-bit codes, group and channel scales, ragged tiles)."""
+    out = _interpret(SPARSE24_SCRIPT).split()
+    calls, worst = int(out[out.index("calls") + 1]), float(out[-1])
+    assert calls == 40  # every forward took a kernel
+    assert worst <= 1e-2, worst  # fp32 accumulation; the bf16 output's rounding (2**-9 relative) dominates
 
 
 def test_tensor_core_kernel_takes() -> None:

@@ -276,3 +276,36 @@ def test_cuda_int4_kernel_is_taken_only_where_it_applies() -> None:
     assert takes(layer(256, 640, 128), 1)  # five chunks of 128
     assert not takes(layer(256, 512, 128), 1, offset=1)  # activations off 16-byte alignment
     assert not takes(layer(256, 512, 128, torch.float16), 1)  # fp16 scales, bf16 activations
+
+
+@pytest.mark.parametrize("out_f, in_f", [(4096, 4096), (1000, 384), (96, 200), (4104, 4096), (4096, 14336)])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_sparse24_layers_match_dense_product(out_f, in_f, bits, monkeypatch) -> None:
+    """A 2:4 layer's decode kernel (bf16 values, or kept 4-bit codes) against the dense product of the weight it
+    stores, eager and compiled; more tokens than the kernel takes rebuild the dense weight."""
+    from compress.formats.sparse import Sparse24IntLinear, Sparse24Linear
+    from compress.kernels import sparse24
+    from compress.sparsity import nm_mask
+
+    g = torch.Generator(device="cuda").manual_seed(out_f + in_f)
+    w = torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02
+    keep = nm_mask(w.abs(), 2, 4)
+    if bits is None:
+        layer = Sparse24Linear.from_dense(w.bfloat16(), keep, None)
+    else:
+        dense = IntLinear.from_weight(w * keep, None, IntScheme(bits, False, "group", 64), torch.bfloat16)
+        layer = Sparse24IntLinear.from_int(dense, keep)
+    reference = layer.dequantized_weight(torch.float32)
+    calls = []
+    for name in ("gemv_24", "gemv_24_int4"):
+        real = getattr(sparse24, name)
+        monkeypatch.setattr(sparse24, name, lambda *a, _real=real: calls.append(1) or _real(*a))
+    for tokens in (1, 3, sparse24.MAX_TOKENS, sparse24.MAX_TOKENS + 1, 100):
+        x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
+        expect = x.float() @ reference.t()
+        assert rel(layer(x), expect) <= 1e-2, tokens
+    assert len(calls) == 3  # the decode kernel up to MAX_TOKENS
+    monkeypatch.undo()
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(1, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
+    assert rel(compiled(x), x.float() @ reference.t()) <= 1e-2

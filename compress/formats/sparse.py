@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from compress import quant
 from compress.formats.base import CompressedLinear, KernelChoice
 from compress.formats.integer import IntLinear, check_int_buffers, int_scheme, zero_points
+from compress.kernels import sparse24
 from compress.linear import get_bias, get_weight
 from compress.sparsity import Pattern, follows
 
@@ -75,6 +76,25 @@ def gather_24(dense: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 # -- formats ---------------------------------------------------------------------------------------------------
 
+def _kernel_group(scheme: quant.IntScheme, in_features: int) -> int | None:
+    """The group width the 2:4 integer kernel takes a layer of ``scheme`` with, or None where it does not apply:
+    codes two a byte (3 and 4 bits), one scale a row or groups whose width is a multiple of 8 (a byte of
+    positions covers 8 columns, which must share a scale)."""
+    if quant.codes_per_byte(scheme.bits) != 2:
+        return None
+    if scheme.granularity == "channel":
+        return in_features
+    if scheme.granularity == "group" and scheme.group_size % 8 == 0:
+        return scheme.group_size
+    return None
+
+
+def _shaped(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's output [tokens, out] in ``x``'s leading shape, plus ``bias``."""
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if bias is None else y + bias
+
+
 class Sparse24Linear(CompressedLinear):
     """A 2:4 sparse linear layer: the kept values and their 2-bit positions."""
 
@@ -111,7 +131,7 @@ class Sparse24Linear(CompressedLinear):
 
     @classmethod
     def kernel(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> KernelChoice:
-        return KernelChoice(None, "2:4 runs as a dense weight rebuilt from the kept values at each call")
+        return KernelChoice("sparse24", f"up to {sparse24.MAX_TOKENS} tokens; more (prefill) rebuild the dense weight")
 
     def check_loaded(self) -> str | None:
         index = unpack_positions(self.meta, self.in_features).reshape(self.out_features, -1, 2)
@@ -124,6 +144,11 @@ class Sparse24Linear(CompressedLinear):
         return weight if dtype is None else weight.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if sparse24.available(x) and x.dtype == self.values.dtype:  # a decode step: read the kept values once
+            y = sparse24.gemv_24(x.reshape(-1, self.in_features), self.values, self.meta)
+            return _shaped(y, x, self.bias)
+        if sparse24.decompresses(x) and x.dtype == self.values.dtype:  # prefill: one pass to a dense weight
+            return F.linear(x, sparse24.decompress_24(self.values, self.meta, self.in_features), self.bias)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
@@ -181,7 +206,13 @@ class Sparse24IntLinear(CompressedLinear):
 
     @classmethod
     def kernel(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> KernelChoice:
-        return KernelChoice(None, "2:4 integer codes run as a dense weight rebuilt at each call")
+        s = int_scheme(scheme)
+        if _kernel_group(s, in_features) is None:
+            return KernelChoice(None, f"{s.bits}-bit codes with {s.granularity} scales run as a dense weight rebuilt "
+                                "at each call (the 2:4 kernel takes 3- and 4-bit codes with channel scales or groups "
+                                "of a multiple of 8)")
+        return KernelChoice("sparse24-int4", f"up to {sparse24.MAX_TOKENS} tokens; more (prefill) rebuild the dense "
+                            "weight")
 
     def codes(self) -> torch.Tensor:
         """Unsigned codes [out, in], the pruned positions at their group's zero point (weight exactly 0)."""
@@ -208,6 +239,15 @@ class Sparse24IntLinear(CompressedLinear):
                                        dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = _kernel_group(self.int_scheme, self.in_features)
+        if group is not None and sparse24.available(x):  # a decode step: read the kept codes once
+            y = sparse24.gemv_24_int4(x.reshape(-1, self.in_features), self.qweight, self.meta, self.scales,
+                                      self.zeros, group, float(self.int_scheme.sym_zero))
+            return _shaped(y, x, self.bias)
+        if group is not None and sparse24.decompresses(x) and x.dtype == self.scales.dtype:  # prefill: one pass
+            weight = sparse24.decompress_24_int4(self.qweight, self.meta, self.scales, self.zeros, group,
+                                                 float(self.int_scheme.sym_zero), self.in_features)
+            return F.linear(x, weight, self.bias)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
