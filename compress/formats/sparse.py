@@ -9,6 +9,10 @@
   bf16 at 50%. No GPU kernel multiplies it faster than dense: it is unpacked once, when built or loaded, runs as a
   dense weight, and is packed again when saved.
 
+On CUDA the two 2:4 formats run their own kernels (:mod:`compress.kernels.sparse24`): decode steps read the
+compressed bytes once; prefill rebuilds the dense weight in one pass for cuBLAS. Elsewhere (CPU) they rebuild the
+dense weight at each call.
+
 A layer the recipe leaves masked (pruned, not stored in another format) is stored in one of these at the end of
 the recipe (:func:`sparse_layer`), a 2:4 mask as ``sparse24``, any other as ``bitmask``; an ``int`` layer with a
 2:4 mask as ``sparse24-int``.
@@ -131,7 +135,8 @@ class Sparse24Linear(CompressedLinear):
 
     @classmethod
     def kernel(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> KernelChoice:
-        return KernelChoice("sparse24", f"up to {sparse24.MAX_TOKENS} tokens; more (prefill) rebuild the dense weight")
+        return KernelChoice("sparse24", f"up to {sparse24.MAX_TOKENS} tokens; more (prefill) rebuild the dense "
+                            "weight in one pass for cuBLAS")
 
     def check_loaded(self) -> str | None:
         index = unpack_positions(self.meta, self.in_features).reshape(self.out_features, -1, 2)
@@ -212,7 +217,7 @@ class Sparse24IntLinear(CompressedLinear):
                                 "at each call (the 2:4 kernel takes 3- and 4-bit codes with channel scales or groups "
                                 "of a multiple of 8)")
         return KernelChoice("sparse24-int4", f"up to {sparse24.MAX_TOKENS} tokens; more (prefill) rebuild the dense "
-                            "weight")
+                            "weight in one pass for cuBLAS")
 
     def codes(self) -> torch.Tensor:
         """Unsigned codes [out, in], the pruned positions at their group's zero point (weight exactly 0)."""
