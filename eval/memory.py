@@ -1,5 +1,5 @@
-"""What a model costs in bytes: on disk, in memory by dtype, at peak during generation, and per token of
-KV cache.
+"""What a model costs in bytes: on disk, in memory by dtype, by layout of its linear layers (dense, each compressed
+format, with the fraction of weights pruned), at peak during generation, and per token of KV cache.
 
 KV-cache bytes per token = 2 (keys and values) x layers x KV heads x head dim x bytes of the compute dtype:
 weight compression does not shrink it, so at long contexts it can outweigh the weights.
@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from compress.formats.base import CompressedLinear
+from compress.linear import get_bias, is_linear_like, linear_shape
 from compress.model import is_local_reference
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,33 @@ def tensor_bytes_by_dtype(model: nn.Module) -> dict[str, int]:
     return dict(sorted(by_dtype.items()))
 
 
+def layout_bytes(model: nn.Module) -> dict[str, dict]:
+    """The linear layers by how they are stored (``dense``, or a compressed format's name): how many, the bytes
+    their checkpoint tensors take (``stored_bytes``), those bytes were every weight and bias stored dense in the
+    compute dtype (``dense_bytes``), and the fraction of their weights pruned (``sparsity``, by weight count)."""
+    itemsize = torch.empty(0, dtype=compute_dtype(model)).element_size()
+    layouts: dict[str, dict] = {}
+    pruned: dict[str, float] = defaultdict(float)
+    for module in model.modules():
+        if isinstance(module, CompressedLinear):
+            name, shape, sparsity = module.format, (module.in_features, module.out_features), module.sparsity()
+        elif is_linear_like(module):
+            name, shape, sparsity = "dense", linear_shape(module), 0.0
+        else:
+            continue
+        row = layouts.setdefault(name, {"layers": 0, "stored_bytes": 0, "dense_bytes": 0, "weights": 0})
+        weights = shape[0] * shape[1]
+        row["layers"] += 1
+        row["stored_bytes"] += sum(t.nbytes for t in module.state_dict().values())
+        bias = get_bias(module)
+        row["dense_bytes"] += (weights + (0 if bias is None else bias.numel())) * itemsize
+        row["weights"] += weights
+        pruned[name] += sparsity * weights
+    for name, row in layouts.items():
+        row["sparsity"] = pruned[name] / row["weights"] if row["weights"] else 0.0
+    return layouts
+
+
 def compute_dtype(model: nn.Module) -> torch.dtype:
     """The dtype activations (and the KV cache) are computed in: the input embeddings'."""
     return model.get_input_embeddings().weight.dtype
@@ -95,6 +124,7 @@ def memory_report(model: nn.Module, ref: str | None, context: int, prompt_len: i
         "checkpoint_bytes": checkpoint_bytes(ref) if ref else None,
         "tensor_bytes_by_dtype": by_dtype,
         "tensor_bytes": sum(by_dtype.values()),
+        "layouts": layout_bytes(model),
         "kv_cache_bytes_per_token": per_token,
         "context": context,
         "kv_cache_bytes_at_context": per_token * context,

@@ -153,9 +153,13 @@ def _memory(items: list[dict]) -> list:
                          _mib(m["peak_generation_bytes"])])
     if not rows:
         return []
+    layouts = [[e["label"], name, str(row["layers"]), f"{row['sparsity']:.0%}", _mib(row["stored_bytes"]),
+                f"{row['stored_bytes'] / row['dense_bytes']:.3f}x" if row["dense_bytes"] else "–"]
+               for e in items if e["memory"] for name, row in (e["memory"].get("layouts") or {}).items()]
     return [Heading("Memory"),
             Table(["model", "checkpoint MiB", "in memory MiB", "by dtype (MiB)", "KV bytes/token", "KV MiB at context",
                    "peak generation MiB"], rows),
+            Table(["model", "linear layers stored as", "layers", "pruned", "stored MiB", "vs dense"], layouts),
             Plot("memory", "Memory", plots.memory(items))]
 
 
@@ -269,6 +273,12 @@ def summary(report: dict) -> str:
     if "model" in memory:
         size = " -> ".join(_mib(memory[k]["tensor_bytes"]) for k in ("baseline", "model") if k in memory)
         lines.append(f"weights in memory (MiB): {size}")
+        layouts = memory["model"].get("layouts") or {}
+        if layouts:
+            lines.append("linear layers stored as: " + ", ".join(
+                f"{name} x{row['layers']} ({row['stored_bytes'] / row['dense_bytes']:.3f}x dense"
+                + (f", {row['sparsity']:.0%} pruned)" if row["sparsity"] else ")")
+                for name, row in layouts.items() if row["dense_bytes"]))
     for role, rows in ((report.get("speed") or {}).get("rows") or {}).items():
         timed = [r for r in rows if "decode_tok_s" in r]
         if timed:

@@ -111,6 +111,26 @@ def test_tensor_bytes_count_packed_codes_and_tied_weights_once(tmp_path: Path) -
     assert memory.checkpoint_bytes(str(tmp_path / "ck")) == on_disk
 
 
+def test_layouts_count_each_format_its_bytes_and_pruned_fraction() -> None:
+    model = make_tiny("llama").to(torch.bfloat16)
+    total = {name: m.in_features * m.out_features for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and name != "lm_head"}
+    compress.apply(model, [{"method": "magnitude", "args": {"structure": "2:4"}, "targets": ["re:.*\\.0\\..*"]},
+                           {"method": "magnitude", "args": {"sparsity": 0.75}, "targets": ["re:.*\\.1\\..*"]}],
+                   device="cpu")
+    layouts = memory.layout_bytes(model)
+    two_four, bitmask, dense = layouts["sparse24"], layouts["bitmask"], layouts["dense"]
+    weights_24 = sum(w for name, w in total.items() if ".0." in name)
+    weights_bm = sum(w for name, w in total.items() if ".1." in name)
+    # 2:4: half the values in bf16 plus 2 bits a kept value; bitmask: a bit a weight plus the kept quarter
+    assert two_four["layers"] == 7 and two_four["sparsity"] == 0.5
+    assert two_four["stored_bytes"] == weights_24 * 2 * 0.5625 and two_four["dense_bytes"] == weights_24 * 2
+    assert bitmask["layers"] == 7 and bitmask["sparsity"] == pytest.approx(0.75, abs=1e-3)
+    assert bitmask["stored_bytes"] == pytest.approx(weights_bm * (1 / 8 + 0.25 * 2), rel=1e-3)
+    assert dense["sparsity"] == 0.0 and dense["stored_bytes"] == dense["dense_bytes"]  # the rest, lm_head among them
+    assert memory.memory_report(model, None, 64)["layouts"] == layouts
+
+
 def test_bench_prints_the_speed_table_of_a_random_model(monkeypatch, tmp_path: Path) -> None:
     from click.testing import CliRunner
 

@@ -60,6 +60,11 @@ class CompressedLinear(nn.Module, ABC):
         time and shown by ``compress validate``), or None."""
         return None
 
+    def sparsity(self) -> float:
+        """The fraction of this layer's weights stored as pruned (not stored at all): 0 unless a sparse format
+        says otherwise."""
+        return 0.0
+
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight [out, in] this layer computes with (a fresh tensor: writing to it changes nothing).

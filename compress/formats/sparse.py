@@ -138,6 +138,9 @@ class Sparse24Linear(CompressedLinear):
         return KernelChoice("sparse24", f"up to {sparse24.MAX_TOKENS} tokens; more (prefill) rebuild the dense "
                             "weight in one pass for cuBLAS")
 
+    def sparsity(self) -> float:
+        return 0.5
+
     def check_loaded(self) -> str | None:
         index = unpack_positions(self.meta, self.in_features).reshape(self.out_features, -1, 2)
         if not (index[..., 0] < index[..., 1]).all():
@@ -236,6 +239,9 @@ class Sparse24IntLinear(CompressedLinear):
     def zero_points(self) -> torch.Tensor:
         return zero_points(self.scales, self.zeros, self.int_scheme)
 
+    def sparsity(self) -> float:
+        return 0.5
+
     def check_loaded(self) -> str | None:
         return check_int_buffers(self.qweight, self.scales, self.zeros, self.int_scheme)
 
@@ -303,6 +309,9 @@ class BitmaskLinear(CompressedLinear):
 
     def mask(self) -> torch.Tensor:
         return unpack_bits(self.bitmask, self.in_features)
+
+    def sparsity(self) -> float:
+        return 1 - self.kept / (self.in_features * self.out_features)
 
     def check_loaded(self) -> str | None:
         if self.values is not None and int(self.mask().sum()) != self.kept:
