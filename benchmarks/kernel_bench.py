@@ -1,7 +1,7 @@
 """Micro-benchmark of the linear-layer kernels on Llama-3-8B shapes (GPU): time per call and achieved
 bandwidth (weight bytes read per call / time) against a device-to-device copy measured in the same run.
 
-    python -m benchmarks.kernel_bench [--tokens 1,4,8,16] [--shapes up,down] [--only "bf16,int4 cuda"]
+    python -m benchmarks.kernel_bench [--tokens 1,4,8,16] [--shapes up,down] [--only "bf16,int4 cuda,sparse24"]
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ def main() -> None:
     only = [word for word in args.only.split(",") if word]
     from compress.formats.fp8 import Fp8Linear
     from compress.formats.integer import IntLinear
-    from compress.kernels import cuda_int4, gemv
+    from compress.formats.sparse import Sparse24IntLinear, Sparse24Linear
+    from compress.kernels import cuda_int4, gemv, sparse24
+    from compress.sparsity import nm_mask
 
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
@@ -76,6 +78,10 @@ def main() -> None:
         layer8 = IntLinear.from_weight(w, None, IntScheme(8, True, "channel", None, restricted=True), torch.bfloat16)
         fp8 = Fp8Linear.from_weight(w, None, True, "dynamic", torch.bfloat16)
         tg = tinygemm_pack(layer4)
+        keep = nm_mask(w.abs().float(), 2, 4)  # 2:4 by magnitude: the kept values, and the kept 4-bit codes
+        sp24 = Sparse24Linear.from_dense(w, keep, None)
+        sp24i = Sparse24IntLinear.from_int(IntLinear.from_weight(w * keep, None, IntScheme(4, True, "group", 128),
+                                                                 torch.bfloat16), keep)
         s8, s8f = layer8.scales.view(-1), fp8.weight_scale.view(-1).contiguous()
         for m in tokens:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -104,6 +110,12 @@ def main() -> None:
                     "fp8 tensor-core kernel": (lambda: gemv.dot_8bit(x, *fp8_args), n * k),
                     "int8 inductor fused": (lambda: fused(x, layer8.qweight), n * k),
                 })
+            if m <= sparse24.MAX_TOKENS:  # bytes: kept values (or codes) and their positions
+                kernels["sparse24 gemv"] = (lambda: sparse24.gemv_24(x, sp24.values, sp24.meta), n * k * 9 // 8)
+                kernels["sparse24-int4 gemv"] = (lambda: sparse24.gemv_24_int4(
+                    x, sp24i.qweight, sp24i.meta, sp24i.scales, None, 128, 8.0), n * k * 3 // 8)
+            kernels["sparse24 decompress+cublas"] = (
+                lambda: F.linear(x, sparse24.decompress_24(sp24.values, sp24.meta, k)), n * k * 9 // 8)
             kernels["int4 dequant+cublas"] = (lambda: F.linear(x, layer4.dequantized_weight(torch.bfloat16)),
                                               n * k // 2)
             xq = x.to(torch.float8_e4m3fn)
@@ -121,7 +133,7 @@ def main() -> None:
                     continue
                 gbs = nbytes / (us / 1e6) / 1e9
                 print(f"{name:<8} {m:>5} {label:<24} {us:9.1f} {gbs:7.0f} {gbs * 1e9 / bw:7.0%}", flush=True)
-        del w, layer4, layer8, fp8
+        del w, layer4, layer8, fp8, sp24, sp24i
         torch.cuda.empty_cache()
 
 

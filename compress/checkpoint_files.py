@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from compress.errors import CheckpointError
-from compress.hf import QUANT_METHOD
 
+QUANT_METHOD = "compress"  # a compress checkpoint's quantization_config.quant_method
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100_000_000  # safetensors refuses a longer header

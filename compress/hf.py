@@ -17,7 +17,7 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-QUANT_METHOD = "compress"
+from compress.checkpoint_files import QUANT_METHOD
 
 
 class CompressQuantizationConfig(QuantizationConfigMixin):
@@ -91,3 +91,6 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(CompressQuantizationConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(CompressHfQuantizer)
+
+
+register()

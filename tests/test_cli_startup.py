@@ -1,11 +1,15 @@
-"""`compress --help` and every command's --help answer without importing torch, transformers or compress (issue 19,
-finding 10: they took 4-7 s); the `compress` script's logging prints the Hub's warnings once."""
+"""`compress --help` and every command's --help answer without importing torch, transformers or compress, and
+`compress plugins` without importing transformers (issue 19, finding 10: they took 4-7 s), while `import compress`
+still teaches transformers to load compress checkpoints; the `compress` script's logging prints the Hub's warnings
+once."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import tomllib
+
+import torch
 
 from conftest import REPO
 
@@ -70,3 +74,40 @@ def test_hub_warnings_are_logged_once() -> None:
                      "datasets_logging.get_logger('datasets.x').warning('datasets warning')\n")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("hub warning") == 1 and result.stderr.count("datasets warning") == 1, result.stderr
+
+
+def test_plugins_lists_every_method_without_importing_transformers() -> None:
+    result = _python("import sys, compress_cli\n"
+                     "sys.argv = ['compress', 'plugins']\n"
+                     "try:\n    compress_cli.main()\nexcept SystemExit as exc:\n    assert exc.code in (0, None)\n"
+                     "print('TRANSFORMERS', 'transformers' in sys.modules)\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for method in ("gptq", "awq", "rtn", "sparsegpt", "wanda"):
+        assert f"\n{method} " in "\n" + result.stdout
+    assert result.stdout.splitlines()[-1] == "TRANSFORMERS False"
+
+
+def test_import_compress_before_transformers_still_registers_its_checkpoints(tmp_path) -> None:
+    """`import compress` no longer imports transformers: it registers compress's quantizer when transformers' own
+    registry is imported, so from_pretrained loads a compress checkpoint as before."""
+    import compress
+    from compress.formats import CompressedLinear
+    from conftest import make_tiny
+
+    model = compress.apply(make_tiny("llama"), [{"method": "rtn", "args": {"bits": 4, "group_size": 64}}], device="cpu")
+    compress.save(model, tmp_path / "ck")
+    x = torch.arange(8)[None]
+    expect = model(x).logits
+    torch.save(x, tmp_path / "x.pt")
+    result = _python("import sys, torch, compress\n"
+                     "print('BEFORE', 'transformers' in sys.modules)\n"
+                     "from transformers import AutoModelForCausalLM\n"
+                     f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ck')!r})\n"
+                     "from compress.formats import CompressedLinear\n"
+                     "print('LAYERS', sum(isinstance(m, CompressedLinear) for m in model.modules()))\n"
+                     f"torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})).logits, {str(tmp_path / 'y.pt')!r})\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "BEFORE False" in result.stdout
+    layers = sum(isinstance(m, CompressedLinear) for m in model.modules())
+    assert f"LAYERS {layers}" in result.stdout and layers > 0
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expect)
