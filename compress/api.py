@@ -148,8 +148,9 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
 
         def survey(fn: Callable[[BlockWork], None], step: PlannedStep) -> None:
             label = f"{step.method.name} (survey)"
-            run_stage(model, find_blocks(model), [StepWork(label, fn, step.layers, needs_inputs=True)], calib, device,
-                      batch_size, compute_dtype, dict(states), stream.survey() if stream else None, activations)
+            needs_inputs = step.method.needs_for(step.config) != Needs.NOTHING  # a data-free method surveys weights
+            run_stage(model, find_blocks(model), [StepWork(label, fn, step.layers, needs_inputs=needs_inputs)], calib,
+                      device, batch_size, compute_dtype, dict(states), stream.survey() if stream else None, activations)
 
         stage = [replace(s, config=s.method.before_stage(s.config, lambda fn, s=s: survey(fn, s))) for s in stage]
         run_stage(model, find_blocks(model), [_step_work(s) for s in stage], calib, device, batch_size,

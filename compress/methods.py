@@ -126,8 +126,8 @@ class Method:
     def before_stage(self, config: MethodConfig, survey: Callable[[Callable[[BlockWork], None]], None]
                      ) -> MethodConfig:
         """Called before the stage that runs this step, with ``survey(fn)``: a walk over the decoder blocks of the
-        model as it stands, calling ``fn(work)`` with each block's targets and calibration inputs and changing
-        nothing. Returns the config the step runs with (default: ``config``); a method that decides something for
+        model as it stands, calling ``fn(work)`` with each block's targets (and calibration inputs, unless the step
+        needs none) and changing nothing. Returns the config the step runs with (default: ``config``); a method that decides something for
         the whole model from every block (OWL's sparsity per block) overrides it."""
         return config
 

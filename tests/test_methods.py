@@ -28,6 +28,7 @@ CASES: dict[str, list[dict]] = {
     "magnitude": [{"sparsity": 0.3}, {"structure": "2:4"}],
     "wanda": [{"sparsity": 0.4, "layer_sparsity": {"*.mlp.*": 0.5}}, {"structure": "4:8"}],
     "sparsegpt": [{"structure": "2:4"}, {"sparsity": 0.5, "fit_original": True}],
+    "lowrank": [{"ratio": 0.95}, {"mode": "svd", "ratio": 0.9, "allocation": "uniform"}],
 }
 CASE_IDS = [(m, i) for m, cases in CASES.items() for i in range(len(cases))]
 

@@ -1,0 +1,115 @@
+"""Low-rank decomposition: each targeted layer replaced by two thin factors (the ``factored`` format) holding a
+fraction ``ratio`` of its parameters.
+
+``mode: whitened`` (the default) truncates the SVD of the weight times the Cholesky factor of the layer's input
+second moments (SVD-LLM), so truncation minimises the error of the layer's outputs on the calibration data rather
+than of its weights; ``mode: svd`` truncates the weight's own SVD and needs no data. As with GPTQ, a block's layers
+are taken group by group in execution order (q/k/v; o; gate/up; down), each group's inputs collected after the
+earlier groups were factored, and later blocks see the factored blocks' outputs. The algorithm is
+:mod:`compress.solvers.lowrank`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from compress.calibration.engine import BlockWork
+from compress.errors import Problem
+from compress.formats.factored import FactoredLinear, rank_for
+from compress.linear import get_bias, get_weight, linear_shape
+from compress.methods import Method, MethodConfig, Needs
+from compress.solvers.hessian import block_hessians, damped_factors
+from compress.solvers.lowrank import allocate_ranks, factor
+from compress.states import LayerKind
+
+log = logging.getLogger(__name__)
+
+
+class LowRankConfig(MethodConfig):
+    mode: Literal["whitened", "svd"] = Field("whitened", description="whitened: output-aware (needs calibration "
+                                                                     "data); svd: plain truncated SVD")
+    ratio: float = Field(0.8, gt=0, lt=1, description="fraction of each layer's parameters its factors keep")
+    damp: float = Field(0.01, gt=0, lt=1, description="damping added to the inputs' second moments before "
+                                                      "whitening, as a fraction of their mean diagonal")
+    allocation: Literal["global", "uniform"] = Field(
+        "global", description="global: ranks spread across the layers by their spectra, the ratio met by all of them "
+                              "together; uniform: each layer keeps the ratio")
+    ranks: dict[str, int] = Field(default_factory=dict, description="rank of each layer by qualified name (filled by "
+                                                                    "the global allocation; given ones are kept)")
+
+
+class LowRank(Method):
+    name = "lowrank"
+    Config = LowRankConfig
+    needs = Needs.CALIBRATION
+    summary = "low-rank factors (whitened SVD as SVD-LLM, or plain SVD) keeping a fraction of each layer's parameters"
+
+    def needs_for(self, config: LowRankConfig) -> Needs:
+        return Needs.NOTHING if config.mode == "svd" else Needs.CALIBRATION
+
+    def produces(self, config: LowRankConfig) -> LayerKind:
+        return LayerKind.FORMAT
+
+    def writes(self, config: LowRankConfig) -> dict[str, Any]:
+        return {"format": FactoredLinear.format, "ratio": config.ratio}
+
+    def check_targets(self, targets: dict[str, nn.Module], config: LowRankConfig) -> list[Problem]:
+        if config.allocation == "global":
+            shapes = [linear_shape(layer) for layer in targets.values()]
+            if config.ratio * sum(i * o for i, o in shapes) >= sum(i + o for i, o in shapes):
+                return []
+            return [Problem("ratio", f"{config.ratio} of the parameters of the {len(shapes)} layers is less than one "
+                            "rank for each of them: raise the ratio")]
+        tiny = sorted(n for n, layer in targets.items()
+                      if n not in config.ranks and rank_for(*linear_shape(layer), config.ratio) == 0)
+        if not tiny:
+            return []
+        return [Problem("ratio", f"{config.ratio} of the parameters is less than one rank of {len(tiny)} layers "
+                        f"({', '.join(tiny[:3])}{', ...' if len(tiny) > 3 else ''}): raise the ratio, or ignore "
+                        "those layers in the step")]
+
+    def before_stage(self, config: LowRankConfig, survey) -> LowRankConfig:
+        if config.allocation == "uniform":
+            return config
+        spectra: dict[str, tuple[int, int, torch.Tensor]] = {}
+
+        def measure(work: BlockWork) -> None:
+            for group, H in self._groups(work, config):
+                for name in group:
+                    weight = get_weight(work.targets[name]).float().to(work.device)
+                    if H is not None:
+                        weight = weight @ damped_factors(H, config.damp, name, inverse=False)[0]
+                    spectra[name] = (*linear_shape(work.targets[name]), torch.linalg.svdvals(weight).pow(2).cpu())
+
+        survey(measure)
+        ranks = {**allocate_ranks(spectra, config.ratio), **config.ranks}
+        kept = sum(ranks[n] * (i + o) for n, (i, o, _) in spectra.items()) / sum(i * o for i, o, _ in spectra.values())
+        log.info("%s: ranks for %d layers keep %.4f of their parameters (asked %g); per layer: %s", self.name,
+                 len(ranks), kept, config.ratio, ", ".join(f"{n} {r}" for n, r in ranks.items()))
+        return config.model_copy(update={"ranks": ranks})
+
+    @staticmethod
+    def _groups(work: BlockWork, config: LowRankConfig):
+        """The block's layer groups in order, each with its inputs' second moments (whitened; collected when the
+        group's turn comes, after the earlier groups were replaced) or None (svd)."""
+        if config.mode == "svd":
+            for name in list(work.targets):
+                yield [name], None
+            return
+        for group in work.linear_groups():
+            yield group, block_hessians(work, [group], False)[0].H
+
+    def compress_block(self, work: BlockWork, config: LowRankConfig) -> None:
+        for group, H in self._groups(work, config):
+            for name in group:
+                layer = work.targets[name]
+                # at least 1: check_targets refused uniform ratios below one rank, the allocation gives each one
+                rank = config.ranks.get(name) or rank_for(*linear_shape(layer), config.ratio)
+                weight = get_weight(layer)
+                A, B = factor(weight.to(work.device), rank, H, config.damp, name)
+                work.replace(name, FactoredLinear.from_factors(A, B, get_bias(layer), weight.dtype))

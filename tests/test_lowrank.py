@@ -1,0 +1,124 @@
+"""Low-rank decomposition (issue 21): the truncation against its closed forms, the factored format, and the method
+on the engine. The method's save / load / from_pretrained round trip on every architecture is in test_methods.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import compress
+from compress.errors import RecipeError
+from compress.formats import CompressedLinear
+from compress.formats.factored import FactoredLinear, rank_for
+from compress.solvers.lowrank import allocate_ranks, factor
+from conftest import make_tiny
+
+
+def _inputs(n: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    """Correlated inputs with a few large channels, as a transformer's are."""
+    mix = torch.randn(cols, cols, generator=gen) / cols**0.5
+    x = torch.randn(n, cols, generator=gen) @ mix
+    x[:, :4] *= 20
+    return x
+
+
+def test_plain_truncation_is_the_best_rank_r_approximation() -> None:
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(48, 64, generator=gen, dtype=torch.float64).float()
+    s = torch.linalg.svdvals(W.double())
+    A, B = factor(W, 10)
+    assert A.shape == (10, 64) and B.shape == (48, 10)
+    # Eckart-Young: the error is the norm of the singular values left out
+    assert (W - B @ A).norm().item() == pytest.approx(s[10:].norm().item(), rel=1e-4)
+
+
+def test_whitened_truncation_minimises_the_output_error() -> None:
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(48, 64, generator=gen)
+    X = _inputs(2048, 64, gen)
+    H = X.t() @ X
+    A, B = factor(W, 12, H, damp=1e-6)
+    Ap, Bp = factor(W, 12)
+    out = lambda a, b: (X @ (W - b @ a).t()).norm().item()  # noqa: E731
+    # the optimum on these inputs is the truncated SVD of X W^T: its left-out singular values
+    best = torch.linalg.svdvals((X @ W.t()).double())[12:].norm().item()
+    assert out(A, B) == pytest.approx(best, rel=1e-3)
+    assert out(A, B) < 0.5 * out(Ap, Bp)  # plain SVD is far from it where inputs are uneven
+    assert (W - B @ A).norm() > (W - Bp @ Ap).norm()  # and it wins on the weight error, which is not the goal
+
+
+def test_rank_holds_at_most_the_ratio_of_parameters() -> None:
+    for in_f, out_f, ratio in [(128, 128, 0.8), (4096, 14336, 0.6), (576, 1536, 0.5), (10, 7, 0.3)]:
+        r = rank_for(in_f, out_f, ratio)
+        assert r * (in_f + out_f) <= ratio * in_f * out_f < (r + 1) * (in_f + out_f)
+    assert rank_for(4, 4, 0.1) == 0
+
+
+def test_factored_layer_runs_as_its_product_and_round_trips(tmp_path) -> None:
+    gen = torch.Generator().manual_seed(2)
+    A, B, bias = torch.randn(5, 32, generator=gen), torch.randn(24, 5, generator=gen), torch.randn(24, generator=gen)
+    layer = FactoredLinear.from_factors(A, B, bias, torch.float32)
+    x = torch.randn(3, 32, generator=gen)
+    torch.testing.assert_close(layer(x), x @ (B @ A).t() + bias)
+    torch.testing.assert_close(layer.dequantized_weight(), B @ A)
+    empty = FactoredLinear.empty(32, 24, True, layer.scheme(), torch.float32, device="cpu")
+    empty.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(empty(x), layer(x), rtol=0, atol=0)
+    layer.A[0, 0] = float("nan")
+    assert layer.check_loaded() == "non-finite factors"
+
+
+def test_lowrank_factors_every_block_layer_at_the_ratio_and_whitened_beats_plain_svd() -> None:
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
+    calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(4))
+    base = make_tiny("llama")
+    with torch.no_grad():
+        before = base(ids).logits
+    errors = {}
+    for mode in ("whitened", "svd"):
+        args = {"mode": mode, "ratio": 0.5, "allocation": "uniform"}
+        model = compress.apply(make_tiny("llama"), [{"method": "lowrank", "args": args}],
+                               calib=calib if mode == "whitened" else None, device="cpu")
+        layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
+        assert layers and all(isinstance(m, FactoredLinear) for m in layers)
+        for m in layers:
+            assert m.rank == rank_for(m.in_features, m.out_features, 0.5)
+            assert m.A.numel() + m.B.numel() <= 0.5 * m.in_features * m.out_features
+        with torch.no_grad():
+            errors[mode] = ((model(ids).logits - before).norm() / before.norm()).item()
+    assert errors["whitened"] < errors["svd"], errors
+
+
+def test_global_allocation_gives_rank_where_the_spectrum_is_flat_and_meets_the_budget() -> None:
+    steep = torch.tensor([2.0**-k for k in range(64)])  # one layer's energy falls fast, the other's not at all
+    flat = torch.ones(64)
+    ranks = allocate_ranks({"steep": (64, 64, steep), "flat": (64, 64, flat), "wide": (64, 256, flat)}, 0.4)
+    cost = ranks["steep"] * 128 + ranks["flat"] * 128 + ranks["wide"] * 320
+    budget = 0.4 * (64 * 64 * 2 + 64 * 256)
+    assert budget - 320 < cost <= budget  # met to within the largest layer's step
+    assert ranks["steep"] < 10 < ranks["flat"]
+    assert ranks["wide"] < ranks["flat"]  # a rank of the wide layer costs more for the same share of its energy
+
+
+def test_global_allocation_keeps_the_ratio_over_all_layers() -> None:
+    calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(4))
+    model = compress.apply(make_tiny("llama"), [{"method": "lowrank", "args": {"ratio": 0.5}}], calib=calib,
+                           device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, FactoredLinear)]
+    kept = sum(m.A.numel() + m.B.numel() for m in layers)
+    total = sum(m.in_features * m.out_features for m in layers)
+    assert len(layers) == 14 and 0.5 * total - 384 < kept <= 0.5 * total
+    assert len({m.rank for m in layers}) > 2  # not one rank for all
+
+
+def test_a_ratio_below_one_rank_is_refused_before_any_weight_changes() -> None:
+    model = make_tiny("llama")
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.args\.ratio: 0\.001 of the parameters is less than one "
+                                          r"rank of 14 layers \(model\.layers\.0\.mlp\.down_proj, .*raise the ratio"):
+        compress.apply(model, [{"method": "lowrank", "args": {"mode": "svd", "ratio": 0.001, "allocation": "uniform"}}],
+                       device="cpu")
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.args\.ratio: 0\.001 of the parameters of the 14 layers is "
+                                          r"less than one rank for each of them: raise the ratio"):
+        compress.apply(model, [{"method": "lowrank", "args": {"mode": "svd", "ratio": 0.001}}], device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
