@@ -111,6 +111,21 @@ def test_global_allocation_keeps_the_ratio_over_all_layers() -> None:
     assert len({m.rank for m in layers}) > 2  # not one rank for all
 
 
+def test_fitting_the_original_outputs_changes_only_what_follows_a_compressed_layer() -> None:
+    """With fit_original a layer is truncated from the weight that best gives the uncompressed model's outputs on the
+    compressed model's inputs: the first group of the first block sees the original inputs, so its factors are
+    those of the plain whitened truncation; every layer after a factored one differs."""
+    calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(4))
+    factored = {}
+    for fit in (True, False):
+        args = {"ratio": 0.5, "fit_original": fit, "allocation": "uniform"}
+        model = compress.apply(make_tiny("llama"), [{"method": "lowrank", "args": args}], calib=calib, device="cpu")
+        factored[fit] = {n: m for n, m in model.named_modules() if isinstance(m, FactoredLinear)}
+    for name, layer in factored[True].items():
+        same = torch.allclose(layer.dequantized_weight(), factored[False][name].dequantized_weight(), atol=1e-5)
+        assert same == (".layers.0.self_attn." in name and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj")), name
+
+
 def test_a_ratio_below_one_rank_is_refused_before_any_weight_changes() -> None:
     model = make_tiny("llama")
     before = [p.clone() for p in model.parameters()]

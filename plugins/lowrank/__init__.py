@@ -23,7 +23,7 @@ from compress.errors import Problem
 from compress.formats.factored import FactoredLinear, rank_for
 from compress.linear import get_bias, get_weight, linear_shape
 from compress.methods import Method, MethodConfig, Needs
-from compress.solvers.hessian import block_hessians, damped_factors
+from compress.solvers.hessian import asymmetric_start, block_hessians, damped_factors
 from compress.solvers.lowrank import allocate_ranks, factor
 from compress.states import LayerKind
 
@@ -39,6 +39,9 @@ class LowRankConfig(MethodConfig):
     allocation: Literal["global", "uniform"] = Field(
         "global", description="global: ranks spread across the layers by their spectra, the ratio met by all of them "
                               "together; uniform: each layer keeps the ratio")
+    fit_original: bool = Field(True, description="whitened: fit the uncompressed model's layer outputs (on its own "
+                                                 "inputs) rather than the layer's outputs on the compressed model's "
+                                                 "inputs, as GPTQ's fit_original")
     ranks: dict[str, int] = Field(default_factory=dict, description="rank of each layer by qualified name (filled by "
                                                                     "the global allocation; given ones are kept)")
 
@@ -79,11 +82,11 @@ class LowRank(Method):
         spectra: dict[str, tuple[int, int, torch.Tensor]] = {}
 
         def measure(work: BlockWork) -> None:
-            for group, H in self._groups(work, config):
+            for group, hessian in self._groups(work, config):
                 for name in group:
                     weight = get_weight(work.targets[name]).float().to(work.device)
-                    if H is not None:
-                        weight = weight @ damped_factors(H, config.damp, name, inverse=False)[0]
+                    if hessian is not None:
+                        weight = weight @ damped_factors(hessian.H, config.damp, name, inverse=False)[0]
                     spectra[name] = (*linear_shape(work.targets[name]), torch.linalg.svdvals(weight).pow(2).cpu())
 
         survey(measure)
@@ -94,22 +97,31 @@ class LowRank(Method):
         return config.model_copy(update={"ranks": ranks})
 
     @staticmethod
-    def _groups(work: BlockWork, config: LowRankConfig):
+    def _groups(work: BlockWork, config: LowRankConfig, cross: bool = False):
         """The block's layer groups in order, each with its inputs' second moments (whitened; collected when the
-        group's turn comes, after the earlier groups were replaced) or None (svd)."""
+        group's turn comes, after the earlier groups were replaced; with ``cross``, paired with the uncompressed
+        block's inputs) or None (svd)."""
         if config.mode == "svd":
             for name in list(work.targets):
                 yield [name], None
             return
         for group in work.linear_groups():
-            yield group, block_hessians(work, [group], False)[0].H
+            yield group, block_hessians(work, [group], cross)[0]
+
+    def needs_reference(self, config: LowRankConfig) -> bool:
+        return config.fit_original and config.mode == "whitened"
 
     def compress_block(self, work: BlockWork, config: LowRankConfig) -> None:
-        for group, H in self._groups(work, config):
+        for group, hessian in self._groups(work, config, self.needs_reference(config)):
             for name in group:
                 layer = work.targets[name]
                 # at least 1: check_targets refused uniform ratios below one rank, the allocation gives each one
                 rank = config.ranks.get(name) or rank_for(*linear_shape(layer), config.ratio)
                 weight = get_weight(layer)
-                A, B = factor(weight.to(work.device), rank, H, config.damp, name)
+                target = weight.to(work.device).float()
+                if hessian is not None and hessian.C is not None:  # the weight that best gives the original outputs
+                    original = get_weight(work.reference.block.get_submodule(work.local(name))).to(work.device)
+                    L = damped_factors(hessian.H, config.damp, name, inverse=False)[0]
+                    target = asymmetric_start(target, hessian.H, L, hessian.C, original.float())
+                A, B = factor(target, rank, None if hessian is None else hessian.H, config.damp, name)
                 work.replace(name, FactoredLinear.from_factors(A, B, get_bias(layer), weight.dtype))
