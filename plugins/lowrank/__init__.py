@@ -59,7 +59,11 @@ class LowRank(Method):
         return LayerKind.FORMAT
 
     def writes(self, config: LowRankConfig) -> dict[str, Any]:
-        return {"format": FactoredLinear.format, "ratio": config.ratio}
+        # a uniform ratio gives each layer's rank before any weight is read (compress validate shows it); the global
+        # allocation chooses them from the calibration data as the stage begins, and logs them
+        if config.allocation == "uniform":
+            return {"format": FactoredLinear.format, "ratio": config.ratio}
+        return {"format": FactoredLinear.format}
 
     def check_targets(self, targets: dict[str, nn.Module], config: LowRankConfig) -> list[Problem]:
         if config.allocation == "global":
@@ -81,8 +85,10 @@ class LowRank(Method):
             return config
         spectra: dict[str, tuple[int, int, torch.Tensor]] = {}
 
-        def measure(work: BlockWork) -> None:
-            for group, hessian in self._groups(work, config):
+        def measure(work: BlockWork) -> None:  # nothing changes in a survey: every group's inputs in one pass
+            groups = [[name] for name in work.targets] if config.mode == "svd" else work.linear_groups()
+            hessians = [None] * len(groups) if config.mode == "svd" else block_hessians(work, groups, False)
+            for group, hessian in zip(groups, hessians):
                 for name in group:
                     weight = get_weight(work.targets[name]).float().to(work.device)
                     if hessian is not None:
