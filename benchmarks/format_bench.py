@@ -13,7 +13,10 @@ weights read per token over the device-to-device copy bandwidth measured in the 
 ``int4`` = RTN 4-bit group 128 symmetric, ``int8`` = absmax int8 per channel, ``fp8`` = FP8 W8A8 dynamic
 (each with ``-lm-head``: the output head too, as torchao's ``quantize_`` does by default), ``fp8-wo`` = FP8
 weight-only, ``sparse24`` = 2:4 magnitude pruning stored as kept bf16 values and positions, ``sparse24-int4`` =
-the same then ``int4`` (the kept codes only), ``nf4`` / ``llm.int8`` = bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; bf16 or a compress format
+the same then ``int4`` (the kept codes only), ``factored50`` = every linear layer but the head as two factors
+holding half its parameters (the ``factored`` format of the ``lowrank`` method), ``int4-lr32`` = ``int4`` with a
+rank-32 correction beside each layer (the ``corrected`` format of ``lowrank-correct``); the factors of these two are
+random, as the weights are (fitting them would take minutes and change no timing), ``nf4`` / ``llm.int8`` = bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; bf16 or a compress format
 with ``+fused`` (``int4+fused``) has its q/k/v and gate/up layers fused (``compress.fuse_projections``).
 """
 
@@ -44,6 +47,9 @@ STEPS = {
     "sparse24-int4": [{"method": "magnitude", "args": {"structure": "2:4"}},
                       {"method": "rtn", "args": {"bits": 4, "group_size": 128}}],
 }
+
+
+RANDOM_FACTORS = ("factored50", "int4-lr32")  # built by with_random_factors
 
 
 def copy_bandwidth() -> float:
@@ -98,9 +104,39 @@ def to_bitsandbytes(model: nn.Module, kind: str) -> None:
         del module, w
 
 
+@torch.no_grad()
+def with_random_factors(model: nn.Module, fmt: str) -> None:
+    """``factored50``: every Linear but the head replaced by random factors holding half its parameters;
+    ``int4-lr32``: every int4 layer given a random rank-32 correction."""
+    from compress.formats import compressed_modules
+    from compress.formats.corrected import CorrectedLinear
+    from compress.formats.factored import FactoredLinear, rank_for
+
+    head, device = model.get_output_embeddings(), model.get_output_embeddings().weight.device
+    if fmt == "factored50":
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    else:
+        layers = list(compressed_modules(model))
+    for name, layer in layers:
+        i, o = layer.in_features, layer.out_features
+        rank = rank_for(i, o, 0.5) if fmt == "factored50" else 32
+        A = torch.randn(rank, i, device=device, dtype=torch.bfloat16) / i**0.5
+        B = torch.randn(o, rank, device=device, dtype=torch.bfloat16) / rank**0.5
+        if fmt == "factored50":
+            new = FactoredLinear.from_factors(A, B, layer.bias, torch.bfloat16)
+        else:
+            new = CorrectedLinear.wrap(layer, A, B * 0.01, torch.bfloat16)
+        model.set_submodule(name, new)
+
+
 def build(shape: str, fmt: str) -> nn.Module:
     model = random_model(shape, "cuda", torch.bfloat16)
-    if fmt in STEPS:
+    if fmt == "int4-lr32":
+        compress.apply(model, [dict(s) for s in STEPS["int4"]], device="cuda")
+        with_random_factors(model, fmt)
+    elif fmt == "factored50":
+        with_random_factors(model, fmt)
+    elif fmt in STEPS:
         steps = [dict(s) for s in STEPS[fmt]]
         compress.apply(model, steps, device="cuda")
     elif fmt in ("nf4", "llm.int8"):
@@ -116,7 +152,7 @@ def split_format(fmt: str) -> tuple[str, bool]:
     """``int4+fused`` -> ("int4", True); ``int4`` -> ("int4", False). Exits with a message for a suffix other than
     ``+fused``, or ``+fused`` on a format that cannot fuse (bitsandbytes)."""
     name, _, suffix = fmt.partition("+")
-    if suffix and (suffix != "fused" or name not in (*STEPS, "bf16")):
+    if suffix and (suffix != "fused" or name not in (*STEPS, *RANDOM_FACTORS, "bf16")):
         raise SystemExit(f"unknown format {fmt!r}: only bf16 and compress formats take '+fused'")
     return name, bool(suffix)
 

@@ -38,7 +38,7 @@ import yaml
 from compress import runtime
 from compress.checkpoint_files import check_files
 from compress.errors import CheckpointError, UsageError
-from compress.formats import CompressedLinear
+from compress.formats import compressed_modules
 from compress.hf import CompressQuantizationConfig
 from compress.model import DTYPES, resolve_device
 from compress.runtime.fusion import is_fused
@@ -52,8 +52,7 @@ def compressed_layers(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Each compressed layer's qualified name -> its stored scheme and the method that wrote it."""
     return {
         name: {**module.scheme(), **getattr(module, "written_by", {})}
-        for name, module in model.named_modules()
-        if isinstance(module, CompressedLinear)
+        for name, module in compressed_modules(model)
     }
 
 

@@ -59,18 +59,16 @@ class CompressHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from compress.errors import CheckpointError
-        from compress.formats import CompressedLinear
+        from compress.formats import compressed_modules
 
-        bad = [f"{name} ({problem})" for name, module in model.named_modules()
-               if isinstance(module, CompressedLinear) and (problem := module.check_loaded())]
+        bad = [f"{name} ({problem})" for name, module in compressed_modules(model) if (problem := module.check_loaded())]
         if bad:
             shown = "; ".join(bad[:6]) + (f"; and {len(bad) - 6} more" if len(bad) > 6 else "")
             raise CheckpointError(f"{len(bad)} compressed layers do not match the scheme the checkpoint's config.json "
                                   f"declares: {shown}; the config or the weights were edited or damaged: re-create the "
                                   "checkpoint")
-        for module in model.modules():
-            if isinstance(module, CompressedLinear):
-                module.after_load()
+        for _, module in compressed_modules(model):
+            module.after_load()
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

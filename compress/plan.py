@@ -109,6 +109,7 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
     shapes: dict[str, tuple[int, int]] = {}  # masked layer -> (in_features, out_features)
     for stage in stages:
         planned_stage = []
+        in_stage: set[str] = set()  # layers a step of this stage changed (its reference still holds them as they were)
         for step in stage:
             sel = select(model, step.spec.targets, step.spec.ignore)
             for k in sel.unmatched_targets:
@@ -127,7 +128,7 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
                                         "add them to ignore"))
             for p in step.method.check_targets(sel.modules, step.config):
                 problems.append(Problem(f"{step.where}.args.{p.where}" if p.where else step.where, p.message))
-            problems += _state_problems(step, list(sel.modules), states)
+            problems += _state_problems(step, list(sel.modules), states, in_stage)
             kernels, notes = _storage(step, sel.modules, problems)
             pattern, scheme = step.method.mask_pattern(step.config), step.method.writes(step.config)
             for name in sel.modules:
@@ -149,26 +150,38 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
     return Plan(recipe, planned, seq_len, stored)
 
 
-def _state_problems(step: ResolvedStep, layers: list[str], states: dict[str, tuple[LayerKind, str]]) -> list[Problem]:
+def _state_problems(step: ResolvedStep, layers: list[str], states: dict[str, tuple[LayerKind, str]],
+                    in_stage: set[str]) -> list[Problem]:
     """Whether ``step`` can take its layers in the states the earlier steps left them in (then it records what
-    it leaves); one problem per state it cannot take, with the fix."""
+    it leaves); one problem per state it cannot take, with the fix. ``in_stage``: the layers the stage's earlier
+    steps changed (updated)."""
     takes = step.method.consumes(step.config)
     produces = step.method.produces(step.config)
     refused: dict[tuple[LayerKind, str], list[str]] = {}
+    gone: dict[str, list[str]] = {}  # stored by an earlier stage, for a step that reads the original weights
     for name in layers:
         kind, by = states.get(name, (LayerKind.DENSE, ""))
         if kind not in takes:
             refused.setdefault((kind, by), []).append(name)
+        elif kind == LayerKind.FORMAT and name not in in_stage and step.method.needs_reference(step.config):
+            gone.setdefault(by, []).append(name)
         if produces is not None:
             states[name] = (produces, f"{step.where} ({step.method.name})")
-    problems = []
+            in_stage.add(name)
+    problems = [Problem(step.where, f"{len(names)} layers ({_names(names)}) were stored by {by}, in an earlier "
+                        f"stage: method {step.method.name!r} reads their original weights, which only the stage that "
+                        "stores them still has: put the two steps in the same stage") for by, names in gone.items()]
     for (kind, by), names in refused.items():
         fix = "remove one of the two steps, or put this one first"
-        if kind == LayerKind.FORMAT and produces == LayerKind.FORMAT:
+        if kind == LayerKind.DENSE:
+            fix = ("put a quantization step (rtn, gptq, awq, ...) on these layers before it" if takes == {LayerKind.FORMAT}
+                   else f"put a step that leaves them {describe_kinds(takes)} before it")
+        elif kind == LayerKind.FORMAT and produces == LayerKind.FORMAT:
             fix = "a layer is stored once: remove one of the two steps (for AWQ then GPTQ, give awq `quantize: false`)"
         elif kind == LayerKind.MASKED:
             fix = "put this step before the pruning step, or use a method that keeps a pruner's mask"
-        problems.append(Problem(step.where, f"{len(names)} layers ({_names(names)}) are {kind.described()} by {by}; "
+        problems.append(Problem(step.where, f"{len(names)} layers ({_names(names)}) are {kind.described()}"
+                                f"{f' by {by}' if by else ''}; "
                                 f"method {step.method.name!r} takes {describe_kinds(takes)} layers: {fix}"))
     return problems
 

@@ -169,5 +169,5 @@ def test_a_checkpoint_whose_format_is_missing_names_it(sign_plugin: Path, tmp_pa
     (sign_plugin / "my-sign-1.0.dist-info" / "entry_points.txt").write_text("[compress.plugins]\nbinarize = my_binarize:Binarize\n")
     compress.formats.refresh()
     with pytest.raises(CheckpointError, match=r"checkpoint uses storage format 'sign': unknown format 'sign'; "
-                                              r"installed formats: bitmask, factored, fp8, int, sparse24, sparse24-int .*install the package that provides it"):
+                                              r"installed formats: bitmask, corrected, factored, fp8, int, sparse24, sparse24-int .*install the package that provides it"):
         compress.load(out, device="cpu")

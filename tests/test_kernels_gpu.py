@@ -52,7 +52,7 @@ class _Spy:
     def __init__(self, monkeypatch):
         from compress.kernels import gemv
 
-        self.calls = {"gemv_int4": 0, "gemv_8bit": 0}
+        self.calls = {"gemv_int4": 0, "gemv_8bit": 0, "gemv_int4_corrected": 0}
         for name in self.calls:
             real = getattr(gemv, name)
             monkeypatch.setattr(gemv, name, self._wrap(name, real))
@@ -309,3 +309,58 @@ def test_sparse24_layers_match_dense_product(out_f, in_f, bits, monkeypatch) -> 
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(1, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
     assert rel(compiled(x), x.float() @ reference.t()) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rank", [1, 32, 100])
+@pytest.mark.parametrize("out_f, in_f", [(16, 128), (4096, 4096), (28672, 4096), (4096, 14336)])
+def test_cuda_int4_kernel_adds_a_low_rank_correction_in_its_launch(out_f, in_f, rank, dtype) -> None:
+    """x W^T + x A^T B^T in one launch: at every token count and block size, several launches in a row (the
+    counters the kernel's blocks synchronise on must come back to zero), and under CUDA-graph replay."""
+    from compress.kernels import cuda_int4, gemv
+
+    g = torch.Generator(device="cuda").manual_seed(out_f + in_f + rank)
+    layer = IntLinear.from_weight(torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02, None,
+                                  IntScheme(4, True, "group", 128), dtype)
+    A = (torch.randn(rank, in_f, device="cuda", generator=g) / in_f**0.5).to(dtype)
+    B = (torch.randn(out_f, rank, device="cuda", generator=g) * 0.02).to(dtype)
+    sync = torch.zeros(2, dtype=torch.int32, device="cuda")
+    weight = layer.dequantized_weight(torch.float32) + B.float() @ A.float()
+    for tokens in range(1, cuda_int4.MAX_TOKENS + 1):
+        x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=dtype)
+        assert cuda_int4.correction_applies(x, A, B, sync)
+        want = x.float() @ weight.t()
+        for warps in (1, 4, 16):
+            for _ in range(2):
+                y = cuda_int4.int4_mma(x, layer.qweight, layer.scales, None, 128, layer.int_scheme.sym_zero, warps,
+                                       correction=(A, B, sync))
+                assert rel(y, want) <= 1e-2, (tokens, warps, rel(y, want))
+            assert sync.tolist() == [0, 0]
+    x = torch.randn(3, in_f, device="cuda", generator=g, dtype=dtype)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = gemv.gemv_int4_corrected(x, layer.qweight, layer.scales, None, 128, layer.int_scheme.sym_zero, A, B, sync)
+    for _ in range(3):
+        x.copy_(torch.randn(3, in_f, device="cuda", generator=g, dtype=dtype))
+        graph.replay()
+        assert rel(y, x.float() @ weight.t()) <= 1e-2
+    assert sync.tolist() == [0, 0]
+
+
+def test_corrected_layers_decode_compiled_in_one_launch_each(monkeypatch) -> None:
+    """A GPTQ model with a low-rank correction: the compiled decode step (CUDA graphs, no graph break) computes what
+    the eager model does, each corrected layer through the corrected kernel and no other 4-bit call."""
+    torch._dynamo.reset()
+    model = make_tiny("llama", dtype=torch.bfloat16).cuda()
+    calib = torch.randint(0, 512, (4, 64), device="cuda")
+    compress.apply(model, [{"method": "rtn", "args": {"bits": 4, "group_size": 128}},
+                           {"method": "lowrank-correct", "args": {"rank": 8}}], calib=calib, device="cuda")
+    ids = torch.randint(0, 512, (1, 1), device="cuda")
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        eager = model(ids).logits
+        assert spy.calls["gemv_int4_corrected"] == 7 * model.config.num_hidden_layers and not spy.calls["gemv_int4"]
+        compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+        for _ in range(3):
+            out = compiled(ids).logits
+    assert rel(out, eager) < 2e-2

@@ -1,5 +1,5 @@
 """Low-rank decomposition (issue 21): the truncation against its closed forms, the factored format, and the method
-on the engine. The method's save / load / from_pretrained round trip on every architecture is in test_methods.py."""
+on the engine; the low-rank correction of quantized layers and its format. The method's save / load / from_pretrained round trip on every architecture is in test_methods.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import torch
 import compress
 from compress.errors import RecipeError
 from compress.formats import CompressedLinear
+from compress.formats.corrected import CorrectedLinear
 from compress.formats.factored import FactoredLinear, rank_for
+from compress.formats.integer import IntLinear
+from compress.quant import IntScheme
 from compress.solvers.lowrank import allocate_ranks, factor
 from conftest import make_tiny
 
@@ -136,4 +139,72 @@ def test_a_ratio_below_one_rank_is_refused_before_any_weight_changes() -> None:
     with pytest.raises(RecipeError, match=r"steps\[0\]\.args\.ratio: 0\.001 of the parameters of the 14 layers is "
                                           r"less than one rank for each of them: raise the ratio"):
         compress.apply(model, [{"method": "lowrank", "args": {"mode": "svd", "ratio": 0.001}}], device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# -- low-rank correction of quantization error ------------------------------------------------------------------
+
+
+def _q_proj_inputs(model, calib: torch.Tensor) -> torch.Tensor:
+    seen = []
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(calib)
+    hook.remove()
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in seen])
+
+
+def test_correction_is_the_best_rank_r_fit_of_the_quantization_error_on_the_layer_inputs() -> None:
+    """On the first layer group (whose inputs no earlier correction changed), the correction of a layer's own error
+    reaches the optimum of ||X (W - Q - B A)^T|| over rank-r pairs: the left-out singular values of X (W - Q)^T."""
+    calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(4))
+    original = make_tiny("llama")
+    X = _q_proj_inputs(original, calib).double()
+    W = original.model.layers[0].self_attn.q_proj.weight.double()
+    steps = [{"method": "rtn", "args": {"bits": 3, "group_size": 32}},
+             {"method": "lowrank-correct", "args": {"rank": 6, "fit_original": False, "damp": 1e-7}}]
+    model = compress.apply(make_tiny("llama"), steps, calib=calib, device="cpu")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, CorrectedLinear) and isinstance(layer.base, IntLinear) and layer.rank == 6
+    Q = layer.base.dequantized_weight(torch.float64)
+    error = X @ (W - Q).t()
+    best = torch.linalg.svdvals(error)[6:].norm().item()
+    corrected = (X @ (W - layer.dequantized_weight(torch.float64)).t()).norm().item()
+    assert corrected == pytest.approx(best, rel=1e-3)
+    assert corrected < 0.92 * error.norm().item()  # random weights: their rounding error is nearly white
+
+
+def test_corrected_format_runs_base_plus_product_and_round_trips() -> None:
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(24, 64, generator=gen)
+    base = IntLinear.from_weight(W, torch.randn(24, generator=gen), IntScheme(bits=4, symmetric=True, group_size=32),
+                                 torch.float32)
+    A, B = torch.randn(3, 64, generator=gen), torch.randn(24, 3, generator=gen)
+    layer = CorrectedLinear.wrap(base, A, B, torch.float32)
+    x = torch.randn(5, 64, generator=gen)
+    torch.testing.assert_close(layer(x), base(x) + x @ (B @ A).t())
+    torch.testing.assert_close(layer.dequantized_weight(), base.dequantized_weight() + B @ A)
+    empty = CorrectedLinear.empty(64, 24, base.bias is not None, layer.scheme(), torch.float32, device="cpu")
+    empty.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(empty(x), layer(x), rtol=0, atol=0)
+    assert set(layer.state_dict()) >= {"A", "B", "base.qweight", "base.scales"}
+    layer.B[1, 1] = float("inf")
+    assert layer.check_loaded() == "non-finite correction factors"
+
+
+def test_correction_needs_a_quantization_step_of_its_own_stage_and_a_rank_below_the_width() -> None:
+    model = make_tiny("llama")
+    calib = torch.randint(0, 512, (4, 64))
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(RecipeError, match=r"steps\[0\]: 14 layers .* are dense; method 'lowrank-correct' takes format "
+                                          r"layers: put a quantization step \(rtn, gptq, awq, \.\.\.\) on these layers"):
+        compress.apply(model, [{"method": "lowrank-correct"}], calib=calib, device="cpu")
+    staged = {"stages": [{"steps": [{"method": "rtn", "args": {"bits": 4, "group_size": 32}}]},
+                         {"steps": [{"method": "lowrank-correct", "args": {"rank": 128}}]}]}
+    with pytest.raises(RecipeError) as err:
+        compress.apply(model, staged, calib=calib, device="cpu")
+    assert "stages[1].steps[0].args.rank: 128 is not below min(in_features, out_features) of 14 layers" in str(err.value)
+    assert ("were stored by stages[0].steps[0] (rtn), in an earlier stage: method 'lowrank-correct' reads their "
+            "original weights, which only the stage that stores them still has: put the two steps in the same stage"
+            in str(err.value))
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

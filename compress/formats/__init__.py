@@ -6,8 +6,8 @@ Formats are shared by methods (int8, RTN, GPTQ and AWQ all write ``int``); a pac
 ``compress.formats`` entry-point group, code with :func:`register_format`.
 """
 
-from compress.formats.base import CompressedLinear, KernelChoice, storage_summary
+from compress.formats.base import CompressedLinear, KernelChoice, compressed_modules, layer_modules, storage_summary
 from compress.formats.registry import build_empty_layers, format_class, formats, register_format
 
-__all__ = ["CompressedLinear", "KernelChoice", "build_empty_layers", "format_class", "formats", "register_format",
-           "storage_summary"]
+__all__ = ["CompressedLinear", "KernelChoice", "build_empty_layers", "compressed_modules", "format_class", "formats",
+           "layer_modules", "register_format", "storage_summary"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -77,6 +78,13 @@ class CompressedLinear(nn.Module, ABC):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight this layer computes with, as a dense [out, in] tensor."""
 
+    def forward_with_correction(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                                sync: torch.Tensor) -> torch.Tensor | None:
+        """``self(x) + x A^T B^T`` (a low-rank correction, ``A`` [rank, in], ``B`` [out, rank]) by this format's own
+        kernel in one launch, or None where it has none for ``x`` (the ``corrected`` format then adds the product
+        itself). ``sync`` is an int32 [2] buffer of zeros the kernel may use and must leave zero."""
+        return None
+
     def check_loaded(self) -> str | None:
         """After loading: what in the stored tensors contradicts the scheme the checkpoint declares (codes out of
         range, non-finite scales), or None. Shapes are checked by the loader."""
@@ -106,17 +114,40 @@ class CompressedLinear(nn.Module, ABC):
                               f"{', '.join(self.export_layouts())}")
 
 
+def layer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Every module of ``model`` with its qualified name, as ``named_modules`` gives them, except those inside a
+    compressed layer: a format that holds another (a correction beside a quantized layer) is one layer, its parts
+    its storage."""
+    seen: set[int] = set()
+
+    def visit(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield prefix, module
+        if not isinstance(module, CompressedLinear):
+            for name, child in module.named_children():
+                yield from visit(child, f"{prefix}.{name}" if prefix else name)
+
+    yield from visit(model, "")
+
+
+def compressed_modules(model: nn.Module) -> Iterator[tuple[str, CompressedLinear]]:
+    """The compressed layers of ``model`` with their qualified names (the outer one where a format holds
+    another)."""
+    return ((name, m) for name, m in layer_modules(model) if isinstance(m, CompressedLinear))
+
+
 def storage_summary(model: nn.Module) -> str:
     """One line: bytes of the compressed layers' weights as stored (with scales, zero points, sparse positions;
     without bias) against the same weights dense in the model's own dtype."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
     width = torch.finfo(dtype).bits // 8
     stored = dense = count = 0
-    for module in model.modules():
-        if isinstance(module, CompressedLinear):
-            stored += sum(t.numel() * t.element_size() for n, t in module.state_dict().items() if n != "bias")
-            dense += module.in_features * module.out_features * width
-            count += 1
+    for _, module in compressed_modules(model):
+        stored += sum(t.numel() * t.element_size() for n, t in module.state_dict().items() if not n.endswith("bias"))
+        dense += module.in_features * module.out_features * width
+        count += 1
     if not count:
         return "no compressed layers"
     return (f"{count} compressed layers: {stored / 1e6:.2f} MB of weights, {stored / dense:.3f}x their "

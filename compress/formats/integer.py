@@ -201,10 +201,7 @@ class IntLinear(CompressedLinear):
         group = self._group
         # a decode step on CUDA: read the codes once
         if group is not None and gemv.available(x, four_bit=group > 0):
-            x2 = x.reshape(-1, self.in_features)
-            width = self.int_scheme.padded_width(self.in_features)
-            if width != self.in_features:  # a ragged last group: its padded codes meet zeros
-                x2 = F.pad(x2, (0, width - self.in_features))
+            x2 = self._padded(x)
             if group == 0:
                 y = gemv.gemv_8bit(x2, self.qweight, self.scales, self.zeros)
             else:
@@ -214,6 +211,26 @@ class IntLinear(CompressedLinear):
         if group == 0:
             return self._int8_channel_linear(x)
         return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as [tokens, in], widened with zeros to the codes' width where the last group is ragged (its
+        padded codes meet zeros)."""
+        x2 = x.reshape(-1, self.in_features)
+        width = self.int_scheme.padded_width(self.in_features)
+        return x2 if width == self.in_features else F.pad(x2, (0, width - self.in_features))
+
+    def forward_with_correction(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                                sync: torch.Tensor) -> torch.Tensor | None:
+        group = self._group
+        if not group or not gemv.available(x, four_bit=True):
+            return None
+        x2 = self._padded(x)
+        if x2.shape[1] != A.shape[1]:  # a ragged layer: the correction's columns stop where the layer's do
+            A = F.pad(A, (0, x2.shape[1] - A.shape[1]))
+        y = gemv.gemv_int4_corrected(x2, self.qweight, self.scales, self.zeros, group,
+                                     float(self.int_scheme.sym_zero), A, B, sync)
+        y = y.reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
     def _int8_channel_linear(self, x: torch.Tensor) -> torch.Tensor:
         """8-bit per channel, many tokens: the matmul on the codes, scaled after it (one conversion pass)."""

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MAX_TOKENS = 8  # the mma tile's 8 columns
 CHUNK = 128  # codes of a row a warp takes at a time: K and the group size must be multiples of it
 ROWS = 16  # output rows a block owns (the mma tile's rows)
+MAX_RANK = 256  # the largest low-rank correction the kernel adds in its own launch
 
 
 def shape_ok(tokens: int, n: int, k: int, group_size: int) -> bool:
@@ -66,29 +67,48 @@ def default_warps(n: int, k: int) -> int:
     return warps
 
 
+def correction_applies(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sync: torch.Tensor) -> bool:
+    """Whether :func:`int4_mma` can add the correction x A^T B^T in its own launch: ``A`` [R, K] and ``B`` [N, R]
+    contiguous in ``x``'s dtype, R at most MAX_RANK, ``sync`` int32 [2] on the same device (with :func:`applies`)."""
+    return (A.dtype == B.dtype == x.dtype and A.is_contiguous() and B.is_contiguous() and 1 <= A.shape[0] <= MAX_RANK
+            and A.shape[1] == x.shape[1] and B.shape[1] == A.shape[0] and sync.dtype == torch.int32
+            and sync.numel() == 2 and A.device == B.device == sync.device == x.device)
+
+
 def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-             group_size: int, zero_const: float, warps: int | None = None) -> torch.Tensor:
+             group_size: int, zero_const: float, warps: int | None = None,
+             correction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x`` [M, K] (contiguous, 1-8 tokens) times the 4-bit weight: [M, N] in ``x``'s dtype; arguments as
     :func:`compress.kernels.gemv.gemv_int4` (check :func:`applies` first). ``warps`` overrides the block's
-    warps (1, 2, 4, 8 or 16; for benchmarks)."""
+    warps (1, 2, 4, 8 or 16; for benchmarks).
+
+    With ``correction`` = (A [R, K], B [N, R], sync), the result is x W^T + x A^T B^T in the same launch (check
+    :func:`correction_applies`): its first blocks compute x A^T into a float32 buffer and count themselves done in
+    ``sync`` (int32 [2], zero before the call and zero after it), the others add that times B^T to their rows."""
     M, K = x.shape
     N = qweight.shape[0]
     warps = warps or default_warps(N, K)
     shift = 31 if group_size >= K else (group_size // CHUNK).bit_length() - 1
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
-    kernel = _kernel(x.dtype == torch.bfloat16, zeros is not None, warps, x.device.index or 0)
-    kernel(grid=(N // ROWS, 1, 1), block=(32 * warps, 1, 1),
-           args=[x, qweight, scales.contiguous(), zeros.contiguous() if zeros is not None else qweight, y, M, N, K,
-                 scales.shape[1], shift, int(zero_const)])
+    rank = 0 if correction is None else correction[0].shape[0]
+    kernel = _kernel(x.dtype == torch.bfloat16, zeros is not None, warps, x.device.index or 0, rank)
+    args = [x, qweight, scales.contiguous(), zeros.contiguous() if zeros is not None else qweight, y, M, N, K,
+            scales.shape[1], shift, int(zero_const)]
+    blocks = N // ROWS
+    if correction is not None:
+        A, B, sync = correction
+        args += [A, B, torch.empty(M, rank, device=x.device, dtype=torch.float32), sync]
+        blocks += -(-rank // warps)
+    kernel(grid=(blocks, 1, 1), block=(32 * warps, 1, 1), args=args)
     return y
 
 
 @functools.cache
-def _kernel(bf16: bool, has_zero: bool, warps: int, device: int):
+def _kernel(bf16: bool, has_zero: bool, warps: int, device: int, rank: int = 0):
     source = resources.files("compress.kernels").joinpath("int4_mma.cu").read_text()
     with torch.cuda.device(device):
         return torch.cuda._compile_kernel(source, "int4_mma", nvcc_options=[
-            f"-DIS_BF16={int(bf16)}", f"-DHAS_ZERO={int(has_zero)}", f"-DWARPS={warps}"])
+            f"-DIS_BF16={int(bf16)}", f"-DHAS_ZERO={int(has_zero)}", f"-DWARPS={warps}", f"-DCORR_RANK={rank}"])
 
 
 @functools.cache

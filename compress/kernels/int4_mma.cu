@@ -26,6 +26,9 @@
 #ifndef WARPS
 #define WARPS 8
 #endif
+#ifndef CORR_RANK
+#define CORR_RANK 0  // > 0: add a low-rank correction x A^T B^T (the ``corrected`` format) in the same launch
+#endif
 
 #if IS_BF16
 #define BASE 0x43004300u
@@ -77,8 +80,7 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
     return r;
 }
 
-__device__ __forceinline__ float scale_of(const u16* s) {
-    u16 h = *s;
+__device__ __forceinline__ float scale_of_bits(u16 h) {
 #if IS_BF16
     return FROM16(h);
 #else
@@ -88,11 +90,45 @@ __device__ __forceinline__ float scale_of(const u16* s) {
 #endif
 }
 
+__device__ __forceinline__ float scale_of(const u16* s) { return scale_of_bits(*s); }
+
 __device__ __forceinline__ u16 to16(float f) {
     u16 h;
     asm(TO16 " %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+
+#if CORR_RANK
+// the low and high 16-bit values of a word, as floats
+__device__ __forceinline__ float half_lo(unsigned w) { return scale_of_bits((u16)(w & 0xFFFFu)); }
+__device__ __forceinline__ float half_hi(unsigned w) { return scale_of_bits((u16)(w >> 16)); }
+
+__device__ __forceinline__ float shfl_xor(float v, int mask) {
+    float r;
+    asm volatile("shfl.sync.bfly.b32 %0, %1, %2, 0x1f, 0xffffffff;" : "=f"(r) : "f"(v), "r"(mask));
+    return r;
+}
+
+__device__ __forceinline__ unsigned atomic_load(const unsigned* p) {
+    unsigned r;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(r) : "l"(p) : "memory");
+    return r;
+}
+
+__device__ __forceinline__ unsigned atomic_add(unsigned* p, unsigned v) {
+    unsigned r;
+    asm volatile("atom.global.add.u32 %0, [%1], %2;" : "=r"(r) : "l"(p), "r"(v) : "memory");
+    return r;
+}
+
+__device__ __forceinline__ void fence() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
+
+__device__ __forceinline__ float load_cg(const float* p) {
+    float r;  // written by other blocks in this launch: read through L2, never a stale L1 line
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
+    return r;
+}
+#endif
 
 // -(BASE + zero) in both halves
 __device__ __forceinline__ unsigned neg_base_zero(unsigned z) { return (BASE | (z * 0x00010001u)) ^ 0x80008000u; }
@@ -110,13 +146,71 @@ __device__ __forceinline__ void word_mma(float* d, unsigned wg, unsigned wh, uin
     mma(d, g2, h2, g3, h3, q2, q3);
 }
 
+#if CORR_RANK
+// The correction's first half, t = x A^T [M, CORR_RANK] in float32, by the launch's first blocks (a warp a row of
+// A, lanes across its columns); each block then counts itself done in sync[0] (after a fence: its t is visible).
+__device__ void correction_rows(const u16* __restrict__ x, const u16* __restrict__ a, float* t, unsigned* sync,
+                                int M, int K) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int r = blockIdx.x * WARPS + warp;
+    if (r < CORR_RANK) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int k = 8 * lane; k < K; k += 8 * 32) {  // 8 columns (16 bytes) a lane a step
+            const uint4 av = *(const uint4*)(a + (long)r * K + k);
+            const unsigned aw[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+            for (int m = 0; m < 8; ++m) {
+                if (m < M) {
+                    const uint4 xv = *(const uint4*)(x + (long)m * K + k);
+                    const unsigned xw[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        acc[m] += half_lo(aw[j]) * half_lo(xw[j]) + half_hi(aw[j]) * half_hi(xw[j]);
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int m = 0; m < 8; ++m) {
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) acc[m] += shfl_xor(acc[m], off);
+        }
+        if (lane == 0) {
+            for (int m = 0; m < M; ++m) t[m * CORR_RANK + r] = acc[m];
+            fence();
+        }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        fence();
+        atomic_add(sync, 1u);
+    }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restrict__ scales,
          const u8* __restrict__ zeros, u16* __restrict__ y, int M, int N, int K, int groups, int group_shift,
-         int zero_const) {
+         int zero_const
+#if CORR_RANK
+         , const u16* __restrict__ corr_a, const u16* __restrict__ corr_b, float* corr_t, unsigned* sync
+#endif
+         ) {
     __shared__ float partial[WARPS][32][4];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int row_g = blockIdx.x * 16 + g, row_h = row_g + 8;
+#if CORR_RANK
+    // blocks [0, T) compute t = x A^T; the others own 16 rows each, as without a correction, and wait for t (the
+    // T blocks come first, so they are running or done by then) before adding t B^T to their rows
+    const int t_blocks = (CORR_RANK + WARPS - 1) / WARPS;
+    if (blockIdx.x < t_blocks) {
+        correction_rows(x, corr_a, corr_t, sync, M, K);
+        return;
+    }
+    const int block = blockIdx.x - t_blocks;
+#else
+    const int block = blockIdx.x;
+#endif
+    const int row_g = block * 16 + g, row_h = row_g + 8;
     const int chunks = K / 128;
     const int token = g < M ? g : M - 1;  // lanes past the tokens compute a copy of the last one's columns
     const u8* qg = q + (long)row_g * (K / 2) + 16 * t;
@@ -178,6 +272,31 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
         }
         // d0, d1: row g, tokens 2t and 2t + 1; d2, d3: row g + 8, the same tokens
         const int m0 = 2 * t, m1 = 2 * t + 1;
+#if CORR_RANK
+        if (lane == 0) {
+            while (atomic_load(sync) < (unsigned)t_blocks) {
+            }
+        }
+        asm volatile("bar.warp.sync 0xffffffff;" ::: "memory");
+        fence();
+        const int ma = m0 < M ? m0 : M - 1, mb = m1 < M ? m1 : M - 1;
+        const u16 *bg = corr_b + (long)row_g * CORR_RANK, *bh = corr_b + (long)row_h * CORR_RANK;
+#pragma unroll 8
+        for (int r = 0; r < CORR_RANK; ++r) {
+            const float ta = load_cg(corr_t + ma * CORR_RANK + r), tb = load_cg(corr_t + mb * CORR_RANK + r);
+            const float wg = scale_of(bg + r), wh = scale_of(bh + r);
+            sum[0] += ta * wg;
+            sum[1] += tb * wg;
+            sum[2] += ta * wh;
+            sum[3] += tb * wh;
+        }
+        if (lane == 0) {  // the last block to finish zeroes the counters for the next launch
+            if (atomic_add(sync + 1, 1u) == gridDim.x - t_blocks - 1) {
+                sync[0] = 0u;
+                sync[1] = 0u;
+            }
+        }
+#endif
         if (m0 < M) {
             y[(long)m0 * N + row_g] = to16(sum[0]);
             y[(long)m0 * N + row_h] = to16(sum[2]);

@@ -34,7 +34,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from compress.formats import CompressedLinear
+from compress.formats import CompressedLinear, layer_modules
 from compress.runtime import RuntimeFeature
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def fuse_projections(model: nn.Module) -> int:
     """
     if is_fused(model):
         return 0
-    layers = {name: m for name, m in model.named_modules()
+    layers = {name: m for name, m in layer_modules(model)
               if type(m) is nn.Linear or isinstance(m, CompressedLinear) and m.rows_stack}  # not nn.Linear's subclasses
     groups = _shared_inputs(model, layers)
     fused = 0
