@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from compress.formats.base import CompressedLinear
+from compress.formats.base import CompressedLinear, layer_modules
 from compress.linear import get_bias, is_linear_like, linear_shape
 from compress.model import is_local_reference
 
@@ -66,7 +66,7 @@ def layout_bytes(model: nn.Module) -> dict[str, dict]:
     itemsize = torch.empty(0, dtype=compute_dtype(model)).element_size()
     layouts: dict[str, dict] = {}
     pruned: dict[str, float] = defaultdict(float)
-    for module in model.modules():
+    for _, module in layer_modules(model):
         if isinstance(module, CompressedLinear):
             name, shape, sparsity = module.format, (module.in_features, module.out_features), module.sparsity()
         elif is_linear_like(module):
