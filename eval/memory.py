@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from compress.formats.base import CompressedLinear, layer_modules
+from compress.runtime.fusion import FusedProjection
 from compress.linear import get_bias, is_linear_like, linear_shape
 from compress.model import is_local_reference
 
@@ -66,7 +67,11 @@ def layout_bytes(model: nn.Module) -> dict[str, dict]:
     itemsize = torch.empty(0, dtype=compute_dtype(model)).element_size()
     layouts: dict[str, dict] = {}
     pruned: dict[str, float] = defaultdict(float)
+    # a fused group's layer (compress.fuse_projections) holds its members' tensors, which the members count
+    fused = {id(m.fused) for m in model.modules() if isinstance(m, FusedProjection) and m.fused is not None}
     for _, module in layer_modules(model):
+        if id(module) in fused:
+            continue
         if isinstance(module, CompressedLinear):
             name, shape, sparsity = module.format, (module.in_features, module.out_features), module.sparsity()
         elif is_linear_like(module):

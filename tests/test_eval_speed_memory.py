@@ -129,6 +129,8 @@ def test_layouts_count_each_format_its_bytes_and_pruned_fraction() -> None:
     assert bitmask["stored_bytes"] == pytest.approx(weights_bm * (1 / 8 + 0.25 * 2), rel=1e-3)
     assert dense["sparsity"] == 0.0 and dense["stored_bytes"] == dense["dense_bytes"]  # the rest, lm_head among them
     assert memory.memory_report(model, None, 64)["layouts"] == layouts
+    compress.fuse_projections(model)  # a fused group's layer holds its members' tensors: counted once, as members
+    assert memory.layout_bytes(model) == layouts
 
 
 def test_bench_prints_the_speed_table_of_a_random_model(monkeypatch, tmp_path: Path) -> None:
