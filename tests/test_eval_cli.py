@@ -75,7 +75,7 @@ def test_eval_against_a_baseline_writes_every_report(checkpoint, tiny_dirs, text
     assert re.search(r"perplexity [\d.]+ vs [\d.]+ for the baseline \([+-][\d.]+%\) \[readme\.txt, 32-token windows",
                      result.output)
     assert re.search(r"mean KL vs baseline [\d.]+ nats, top-1 agreement [\d.]+% over 248 tokens", result.output)
-    assert re.search(r"linear layers stored as: int x18 \(0\.1\d\dx dense\), dense x1 \(1\.000x dense\)", result.output)
+    assert re.search(r"linear layers stored as: int x14 \(0\.1\d\dx dense\), dense x1 \(1\.000x dense\)", result.output)  # two blocks of 7, q/k/v and gate/up fused: each layer counted once
     report = json.loads(out.read_text())
     assert isinstance(report["perplexity"], float) and isinstance(report["baseline"]["perplexity"], float)
     assert report["models"]["baseline"]["ref"] == str(tiny_dirs["qwen2"])
@@ -85,8 +85,8 @@ def test_eval_against_a_baseline_writes_every_report(checkpoint, tiny_dirs, text
     assert set(memory["model"]["layouts"]) == {"int", "dense"} and set(memory["baseline"]["layouts"]) == {"dense"}
     assert {p.name for p in report_dir.iterdir()} >= {"report.json", "report.md", "report.html"}
     layouts = (report_dir / "report.md").read_text().split("| vs dense |")[1]
-    assert re.search(r"\| \S+ \| int \| 18 \| 0% \| [\d.]+ \| 0\.1\d\dx \|", layouts)  # 4 bits and group scales
-    assert re.search(r"\| \S+ \(baseline\) \| dense \| 19 \| 0% \| [\d.]+ \| 1\.000x \|", layouts)
+    assert re.search(r"\| \S+ \| int \| 14 \| 0% \| [\d.]+ \| 0\.1\d\dx \|", layouts)  # 4 bits and group scales
+    assert re.search(r"\| \S+ \(baseline\) \| dense \| 15 \| 0% \| [\d.]+ \| 1\.000x \|", layouts)
 
 
 def test_recipe_eval_section_runs_after_apply(tiny_dirs, text, tmp_path: Path) -> None:
