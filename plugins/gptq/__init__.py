@@ -10,17 +10,22 @@ independently), which is also what makes it fast. Layers a pruner left masked ke
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from pydantic import Field
 
+from compress import quant
 from compress.calibration.engine import BlockWork
+from compress.errors import CompressError
+from compress.formats.corrected import CorrectedLinear
 from compress.formats.integer import quantize_layer
 from compress.int_methods import IntMethod, IntWeightConfig
 from compress.linear import get_weight, linear_shape
 from compress.methods import Needs
 from compress.plugins.gptq.algorithm import gptq
-from compress.solvers.hessian import Hessian, block_hessians
+from compress.solvers.hessian import Hessian, asymmetric_start, block_hessians, damped_factors
+from compress.solvers.lowrank import factor
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +40,10 @@ class GPTQConfig(IntWeightConfig):
     fit_original: bool = Field(False, description="fit the uncompressed model's layer outputs (on its own "
                                                   "inputs) rather than the layer's outputs on the compressed "
                                                   "model's inputs (GPTAQ's asymmetric calibration)")
+    correction_rank: int = Field(0, ge=0, description="rank of a low-rank correction fitted together with the codes "
+                                                      "and stored beside them (the corrected format); 0: none")
+    correction_rounds: int = Field(3, ge=1, description="with correction_rank: rounds of quantizing the weight less "
+                                                        "the pair, then refitting the pair to what that lost")
 
 
 class GPTQ(IntMethod):
@@ -45,6 +54,11 @@ class GPTQ(IntMethod):
 
     def needs_reference(self, config: GPTQConfig) -> bool:
         return config.fit_original
+
+    def writes(self, config: GPTQConfig) -> dict[str, Any]:
+        base = super().writes(config)
+        return {"format": CorrectedLinear.format, "rank": config.correction_rank, "base": base} if (
+            config.correction_rank) else base
 
     def compress_block(self, work: BlockWork, config: GPTQConfig) -> None:
         groups = work.linear_groups()
@@ -68,8 +82,39 @@ class GPTQ(IntMethod):
         keep = None if all(m is None for m in masks) else torch.cat(
             [torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weight.split(rows), masks)])
         label = ", ".join(group)
+        if config.correction_rank:
+            if keep is not None:
+                raise CompressError(f"gptq: {label} are pruned; a low-rank correction would fill the pruned weights "
+                                    "back in: drop correction_rank, or the pruning step")
+            GPTQ._quantize_corrected(work, group, layers, rows, weight, hessian, reference, config)
+            return
         result = gptq(weight, hessian.H, config.int_scheme(), layers[0].weight.dtype, config.damp,
                       config.block_size, config.act_order, config.mse, label, hessian.C, reference, keep)
         parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows))
         for name, layer, codes, scale, zero in parts:
             work.replace(name, quantize_layer(layer, config.int_scheme(), work.device, scale, zero, codes))
+
+    @staticmethod
+    def _quantize_corrected(work: BlockWork, group: list[str], layers: list, rows: list[int], weight: torch.Tensor,
+                            hessian: Hessian, reference: torch.Tensor | None, config: GPTQConfig) -> None:
+        """Codes and a rank-r pair for each layer, fitted together: the pair starts as the whitened truncation of
+        the target weight (its directions of most output energy), then each round quantizes the target less the
+        pair (qparams chosen afresh: without the pair's outliers the groups' ranges shrink) and refits the pair to
+        what that quantization lost. The target is the weight itself, or with fit_original the weight that best
+        gives the uncompressed block's outputs (GPTAQ's start)."""
+        label, dtype, scheme, rank = ", ".join(group), layers[0].weight.dtype, config.int_scheme(), config.correction_rank
+        target = weight.float()
+        if hessian.C is not None:
+            L = damped_factors(hessian.H, config.damp, label, inverse=False)[0]
+            target = asymmetric_start(target, hessian.H, L, hessian.C, reference.float())
+        pairs = [factor(t, rank, hessian.H, config.damp, label) for t in target.split(rows)]
+        for _ in range(config.correction_rounds):
+            low_rank = torch.cat([B @ A for A, B in pairs])
+            result = gptq(target - low_rank, hessian.H, scheme, dtype, config.damp, config.block_size,
+                          config.act_order, config.mse, label)
+            q = quant.dequantize_weight(result.codes, result.scale, result.zero, scheme, torch.float32)
+            pairs = [factor(t, rank, hessian.H, config.damp, label) for t in (target - q).split(rows)]
+        parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows), pairs)
+        for name, layer, codes, scale, zero, (A, B) in parts:
+            base = quantize_layer(layer, scheme, work.device, scale, zero, codes)
+            work.replace(name, CorrectedLinear.wrap(base, A, B, dtype))
