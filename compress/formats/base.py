@@ -79,10 +79,11 @@ class CompressedLinear(nn.Module, ABC):
         """The weight this layer computes with, as a dense [out, in] tensor."""
 
     def forward_with_correction(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                                sync: torch.Tensor) -> torch.Tensor | None:
+                                scratch: torch.Tensor) -> torch.Tensor | None:
         """``self(x) + x A^T B^T`` (a low-rank correction, ``A`` [rank, in], ``B`` [out, rank]) by this format's own
         kernel in one launch, or None where it has none for ``x`` (the ``corrected`` format then adds the product
-        itself). ``sync`` is an int32 [2] buffer of zeros the kernel may use and must leave zero."""
+        itself). ``scratch``: zeros the kernel may use and must leave zero
+        (:func:`compress.kernels.cuda_int4.correction_scratch`)."""
         return None
 
     def check_loaded(self) -> str | None:

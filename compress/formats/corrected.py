@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from compress.formats.base import CompressedLinear, KernelChoice
 from compress.formats.registry import format_class
+from compress.kernels.cuda_int4 import correction_scratch
 
 
 class CorrectedLinear(CompressedLinear):
@@ -29,8 +30,8 @@ class CorrectedLinear(CompressedLinear):
         self.base = base
         self.register_buffer("A", torch.empty(rank, base.in_features, dtype=dtype, device=device))
         self.register_buffer("B", torch.empty(base.out_features, rank, dtype=dtype, device=device))
-        # scratch of the base's fused decode kernel (not stored)
-        self.register_buffer("sync", torch.zeros(2, dtype=torch.int32, device=device), persistent=False)
+        # the fused decode kernel's scratch (not stored)
+        self.register_buffer("scratch", correction_scratch(rank, device), persistent=False)
 
     @classmethod
     @torch.no_grad()
@@ -77,7 +78,7 @@ class CorrectedLinear(CompressedLinear):
 
     def after_load(self) -> None:
         self.base.after_load()
-        self.sync = torch.zeros(2, dtype=torch.int32, device=self.A.device)  # not stored: whatever loading left
+        self.scratch = correction_scratch(self.rank, self.A.device)  # not stored: zero it, whatever loading left
 
     def correction(self) -> torch.Tensor:
         """B A [out, in] in float32."""
@@ -89,7 +90,7 @@ class CorrectedLinear(CompressedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.A.to(x.dtype), self.B.to(x.dtype)
-        fused = self.base.forward_with_correction(x, A, B, self.sync)  # one launch where the base's kernel can
+        fused = self.base.forward_with_correction(x, A, B, self.scratch)  # one launch where the base's kernel can
         return fused if fused is not None else self.base(x) + F.linear(F.linear(x, A), B)
 
     def extra_repr(self) -> str:

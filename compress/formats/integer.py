@@ -220,7 +220,7 @@ class IntLinear(CompressedLinear):
         return x2 if width == self.in_features else F.pad(x2, (0, width - self.in_features))
 
     def forward_with_correction(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                                sync: torch.Tensor) -> torch.Tensor | None:
+                                scratch: torch.Tensor) -> torch.Tensor | None:
         group = self._group
         if not group or not gemv.available(x, four_bit=True):
             return None
@@ -228,7 +228,7 @@ class IntLinear(CompressedLinear):
         if x2.shape[1] != A.shape[1]:  # a ragged layer: the correction's columns stop where the layer's do
             A = F.pad(A, (0, x2.shape[1] - A.shape[1]))
         y = gemv.gemv_int4_corrected(x2, self.qweight, self.scales, self.zeros, group,
-                                     float(self.int_scheme.sym_zero), A, B, sync)
+                                     float(self.int_scheme.sym_zero), A, B, scratch)
         y = y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

@@ -67,12 +67,21 @@ def default_warps(n: int, k: int) -> int:
     return warps
 
 
-def correction_applies(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, sync: torch.Tensor) -> bool:
+def correction_applies(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scratch: torch.Tensor) -> bool:
     """Whether :func:`int4_mma` can add the correction x A^T B^T in its own launch: ``A`` [R, K] and ``B`` [N, R]
-    contiguous in ``x``'s dtype, R at most MAX_RANK, ``sync`` int32 [2] on the same device (with :func:`applies`)."""
-    return (A.dtype == B.dtype == x.dtype and A.is_contiguous() and B.is_contiguous() and 1 <= A.shape[0] <= MAX_RANK
-            and A.shape[1] == x.shape[1] and B.shape[1] == A.shape[0] and sync.dtype == torch.int32
-            and sync.numel() == 2 and A.device == B.device == sync.device == x.device)
+    contiguous and 16-byte aligned in ``x``'s dtype, R a multiple of 8 up to MAX_RANK, K a multiple of 256, and
+    ``scratch`` (:func:`correction_scratch`) on the same device (with :func:`applies`)."""
+    R, K = A.shape
+    return (A.dtype == B.dtype == x.dtype and A.is_contiguous() and B.is_contiguous() and R % 8 == 0
+            and 8 <= R <= MAX_RANK and K == x.shape[1] and K % 256 == 0 and B.shape[1] == R
+            and A.data_ptr() % 16 == 0 and B.data_ptr() % 16 == 0 and scratch.dtype == torch.int32
+            and scratch.numel() == MAX_TOKENS * R + 2 and A.device == B.device == scratch.device == x.device)
+
+
+def correction_scratch(rank: int, device: torch.device | str) -> torch.Tensor:
+    """The zeroed int32 buffer a layer's corrected launches share: t = x A^T (float32 [MAX_TOKENS, rank]), then the
+    two counters the blocks synchronise on; each launch leaves it zero again."""
+    return torch.zeros(MAX_TOKENS * rank + 2, dtype=torch.int32, device=device)
 
 
 def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -82,9 +91,10 @@ def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     :func:`compress.kernels.gemv.gemv_int4` (check :func:`applies` first). ``warps`` overrides the block's
     warps (1, 2, 4, 8 or 16; for benchmarks).
 
-    With ``correction`` = (A [R, K], B [N, R], sync), the result is x W^T + x A^T B^T in the same launch (check
-    :func:`correction_applies`): its first blocks compute x A^T into a float32 buffer and count themselves done in
-    ``sync`` (int32 [2], zero before the call and zero after it), the others add that times B^T to their rows."""
+    With ``correction`` = (A [R, K], B [N, R], scratch), the result is x W^T + x A^T B^T in the same launch (check
+    :func:`correction_applies`): its first K / 256 blocks add their slices of x A^T into ``scratch`` and count
+    themselves done there, the others wait for them and add that times B^T to their rows; the last block zeroes
+    ``scratch`` for the next launch."""
     M, K = x.shape
     N = qweight.shape[0]
     warps = warps or default_warps(N, K)
@@ -96,9 +106,10 @@ def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
             scales.shape[1], shift, int(zero_const)]
     blocks = N // ROWS
     if correction is not None:
-        A, B, sync = correction
-        args += [A, B, torch.empty(M, rank, device=x.device, dtype=torch.float32), sync]
-        blocks += -(-rank // warps)
+        A, B, scratch = correction
+        t = scratch[: MAX_TOKENS * rank].view(torch.float32)
+        args += [A, B, t, scratch[MAX_TOKENS * rank :]]
+        blocks += K // 256
     kernel(grid=(blocks, 1, 1), block=(32 * warps, 1, 1), args=args)
     return y
 

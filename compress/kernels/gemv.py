@@ -408,18 +408,18 @@ def _(x, qweight, scales, zeros, group_size, zero_const):
 @torch.library.custom_op("compress::gemv_int4_corrected", mutates_args=())
 def gemv_int4_corrected(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                         group_size: int, zero_const: float, A: torch.Tensor, B: torch.Tensor,
-                        sync: torch.Tensor) -> torch.Tensor:
+                        scratch: torch.Tensor) -> torch.Tensor:
     """:func:`gemv_int4` plus a low-rank correction: x W^T + x A^T B^T with ``A`` [R, K], ``B`` [N, R]. The CUDA
-    kernel adds it in its own launch (``sync``: int32 [2], zero, left zero; it is the kernel's scratch, so the op
-    declares no mutation); elsewhere the two thin products follow the 4-bit one."""
+    kernel adds it in its own launch (``scratch``: :func:`compress.kernels.cuda_int4.correction_scratch`, zero and
+    left zero, so the op declares no mutation); elsewhere the two thin products follow the 4-bit one."""
     x = x.contiguous()
-    if cuda_int4.applies(x, qweight, scales, group_size) and cuda_int4.correction_applies(x, A, B, sync):
-        return cuda_int4.int4_mma(x, qweight, scales, zeros, group_size, zero_const, correction=(A, B, sync))
+    if cuda_int4.applies(x, qweight, scales, group_size) and cuda_int4.correction_applies(x, A, B, scratch):
+        return cuda_int4.int4_mma(x, qweight, scales, zeros, group_size, zero_const, correction=(A, B, scratch))
     return gemv_int4(x, qweight, scales, zeros, group_size, zero_const) + F.linear(F.linear(x, A), B)
 
 
 @gemv_int4_corrected.register_fake
-def _(x, qweight, scales, zeros, group_size, zero_const, A, B, sync):
+def _(x, qweight, scales, zeros, group_size, zero_const, A, B, scratch):
     return x.new_empty(x.shape[0], qweight.shape[0])
 
 

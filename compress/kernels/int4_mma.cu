@@ -123,10 +123,14 @@ __device__ __forceinline__ unsigned atomic_add(unsigned* p, unsigned v) {
 
 __device__ __forceinline__ void fence() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
-__device__ __forceinline__ float load_cg(const float* p) {
-    float r;  // written by other blocks in this launch: read through L2, never a stale L1 line
-    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
+__device__ __forceinline__ float4 load_cg4(const float* p) {
+    float4 r;  // written by other blocks in this launch: read through L2, never a stale L1 line
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
     return r;
+}
+
+__device__ __forceinline__ void atomic_add_f32(float* p, float v) {
+    asm volatile("red.global.add.f32 [%0], %1;" :: "l"(p), "f"(v) : "memory");
 }
 #endif
 
@@ -147,39 +151,35 @@ __device__ __forceinline__ void word_mma(float* d, unsigned wg, unsigned wh, uin
 }
 
 #if CORR_RANK
-// The correction's first half, t = x A^T [M, CORR_RANK] in float32, by the launch's first blocks (a warp a row of
-// A, lanes across its columns); each block then counts itself done in sync[0] (after a fence: its t is visible).
+// The correction's first half, t = x A^T [M, CORR_RANK] in float32, by the launch's first K / 256 blocks: block b
+// takes columns [256 b, 256 b + 256) (8 a lane), its warps the rows of A in turn, and adds its partial sums into
+// t (zero before the launch); then it counts itself done in sync[0], after a fence that makes its sums visible.
 __device__ void correction_rows(const u16* __restrict__ x, const u16* __restrict__ a, float* t, unsigned* sync,
                                 int M, int K) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int r = blockIdx.x * WARPS + warp;
-    if (r < CORR_RANK) {
-        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        for (int k = 8 * lane; k < K; k += 8 * 32) {  // 8 columns (16 bytes) a lane a step
-            const uint4 av = *(const uint4*)(a + (long)r * K + k);
-            const unsigned aw[4] = {av.x, av.y, av.z, av.w};
+    const int k = 256 * blockIdx.x + 8 * lane;
+    uint4 xv[8];
 #pragma unroll
-            for (int m = 0; m < 8; ++m) {
-                if (m < M) {
-                    const uint4 xv = *(const uint4*)(x + (long)m * K + k);
-                    const unsigned xw[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        acc[m] += half_lo(aw[j]) * half_lo(xw[j]) + half_hi(aw[j]) * half_hi(xw[j]);
-                    }
-                }
-            }
-        }
+    for (int m = 0; m < 8; ++m) {
+        if (m < M) xv[m] = *(const uint4*)(x + (long)m * K + k);
+    }
+    for (int r = warp; r < CORR_RANK; r += WARPS) {
+        const uint4 av = *(const uint4*)(a + (long)r * K + k);
+        const unsigned aw[4] = {av.x, av.y, av.z, av.w};
 #pragma unroll
         for (int m = 0; m < 8; ++m) {
+            if (m < M) {
+                const unsigned xw[4] = {xv[m].x, xv[m].y, xv[m].z, xv[m].w};
+                float acc = 0.f;
 #pragma unroll
-            for (int off = 16; off > 0; off >>= 1) acc[m] += shfl_xor(acc[m], off);
-        }
-        if (lane == 0) {
-            for (int m = 0; m < M; ++m) t[m * CORR_RANK + r] = acc[m];
-            fence();
+                for (int j = 0; j < 4; ++j) acc += half_lo(aw[j]) * half_lo(xw[j]) + half_hi(aw[j]) * half_hi(xw[j]);
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) acc += shfl_xor(acc, off);
+                if (lane == 0) atomic_add_f32(t + m * CORR_RANK + r, acc);
+            }
         }
     }
+    if (lane == 0) fence();
     __syncthreads();
     if (threadIdx.x == 0) {
         fence();
@@ -199,9 +199,9 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
     __shared__ float partial[WARPS][32][4];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #if CORR_RANK
-    // blocks [0, T) compute t = x A^T; the others own 16 rows each, as without a correction, and wait for t (the
-    // T blocks come first, so they are running or done by then) before adding t B^T to their rows
-    const int t_blocks = (CORR_RANK + WARPS - 1) / WARPS;
+    // blocks [0, K / 256) compute t = x A^T; the others own 16 rows each, as without a correction, and wait for t
+    // (the t blocks come first, so they are running or done by then) before adding t B^T to their rows
+    const int t_blocks = K / 256;
     if (blockIdx.x < t_blocks) {
         correction_rows(x, corr_a, corr_t, sync, M, K);
         return;
@@ -281,17 +281,26 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
         fence();
         const int ma = m0 < M ? m0 : M - 1, mb = m1 < M ? m1 : M - 1;
         const u16 *bg = corr_b + (long)row_g * CORR_RANK, *bh = corr_b + (long)row_h * CORR_RANK;
-#pragma unroll 8
-        for (int r = 0; r < CORR_RANK; ++r) {
-            const float ta = load_cg(corr_t + ma * CORR_RANK + r), tb = load_cg(corr_t + mb * CORR_RANK + r);
-            const float wg = scale_of(bg + r), wh = scale_of(bh + r);
-            sum[0] += ta * wg;
-            sum[1] += tb * wg;
-            sum[2] += ta * wh;
-            sum[3] += tb * wh;
+        const float *ta = corr_t + ma * CORR_RANK, *tb = corr_t + mb * CORR_RANK;
+#pragma unroll
+        for (int r = 0; r < CORR_RANK; r += 8) {  // 8 of B's values (16 bytes) and of each token's t at a time
+            const uint4 gv = *(const uint4*)(bg + r), hv = *(const uint4*)(bh + r);
+            const float4 a0 = load_cg4(ta + r), a1 = load_cg4(ta + r + 4), b0 = load_cg4(tb + r), b1 = load_cg4(tb + r + 4);
+            const unsigned gw[4] = {gv.x, gv.y, gv.z, gv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
+            const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+            const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float g0 = half_lo(gw[j]), g1 = half_hi(gw[j]), h0 = half_lo(hw[j]), h1 = half_hi(hw[j]);
+                sum[0] += av[2 * j] * g0 + av[2 * j + 1] * g1;
+                sum[1] += bv[2 * j] * g0 + bv[2 * j + 1] * g1;
+                sum[2] += av[2 * j] * h0 + av[2 * j + 1] * h1;
+                sum[3] += bv[2 * j] * h0 + bv[2 * j + 1] * h1;
+            }
         }
-        if (lane == 0) {  // the last block to finish zeroes the counters for the next launch
+        if (lane == 0) {  // the last block to finish zeroes t and the counters for the next launch
             if (atomic_add(sync + 1, 1u) == gridDim.x - t_blocks - 1) {
+                for (int i = 0; i < M * CORR_RANK; ++i) corr_t[i] = 0.f;
                 sync[0] = 0u;
                 sync[1] = 0u;
             }
