@@ -59,7 +59,11 @@ class CorrectedLinear(CompressedLinear):
     @classmethod
     def kernel(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> KernelChoice:
         base = format_class(scheme["base"]["format"]).kernel(scheme["base"], in_features, out_features)
-        extra = f"plus a rank-{scheme['rank']} correction (two thin matmuls)"
+        rank = scheme["rank"]
+        if base.kernel == "cuda-int4-mma" and rank % 8 == 0 and in_features % 256 == 0:
+            extra = f"the rank-{rank} correction added in the same launch"
+        else:
+            extra = f"the rank-{rank} correction as two more matmuls"
         return KernelChoice(base.kernel, f"{base.note}; {extra}" if base.note else extra)
 
     @classmethod
