@@ -138,14 +138,27 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
         click.echo(run_recipe_eval(checked.recipe, target))
 
 
-def _peak_memory() -> str:
-    """The most memory this process has held: resident CPU memory, and GPU memory where CUDA was used."""
+def peak_rss() -> int:
+    """The most resident memory this process has held, in bytes: Linux's VmHWM where there is one (getrusage's
+    ru_maxrss survives exec, so a process started by a larger one would report its parent's peak), else
+    ru_maxrss."""
     import resource
 
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _peak_memory() -> str:
+    """The most memory this process has held: resident CPU memory, and GPU memory where CUDA was used."""
     import torch
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    line = f"peak memory: {rss / 1e9:.2f} GB CPU (resident)"
+    line = f"peak memory: {peak_rss() / 1e9:.2f} GB CPU (resident)"
     if torch.cuda.is_initialized():
         line += (f", {torch.cuda.max_memory_allocated() / 1e9:.2f} GB GPU allocated "
                  f"({torch.cuda.max_memory_reserved() / 1e9:.2f} GB reserved)")

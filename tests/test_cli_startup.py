@@ -111,3 +111,13 @@ def test_import_compress_before_transformers_still_registers_its_checkpoints(tmp
     layers = sum(isinstance(m, CompressedLinear) for m in model.modules())
     assert f"LAYERS {layers}" in result.stdout and layers > 0
     assert torch.equal(torch.load(tmp_path / "y.pt"), expect)
+
+
+def test_peak_memory_is_the_process_own_not_its_parents() -> None:
+    """`compress apply` prints its peak resident memory: a process started by a larger one (a benchmark that first
+    saved a model) must not report its parent's peak, as getrusage's ru_maxrss does (it survives exec)."""
+    child = "from compress.cli import peak_rss; print(peak_rss())"
+    parent = (f"import subprocess, sys; big = b'x' * 1_500_000_000; "
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, cwd=REPO, check=True)
+    assert 10e6 < int(out.stdout.strip()) < 1e9, out  # the child holds no more than its imports
