@@ -13,8 +13,10 @@ import contextlib
 import ctypes
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Callable
+from typing import BinaryIO
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ from compress.errors import CheckpointError, UsageError
 
 log = logging.getLogger(__name__)
 
-SHARD_BYTES = 2**29  # an output shard closes once it holds this much (what waits in memory meanwhile)
+SHARD_BYTES = 2**29  # an output shard closes once it holds this much (on disk meanwhile, not in memory)
 
 
 class ShardedTensors:
@@ -46,6 +48,15 @@ class ShardedTensors:
 
     def __contains__(self, name: str) -> bool:
         return name in self.files
+
+    def stored(self, name: str) -> tuple[Path, int, str, list[int], int]:
+        """Where tensor ``name``'s bytes lie: (file, offset of its first byte, safetensors dtype, shape, bytes)."""
+        path = self.files[name]
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            entry = json.loads(f.read(length))[name]
+        start, end = entry["data_offsets"]
+        return path, 8 + length + start, entry["dtype"], entry["shape"], end - start
 
     def get(self, name: str) -> torch.Tensor:
         # opened for each read: a file kept open stays mapped, and the pages read count against the process
@@ -83,6 +94,12 @@ def _loaded(tensors: ShardedTensors, key: str, like: torch.Tensor) -> torch.Tens
                               f"{tuple(like.shape)}; the checkpoint and its config.json disagree")
     t = t.to(like.dtype) if t.is_floating_point() and like.is_floating_point() else t
     return nn.Parameter(t, requires_grad=like.requires_grad) if isinstance(like, nn.Parameter) else t
+
+
+def _stored_as(tensors: ShardedTensors, key: str, like: torch.Tensor) -> bool:
+    """Whether tensor ``key`` is stored with ``like``'s dtype and shape (then reading it would change nothing)."""
+    _, _, dtype, shape, _ = tensors.stored(key)
+    return _DTYPES.get(like.dtype) == dtype and list(like.shape) == list(shape)
 
 
 def release(module: nn.Module) -> None:
@@ -127,37 +144,24 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (contiguous, on the CPU) as a safetensors file, each straight from its memory:
-    ``safetensors.torch.save_file`` first copies all of them into bytes, which would double what a shard holds."""
-    header: dict[str, object] = {"__metadata__": metadata}
-    offset = 0
-    for name, t in tensors.items():
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with path.open("wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for t in tensors.values():
-            f.write(t.reshape(-1).view(torch.uint8).numpy())
-
-
 class ShardWriter:
     """Writes tensors to safetensors shards in a folder as they come, then Hugging Face's index of them (one
-    ``model.safetensors`` when they fit one shard)."""
+    ``model.safetensors`` when they fit one shard).
+
+    Each tensor's bytes go to disk when it is added (to the open shard's data file); a shard is assembled (its
+    header, then its data copied over in chunks) once it holds ``shard_bytes``, so memory never holds more than the
+    tensor being written, whatever the shard size."""
 
     def __init__(self, folder: Path, shard_bytes: int = SHARD_BYTES):
         self.folder = folder
         self.shard_bytes = shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
+        self._header: dict[str, dict] = {}
+        self._data: BinaryIO | None = None
+        self._offset = 0
         self._shards: list[tuple[Path, list[str]]] = []
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Queue ``tensors`` (a module's state dict with qualified names); of tensors that are one (tied weights),
+        """Write ``tensors`` (a module's state dict with qualified names); of tensors that are one (tied weights),
         the first name is stored."""
         seen = set()
         for name, t in tensors.items():
@@ -166,21 +170,58 @@ class ShardWriter:
                 continue
             seen.add(key)
             size = t.numel() * t.element_size()
-            if self._pending_bytes + size > self.shard_bytes:
+            if self._offset and self._offset + size > self.shard_bytes:
                 self._flush()  # what waits, first: a large tensor is then held alone
-            self._pending[name] = t.detach().to("cpu").contiguous()
-            self._pending_bytes += size
-            if self._pending_bytes >= self.shard_bytes:
+            if self._data is None:
+                self._data = self._data_path(len(self._shards)).open("wb")
+            self._data.write(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                                  "data_offsets": [self._offset, self._offset + size]}
+            self._offset += size
+            if self._offset >= self.shard_bytes:
                 self._flush()
 
+    def add_stored(self, name: str, tensors: ShardedTensors, key: str) -> None:
+        """Copy tensor ``key`` of ``tensors`` under ``name`` as it is stored, file to file in chunks (never whole in
+        memory: a large vocabulary's head is gigabytes)."""
+        path, start, dtype, shape, size = tensors.stored(key)
+        if self._offset and self._offset + size > self.shard_bytes:
+            self._flush()
+        if self._data is None:
+            self._data = self._data_path(len(self._shards)).open("wb")
+        with path.open("rb") as src:
+            src.seek(start)
+            left = size
+            while left:
+                chunk = src.read(min(left, 2**24))
+                if not chunk:
+                    raise CheckpointError(f"{path} ends inside tensor {key}: the file is truncated")
+                self._data.write(chunk)
+                left -= len(chunk)
+        self._header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [self._offset, self._offset + size]}
+        self._offset += size
+        if self._offset >= self.shard_bytes:
+            self._flush()
+
+    def _data_path(self, index: int) -> Path:
+        return self.folder / f".shard-{index:05d}.data"
+
     def _flush(self) -> None:
-        if not self._pending:
+        """Assemble the open shard: its safetensors header, then its data (8-byte aligned, as safetensors writes)."""
+        if self._data is None:
             return
-        path = self.folder / f".shard-{len(self._shards):05d}.safetensors"
-        write_safetensors(path, self._pending, {"format": "pt"})
-        self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
-        _return_freed_memory()
+        self._data.close()
+        index = len(self._shards)
+        path, data = self.folder / f".shard-{index:05d}.safetensors", self._data_path(index)
+        text = json.dumps({"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with path.open("wb") as out, data.open("rb") as src:
+            out.write(len(text).to_bytes(8, "little"))
+            out.write(text)
+            shutil.copyfileobj(src, out, 2**24)
+        data.unlink()
+        self._shards.append((path, list(self._header)))
+        self._header, self._data, self._offset = {}, None, 0
 
     def close(self) -> None:
         """Write what is queued and name the shards as ``from_pretrained`` expects."""
@@ -310,8 +351,14 @@ class ModelStream:
         self._writer.add({prefix + key: t for prefix, module in outside for key, t in _own_tensors(module).items()})
         for prefix, module in outside:
             unread = [key for key, t in _own_tensors(module).items() if t.is_meta]
-            if unread:
+            # stored as the model holds them: copied file to file; in another dtype: read, cast, written, freed
+            raw = [key for key in unread if prefix + key in self.original
+                   and _stored_as(self.original, prefix + key, _own_tensors(module)[key])]
+            for key in raw:
+                self._writer.add_stored(prefix + key, self.original, prefix + key)
+            cast = [key for key in unread if key not in raw]
+            if cast:
                 materialize(module, prefix, self.original, recurse=False)
                 own = _own_tensors(module)
-                self._writer.add({prefix + key: own[key] for key in unread})
-                _free_own(module, unread)
+                self._writer.add({prefix + key: own[key] for key in cast})
+                _free_own(module, cast)

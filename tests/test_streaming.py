@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from compress.errors import CheckpointError
 from compress.streaming import ShardedTensors, ShardWriter, materialize, release
 from conftest import REF_A, REFCODE, REPO, make_tiny, needs_shared
 
@@ -36,6 +37,30 @@ def test_sharded_output_loads_and_reads_back_tensor_by_tensor(tmp_path: Path) ->
         assert torch.equal(loaded.state_dict()[name], value), name
     tensors = ShardedTensors(tmp_path)
     assert torch.equal(tensors.get("model.layers.1.mlp.down_proj.weight"), state["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_stored_tensors_are_copied_file_to_file_as_they_lie(tmp_path: Path) -> None:
+    """The head and embeddings the output takes unchanged are copied from the checkpoint in chunks, never read whole;
+    a file that ends inside the tensor is named."""
+    model = make_tiny("qwen2").to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "src")
+    source, out = ShardedTensors(tmp_path / "src"), tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out, shard_bytes=100_000)
+    state = model.state_dict()
+    writer.add({"model.norm.weight": state["model.norm.weight"]})
+    for key in ("lm_head.weight", "model.embed_tokens.weight"):
+        writer.add_stored(key, source, key)
+    writer.close()
+    copied = ShardedTensors(out)
+    for key in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert copied.get(key).dtype == torch.bfloat16 and torch.equal(copied.get(key), state[key]), key
+    assert not list(out.glob(".shard-*"))
+    path, start, _, _, size = source.stored("lm_head.weight")
+    with path.open("r+b") as f:
+        f.truncate(start + size // 2)
+    with pytest.raises(CheckpointError, match=r"ends inside tensor lm_head.weight: the file is truncated"):
+        ShardWriter(out).add_stored("lm_head.weight", source, "lm_head.weight")
 
 
 def test_materialised_blocks_equal_the_loaded_model_and_tied_weights_stay_tied(tmp_path: Path) -> None:
