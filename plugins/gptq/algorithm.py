@@ -67,6 +67,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
         W_ref = W if reference_weight is None else reference_weight.to(W.device, torch.float32)
         W = asymmetric_start(W, H, L, cross, W_ref)
         W[:, dead] = 0
+    del L  # [in, in]: 0.8 GB at 14336 inputs, not needed by the sweep
     gs = scheme.group_size if scheme.granularity == "group" else columns
     scale = torch.empty(out_f, scheme.groups_per_row(columns), dtype=torch.float32, device=W.device)  # exact in dtype
     zero = torch.empty_like(scale)
