@@ -239,3 +239,38 @@ def test_gptq_refuses_a_correction_of_pruned_layers() -> None:
                                             {"method": "gptq", "args": {"bits": 4, "group_size": 32,
                                                                         "correction_rank": 4}}],
                        calib=torch.randint(0, 512, (4, 64)), device="cpu")
+
+
+def test_rank_and_energy_set_each_layers_rank() -> None:
+    calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(4))
+    fixed = compress.apply(make_tiny("llama"), [{"method": "lowrank", "args": {"rank": 20}}], calib=calib, device="cpu")
+    assert {m.rank for m in fixed.modules() if isinstance(m, FactoredLinear)} == {20}
+    ranks = {}
+    for energy in (0.5, 0.9):
+        model = compress.apply(make_tiny("llama"), [{"method": "lowrank", "args": {"mode": "svd", "energy": energy}}],
+                               device="cpu")
+        ranks[energy] = {n: m.rank for n, m in model.named_modules() if isinstance(m, FactoredLinear)}
+        for name, rank in ranks[energy].items():  # the smallest rank keeping that share of the weight's energy
+            s2 = torch.linalg.svdvals(make_tiny("llama").get_submodule(name).weight.double()).square()
+            kept = s2.cumsum(0) / s2.sum()
+            i, o = model.get_submodule(name).in_features, model.get_submodule(name).out_features
+            cap = (i * o - 1) // (i + o)  # the largest rank whose factors are smaller than the layer
+            assert rank == min(cap, int((kept < energy - 1e-12).sum()) + 1), name
+    assert all(ranks[0.5][n] < ranks[0.9][n] for n in ranks[0.5])
+
+
+def test_rank_budgets_are_checked_before_any_weight_changes() -> None:
+    model = make_tiny("llama")
+    with pytest.raises(RecipeError) as err:
+        compress.apply(model, [{"method": "lowrank", "args": {"mode": "svd", "rank": 60}}], device="cpu")
+    assert str(err.value).endswith(
+        "steps[0].args.rank: at rank 60 the factors of 4 layers (model.layers.0.self_attn.k_proj, "
+        "model.layers.0.self_attn.v_proj, model.layers.1.self_attn.k_proj, ...) are not smaller than the layers (rank "
+        "x (in + out) >= in x out): lower the rank, or ignore those layers to keep them dense")
+    with pytest.raises(RecipeError, match=r"args\.rank: 300 is larger than min\(in_features, out_features\) of 14 "
+                                          r"layers .*the smallest is 64\): lower the rank"):
+        compress.apply(model, [{"method": "lowrank", "args": {"mode": "svd", "rank": 300}}], device="cpu")
+    with pytest.raises(RecipeError, match=r"give one of ratio, rank and energy, not ratio and rank"):
+        compress.apply(model, [{"method": "lowrank", "args": {"ratio": 0.5, "rank": 8}}], device="cpu")
+    with pytest.raises(RecipeError, match=r"energy"):
+        compress.apply(model, [{"method": "lowrank", "args": {"mode": "svd", "energy": 1.5}}], device="cpu")

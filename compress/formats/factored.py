@@ -52,9 +52,9 @@ class FactoredLinear(CompressedLinear):
 
     @classmethod
     def storage_note(cls, scheme: dict[str, Any], in_features: int, out_features: int) -> str | None:
-        if "ratio" not in scheme:
+        if "ratio" not in scheme and "rank" not in scheme:
             return None
-        rank = rank_for(in_features, out_features, scheme["ratio"])
+        rank = scheme.get("rank") or rank_for(in_features, out_features, scheme["ratio"])
         return f"rank {rank} of {min(in_features, out_features)}" if rank else None
 
     def check_loaded(self) -> str | None:

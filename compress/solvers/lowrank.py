@@ -15,17 +15,20 @@ from compress.solvers.hessian import damped_factors
 
 
 def factor(weight: torch.Tensor, rank: int, H: torch.Tensor | None = None, damp: float = 0.01,
-           label: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+           label: str = "", energy: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [rank, in], B [out, rank]) in float32 with B A the best rank-``rank`` approximation of ``weight``
     [out, in]: for the weight error, or with ``H`` [in, in] for the output error (H damped by ``damp`` of its
-    mean diagonal, more if it does not factor)."""
+    mean diagonal, more if it does not factor). With ``energy``, the rank is the smallest that keeps that fraction
+    of the squared singular values (of the weight, or of the whitened weight), at most ``rank``."""
     W = weight.float()
     if H is None:
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        rank = rank if energy is None else min(rank, rank_for_energy(S, energy))
         root = S[:rank].sqrt()
         return root[:, None] * Vh[:rank], U[:, :rank] * root
     L, _, _ = damped_factors(H.float(), damp, label, inverse=False)
     U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    rank = rank if energy is None else min(rank, rank_for_energy(S, energy))
     root = S[:rank].sqrt()
     A = torch.linalg.solve_triangular(L, root[:, None] * Vh[:rank], upper=False, left=False)  # (S^1/2 V^T) L^-1
     return A, U[:, :rank] * root
@@ -51,3 +54,11 @@ def allocate_ranks(spectra: dict[str, tuple[int, int, torch.Tensor]], ratio: flo
     taken = torch.cat(costs)[order].cumsum(0) <= budget
     picked = torch.bincount(torch.cat(names)[order][taken], minlength=len(spectra))
     return {name: 1 + int(n) for name, n in zip(spectra, picked)}
+
+
+def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
+    """The smallest rank whose singular values (decreasing) hold at least ``energy`` of the squares' sum (at least
+    1)."""
+    s2 = singular_values.double().square()
+    kept = s2.cumsum(0) / s2.sum().clamp(min=1e-300)
+    return max(1, int((kept < energy - 1e-12).sum()) + 1)

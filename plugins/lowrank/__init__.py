@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.calibration.engine import BlockWork
 from compress.errors import Problem
@@ -33,7 +33,12 @@ log = logging.getLogger(__name__)
 class LowRankConfig(MethodConfig):
     mode: Literal["whitened", "svd"] = Field("whitened", description="whitened: output-aware (needs calibration "
                                                                      "data); svd: plain truncated SVD")
-    ratio: float = Field(0.8, gt=0, lt=1, description="fraction of each layer's parameters its factors keep")
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of the layers' parameters the factors keep "
+                                                             "(0.8 when neither rank nor energy is given)")
+    rank: int | None = Field(None, ge=1, description="every layer at this rank")
+    energy: float | None = Field(None, gt=0, le=1, description="each layer at the smallest rank keeping this fraction "
+                                                               "of its (whitened) spectrum's energy, at most the "
+                                                               "largest rank smaller than the dense layer")
     damp: float = Field(0.01, gt=0, lt=1, description="damping added to the inputs' second moments before "
                                                       "whitening, as a fraction of their mean diagonal")
     allocation: Literal["global", "uniform"] = Field(
@@ -44,6 +49,20 @@ class LowRankConfig(MethodConfig):
                                                  "inputs, as GPTQ's fit_original")
     ranks: dict[str, int] = Field(default_factory=dict, description="rank of each layer by qualified name (filled by "
                                                                     "the global allocation; given ones are kept)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_budget(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        given = [name for name in ("ratio", "rank", "energy") if data.get(name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of ratio, rank and energy, not {' and '.join(given)}")
+        return data if given else {**data, "ratio": 0.8}
+
+
+def _names(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 class LowRank(Method):
@@ -59,13 +78,20 @@ class LowRank(Method):
         return LayerKind.FORMAT
 
     def writes(self, config: LowRankConfig) -> dict[str, Any]:
-        # a uniform ratio gives each layer's rank before any weight is read (compress validate shows it); the global
-        # allocation chooses them from the calibration data as the stage begins, and logs them
-        if config.allocation == "uniform":
+        # a rank, or a uniform ratio, gives each layer's rank before any weight is read (compress validate shows it);
+        # the global allocation chooses them from the calibration data as the stage begins, energy as each layer is
+        # factored, and both log them
+        if config.rank is not None:
+            return {"format": FactoredLinear.format, "rank": config.rank}
+        if config.ratio is not None and config.allocation == "uniform":
             return {"format": FactoredLinear.format, "ratio": config.ratio}
         return {"format": FactoredLinear.format}
 
     def check_targets(self, targets: dict[str, nn.Module], config: LowRankConfig) -> list[Problem]:
+        if config.rank is not None:
+            return self._check_rank(targets, config.rank)
+        if config.energy is not None:
+            return []
         if config.allocation == "global":
             shapes = [linear_shape(layer) for layer in targets.values()]
             if config.ratio * sum(i * o for i, o in shapes) >= sum(i + o for i, o in shapes):
@@ -80,8 +106,24 @@ class LowRank(Method):
                         f"({', '.join(tiny[:3])}{', ...' if len(tiny) > 3 else ''}): raise the ratio, or ignore "
                         "those layers in the step")]
 
+    @staticmethod
+    def _check_rank(targets: dict[str, nn.Module], rank: int) -> list[Problem]:
+        shapes = {n: linear_shape(layer) for n, layer in targets.items()}
+        problems = []
+        big = sorted(n for n, (i, o) in shapes.items() if rank > min(i, o))
+        if big:
+            problems.append(Problem("rank", f"{rank} is larger than min(in_features, out_features) of {len(big)} "
+                                    f"layers ({_names(big)}; the smallest is {min(min(shapes[n]) for n in big)}): "
+                                    "lower the rank, or ignore those layers"))
+        dense = sorted(n for n, (i, o) in shapes.items() if rank * (i + o) >= i * o and n not in big)
+        if dense:
+            problems.append(Problem("rank", f"at rank {rank} the factors of {len(dense)} layers ({_names(dense)}) "
+                                    "are not smaller than the layers (rank x (in + out) >= in x out): lower the rank, "
+                                    "or ignore those layers to keep them dense"))
+        return problems
+
     def before_stage(self, config: LowRankConfig, survey) -> LowRankConfig:
-        if config.allocation == "uniform":
+        if config.ratio is None or config.allocation == "uniform":
             return config
         spectra: dict[str, tuple[int, int, torch.Tensor]] = {}
 
@@ -121,13 +163,22 @@ class LowRank(Method):
         for group, hessian in self._groups(work, config, self.needs_reference(config)):
             for name in group:
                 layer = work.targets[name]
-                # at least 1: check_targets refused uniform ratios below one rank, the allocation gives each one
-                rank = config.ranks.get(name) or rank_for(*linear_shape(layer), config.ratio)
+                in_f, out_f = linear_shape(layer)
+                if config.rank is not None:  # check_targets refused ranks that do not make a layer smaller
+                    rank = config.rank
+                elif config.energy is not None:  # up to the largest rank still smaller than the layer
+                    rank = (in_f * out_f - 1) // (in_f + out_f)
+                else:  # at least 1: check_targets refused uniform ratios below one rank, the allocation gives each one
+                    rank = config.ranks.get(name) or rank_for(in_f, out_f, config.ratio)
                 weight = get_weight(layer)
                 target = weight.to(work.device).float()
                 if hessian is not None and hessian.C is not None:  # the weight that best gives the original outputs
                     original = get_weight(work.reference.block.get_submodule(work.local(name))).to(work.device)
                     L = damped_factors(hessian.H, config.damp, name, inverse=False)[0]
                     target = asymmetric_start(target, hessian.H, L, hessian.C, original.float())
-                A, B = factor(target, rank, None if hessian is None else hessian.H, config.damp, name)
+                A, B = factor(target, rank, None if hessian is None else hessian.H, config.damp, name, config.energy)
+                if config.energy is not None:
+                    log.info("%s: %s at rank %d of %d%s", self.name, name, A.shape[0], min(in_f, out_f),
+                             " (capped: the largest rank whose factors are smaller than the layer)"
+                             if A.shape[0] == rank else "")
                 work.replace(name, FactoredLinear.from_factors(A, B, get_bias(layer), weight.dtype))
