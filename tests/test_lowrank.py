@@ -274,3 +274,32 @@ def test_rank_budgets_are_checked_before_any_weight_changes() -> None:
         compress.apply(model, [{"method": "lowrank", "args": {"ratio": 0.5, "rank": 8}}], device="cpu")
     with pytest.raises(RecipeError, match=r"energy"):
         compress.apply(model, [{"method": "lowrank", "args": {"mode": "svd", "energy": 1.5}}], device="cpu")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_pair_stored_in_bits_computes_as_rounded_and_round_trips(bits: int, tmp_path) -> None:
+    """gptq's correction_bits: the checkpoint holds the pair's codes only (no float pair), the layer computes with
+    exactly the rounded pair after loading, and the codes were fitted with that rounding (the weight quantized once
+    more less the rounded pair), so the layer's output error stays well under GPTQ's alone."""
+    calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(4))
+    original = make_tiny("llama")
+    X = _q_proj_inputs(original, calib).double()
+    W = original.model.layers[0].self_attn.q_proj.weight.double()
+    gptq = {"bits": 3, "group_size": 32}
+    errors = {}
+    for name, extra in {"gptq": {}, "bf16": {"correction_rank": 8}, "bits": {"correction_rank": 8,
+                                                                             "correction_bits": bits}}.items():
+        model = compress.apply(make_tiny("llama"), [{"method": "gptq", "args": {**gptq, **extra}}], calib=calib,
+                               device="cpu")
+        layer = model.model.layers[0].self_attn.q_proj
+        errors[name] = (X @ (W - layer.dequantized_weight(torch.float64)).t()).norm().item()
+    assert layer.scheme()["pair_bits"] == bits and isinstance(layer.a, IntLinear) and layer.a.int_scheme.bits == bits
+    state = layer.state_dict()
+    assert "A" not in state and "B" not in state and {"a.qweight", "b.qweight", "base.qweight"} <= set(state)
+    torch.testing.assert_close(layer.A, layer.a.dequantized_weight(layer.A.dtype), rtol=0, atol=0)
+    assert errors["bits"] < 0.9 * errors["gptq"] and errors["bf16"] < errors["gptq"], errors
+    compress.save(model, tmp_path / "ck")
+    loaded = compress.load(tmp_path / "ck", device="cpu")
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -21,7 +21,8 @@ CASES: dict[str, list[dict]] = {
             {"bits": 2, "group_size": None}, {"bits": 8, "group_size": 32, "clip_search": True}],
     "gptq": [{"bits": 4, "group_size": 64}, {"bits": 3, "group_size": 32, "act_order": False, "symmetric": False},
              {"bits": 4, "group_size": None, "mse": True, "sequential": False}, {"bits": 4, "fit_original": True},
-             {"bits": 3, "group_size": 32, "correction_rank": 4, "correction_rounds": 2}],
+             {"bits": 3, "group_size": 32, "correction_rank": 4, "correction_rounds": 2},
+             {"bits": 4, "group_size": 32, "correction_rank": 8, "correction_bits": 8}],
     "awq": [{"bits": 4, "group_size": 64, "search_tokens": 128, "clip_tokens": 64},
             {"bits": 3, "symmetric": True, "clip": False, "grid": 4, "fit_original": True}],
     "fp8": [{"weights": "channel", "activations": "dynamic"}, {"weights": "tensor", "activations": "none"},
@@ -30,7 +31,7 @@ CASES: dict[str, list[dict]] = {
     "wanda": [{"sparsity": 0.4, "layer_sparsity": {"*.mlp.*": 0.5}}, {"structure": "4:8"}],
     "sparsegpt": [{"structure": "2:4"}, {"sparsity": 0.5, "fit_original": True}],
     "lowrank": [{"ratio": 0.95}, {"mode": "svd", "ratio": 0.9, "allocation": "uniform"}],
-    "lowrank-correct": [{"rank": 4}, {"rank": 2, "fit_original": False}],
+    "lowrank-correct": [{"rank": 4}, {"rank": 2, "fit_original": False, "bits": 4}],
 }
 # The step a method that takes what another leaves runs after, in the same stage.
 AFTER: dict[str, dict] = {"lowrank-correct": {"method": "rtn", "args": {"bits": 3, "group_size": 32}}}

@@ -10,7 +10,7 @@ independently), which is also what makes it fast. Layers a pruner left masked ke
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -18,7 +18,7 @@ from pydantic import Field
 from compress import quant
 from compress.calibration.engine import BlockWork
 from compress.errors import CompressError
-from compress.formats.corrected import CorrectedLinear
+from compress.formats.corrected import CorrectedLinear, quantized_pair
 from compress.formats.integer import quantize_layer
 from compress.int_methods import IntMethod, IntWeightConfig
 from compress.linear import get_weight, linear_shape
@@ -44,6 +44,9 @@ class GPTQConfig(IntWeightConfig):
                                                       "and stored beside them (the corrected format); 0: none")
     correction_rounds: int = Field(3, ge=1, description="with correction_rank: rounds of quantizing the weight less "
                                                         "the pair, then refitting the pair to what that lost")
+    correction_bits: Literal[4, 8] | None = Field(None, description="with correction_rank: store the pair in 8 or 4 "
+                                                                    "bits (the weight is then quantized once more, less "
+                                                                    "the rounded pair); null: in the model's dtype")
 
 
 class GPTQ(IntMethod):
@@ -57,8 +60,10 @@ class GPTQ(IntMethod):
 
     def writes(self, config: GPTQConfig) -> dict[str, Any]:
         base = super().writes(config)
-        return {"format": CorrectedLinear.format, "rank": config.correction_rank, "base": base} if (
-            config.correction_rank) else base
+        if not config.correction_rank:
+            return base
+        scheme = {"format": CorrectedLinear.format, "rank": config.correction_rank, "base": base}
+        return scheme if config.correction_bits is None else {**scheme, "pair_bits": config.correction_bits}
 
     def compress_block(self, work: BlockWork, config: GPTQConfig) -> None:
         groups = work.linear_groups()
@@ -114,7 +119,14 @@ class GPTQ(IntMethod):
                           config.act_order, config.mse, label)
             q = quant.dequantize_weight(result.codes, result.scale, result.zero, scheme, torch.float32)
             pairs = [factor(t, rank, hessian.H, config.damp, label) for t in (target - q).split(rows)]
+        bits = config.correction_bits
+        if bits is not None:  # the codes take up what rounding the pair loses
+            rounded = [quantized_pair(A, B, dtype, bits) for A, B in pairs]
+            low_rank = torch.cat([b.dequantized_weight(torch.float32) @ a.dequantized_weight(torch.float32)
+                                  for a, b in rounded])
+            result = gptq(target - low_rank, hessian.H, scheme, dtype, config.damp, config.block_size,
+                          config.act_order, config.mse, label)
         parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows), pairs)
         for name, layer, codes, scale, zero, (A, B) in parts:
             base = quantize_layer(layer, scheme, work.device, scale, zero, codes)
-            work.replace(name, CorrectedLinear.wrap(base, A, B, dtype))
+            work.replace(name, CorrectedLinear.wrap(base, A, B, dtype, bits))

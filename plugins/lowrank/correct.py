@@ -12,6 +12,8 @@ groups were corrected.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn as nn
 from pydantic import Field
@@ -33,6 +35,7 @@ class LowRankCorrectConfig(MethodConfig):
                                                       "whitening, as a fraction of their mean diagonal")
     fit_original: bool = Field(True, description="fit the uncompressed model's layer outputs (on its own inputs) "
                                                  "rather than the layer's own quantization error")
+    bits: Literal[4, 8] | None = Field(None, description="store the pair in 8 or 4 bits; null: in the model's dtype")
 
 
 class LowRankCorrect(Method):
@@ -75,4 +78,4 @@ class LowRankCorrect(Method):
                     L = damped_factors(hessian.H, config.damp, name, inverse=False)[0]
                     W = asymmetric_start(Q, hessian.H, L, hessian.C, W)
                 A, B = factor(W - Q, config.rank, hessian.H, config.damp, name)
-                work.replace(name, CorrectedLinear.wrap(layer, A, B, weight.dtype))
+                work.replace(name, CorrectedLinear.wrap(layer, A, B, weight.dtype, config.bits))
