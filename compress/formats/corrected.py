@@ -64,15 +64,21 @@ class CorrectedLinear(CompressedLinear):
     @torch.no_grad()
     def wrap(cls, base: CompressedLinear, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype,
              pair_bits: int | None = None) -> CorrectedLinear:
-        """``base`` corrected by ``B @ A``, stored in ``dtype`` or rounded to ``pair_bits``
-        (:func:`quantized_pair` gives the pair as it will compute)."""
-        layer = cls(base, A.shape[0], dtype, A.device, pair_bits)
-        if pair_bits is None:
-            layer.A.copy_(A)
-            layer.B.copy_(B)
-        else:
-            layer.a, layer.b = quantized_pair(A, B, dtype, pair_bits)
-            layer._unpack_pair()
+        """``base`` corrected by ``B @ A``, stored in ``dtype`` or rounded to ``pair_bits``."""
+        if pair_bits is not None:
+            return cls.from_pair(base, *quantized_pair(A, B, dtype, pair_bits))
+        layer = cls(base, A.shape[0], dtype, A.device)
+        layer.A.copy_(A)
+        layer.B.copy_(B)
+        return layer
+
+    @classmethod
+    @torch.no_grad()
+    def from_pair(cls, base: CompressedLinear, a: IntLinear, b: IntLinear) -> CorrectedLinear:
+        """``base`` corrected by a pair already rounded (:func:`quantized_pair`)."""
+        layer = cls(base, a.out_features, a.scales.dtype, a.qweight.device, a.int_scheme.bits)
+        layer.a, layer.b = a, b
+        layer._unpack_pair()
         return layer
 
     def _unpack_pair(self) -> None:

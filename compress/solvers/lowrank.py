@@ -62,3 +62,4 @@ def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:
     s2 = singular_values.double().square()
     kept = s2.cumsum(0) / s2.sum().clamp(min=1e-300)
     return max(1, int((kept < energy - 1e-12).sum()) + 1)
+

@@ -45,8 +45,8 @@ class GPTQConfig(IntWeightConfig):
     correction_rounds: int = Field(3, ge=1, description="with correction_rank: rounds of quantizing the weight less "
                                                         "the pair, then refitting the pair to what that lost")
     correction_bits: Literal[4, 8] | None = Field(None, description="with correction_rank: store the pair in 8 or 4 "
-                                                                    "bits (the weight is then quantized once more, less "
-                                                                    "the rounded pair); null: in the model's dtype")
+                                                                    "bits (the codes quantized once more, less the "
+                                                                    "rounded pair); null: in the model's dtype")
 
 
 class GPTQ(IntMethod):
@@ -106,7 +106,10 @@ class GPTQ(IntMethod):
         the target weight (its directions of most output energy), then each round quantizes the target less the
         pair (qparams chosen afresh: without the pair's outliers the groups' ranges shrink) and refits the pair to
         what that quantization lost. The target is the weight itself, or with fit_original the weight that best
-        gives the uncompressed block's outputs (GPTAQ's start)."""
+        gives the uncompressed block's outputs (GPTAQ's start). With correction_bits, the pair is rounded and the
+        codes quantized once more less the rounded pair: the pair holds the weight's largest directions, so its
+        rounding is far from small, and the codes make up for it (re-fitting the pair after rounding it measured
+        worse on ref-a)."""
         label, dtype, scheme, rank = ", ".join(group), layers[0].weight.dtype, config.int_scheme(), config.correction_rank
         target = weight.float()
         if hessian.C is not None:
@@ -120,13 +123,15 @@ class GPTQ(IntMethod):
             q = quant.dequantize_weight(result.codes, result.scale, result.zero, scheme, torch.float32)
             pairs = [factor(t, rank, hessian.H, config.damp, label) for t in (target - q).split(rows)]
         bits = config.correction_bits
-        if bits is not None:  # the codes take up what rounding the pair loses
+        if bits is not None:  # the pair rounded, and the codes quantized once more to make up for what that lost
             rounded = [quantized_pair(A, B, dtype, bits) for A, B in pairs]
             low_rank = torch.cat([b.dequantized_weight(torch.float32) @ a.dequantized_weight(torch.float32)
                                   for a, b in rounded])
             result = gptq(target - low_rank, hessian.H, scheme, dtype, config.damp, config.block_size,
                           config.act_order, config.mse, label)
-        parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows), pairs)
-        for name, layer, codes, scale, zero, (A, B) in parts:
+        parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows),
+                    rounded if bits is not None else pairs)
+        for name, layer, codes, scale, zero, pair in parts:
             base = quantize_layer(layer, scheme, work.device, scale, zero, codes)
-            work.replace(name, CorrectedLinear.wrap(base, A, B, dtype, bits))
+            work.replace(name, CorrectedLinear.wrap(base, *pair, dtype) if bits is None
+                         else CorrectedLinear.from_pair(base, *pair))
