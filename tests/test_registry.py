@@ -17,10 +17,10 @@ from compress.registry import Registry, registry
 from conftest import REPO, install_fake_distribution
 
 
-def readme_plugin_example() -> str:
-    text = (REPO / "README.md").read_text()
+def docs_plugin_example() -> str:
+    text = (REPO / "docs" / "plugins.md").read_text()
     match = re.search(r"<!-- plugin-example -->\s*```python\n(.*?)```", text, re.S)
-    assert match, "README.md must hold the plugin example after <!-- plugin-example -->"
+    assert match, "docs/plugins.md must hold the plugin example after <!-- plugin-example -->"
     return match.group(1)
 
 
@@ -28,7 +28,7 @@ def readme_plugin_example() -> str:
 def third_party(tmp_path: Path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()
-    install_fake_distribution(site, "my-compress-plugin", {"my_compress_plugin": readme_plugin_example()},
+    install_fake_distribution(site, "my-compress-plugin", {"my_compress_plugin": docs_plugin_example()},
                               {"compress.plugins": {"toy-prune": "my_compress_plugin:MagnitudePrune"}})
     install_fake_distribution(site, "broken-plugin", {"broken_plugin": "import no_such_module_anywhere\n"},
                               {"compress.plugins": {"broken": "broken_plugin:Method"}})
