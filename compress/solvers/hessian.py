@@ -78,6 +78,15 @@ def asymmetric_start(W: torch.Tensor, H: torch.Tensor, L: torch.Tensor, C: torch
     return W + torch.cholesky_solve((W_ref @ C - W @ H).t(), L).t()
 
 
+def original_target(weight: torch.Tensor, hessian: Hessian, reference: torch.Tensor, damp: float,
+                    label: str) -> torch.Tensor:
+    """The float32 weight that best gives the uncompressed model's outputs (``reference`` on its own inputs) from the
+    compressed model's inputs: :func:`asymmetric_start` from ``weight``, with ``hessian``'s H and C (H damped by
+    ``damp`` of its mean diagonal)."""
+    L = damped_factors(hessian.H, damp, label, inverse=False)[0]
+    return asymmetric_start(weight.float(), hessian.H, L, hessian.C, reference.float())
+
+
 def block_hessians(work: BlockWork, groups: list[list[str]], cross: bool) -> list[Hessian]:
     """One Hessian per layer group of a block, from the inputs of its first layer (the group's layers read the
     same input), on one pass over the calibration batches; with ``cross``, from the block's inputs paired with

@@ -24,7 +24,7 @@ from compress.int_methods import IntMethod, IntWeightConfig
 from compress.linear import get_weight, linear_shape
 from compress.methods import Needs
 from compress.plugins.gptq.algorithm import gptq
-from compress.solvers.hessian import Hessian, asymmetric_start, block_hessians, damped_factors
+from compress.solvers.hessian import Hessian, block_hessians, original_target
 from compress.solvers.lowrank import factor
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,7 @@ class GPTQ(IntMethod):
         label, dtype, scheme, rank = ", ".join(group), layers[0].weight.dtype, config.int_scheme(), config.correction_rank
         target = weight.float()
         if hessian.C is not None:
-            L = damped_factors(hessian.H, config.damp, label, inverse=False)[0]
-            target = asymmetric_start(target, hessian.H, L, hessian.C, reference.float())
+            target = original_target(target, hessian, reference, config.damp, label)
         pairs = [factor(t, rank, hessian.H, config.damp, label) for t in target.split(rows)]
         for _ in range(config.correction_rounds):
             low_rank = torch.cat([B @ A for A, B in pairs])

@@ -23,7 +23,7 @@ from compress.errors import Problem
 from compress.formats.factored import FactoredLinear, rank_for
 from compress.linear import get_bias, get_weight, linear_shape
 from compress.methods import Method, MethodConfig, Needs
-from compress.solvers.hessian import asymmetric_start, block_hessians, damped_factors
+from compress.solvers.hessian import block_hessians, damped_factors, original_target
 from compress.solvers.lowrank import allocate_ranks, factor
 from compress.states import LayerKind
 
@@ -174,8 +174,7 @@ class LowRank(Method):
                 target = weight.to(work.device).float()
                 if hessian is not None and hessian.C is not None:  # the weight that best gives the original outputs
                     original = get_weight(work.reference.block.get_submodule(work.local(name))).to(work.device)
-                    L = damped_factors(hessian.H, config.damp, name, inverse=False)[0]
-                    target = asymmetric_start(target, hessian.H, L, hessian.C, original.float())
+                    target = original_target(target, hessian, original, config.damp, name)
                 A, B = factor(target, rank, None if hessian is None else hessian.H, config.damp, name, config.energy)
                 if config.energy is not None:
                     log.info("%s: %s at rank %d of %d%s", self.name, name, A.shape[0], min(in_f, out_f),

@@ -24,7 +24,7 @@ from compress.formats.base import CompressedLinear
 from compress.formats.corrected import CorrectedLinear
 from compress.linear import get_weight, linear_shape
 from compress.methods import Method, MethodConfig, Needs
-from compress.solvers.hessian import asymmetric_start, block_hessians, damped_factors
+from compress.solvers.hessian import block_hessians, original_target
 from compress.solvers.lowrank import factor
 from compress.states import LayerKind
 
@@ -75,7 +75,6 @@ class LowRankCorrect(Method):
                 W = weight.to(work.device).float()
                 Q = layer.dequantized_weight(torch.float32).to(work.device)
                 if hessian.C is not None:
-                    L = damped_factors(hessian.H, config.damp, name, inverse=False)[0]
-                    W = asymmetric_start(Q, hessian.H, L, hessian.C, W)
+                    W = original_target(Q, hessian, W, config.damp, name)
                 A, B = factor(W - Q, config.rank, hessian.H, config.damp, name)
                 work.replace(name, CorrectedLinear.wrap(layer, A, B, weight.dtype, config.bits))
