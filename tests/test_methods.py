@@ -28,7 +28,7 @@ CASES: dict[str, list[dict]] = {
     "fp8": [{"weights": "channel", "activations": "dynamic"}, {"weights": "tensor", "activations": "none"},
             {"weights": "channel", "activations": "static"}],
     "magnitude": [{"sparsity": 0.3}, {"structure": "2:4"}],
-    "wanda": [{"sparsity": 0.4, "layer_sparsity": {"*.mlp.*": 0.5}}, {"structure": "4:8"}],
+    "wanda": [{"sparsity": 0.4, "layer_sparsity": {"*.mlp.*": 0.5}}, {"structure": "4:8", "rescale": True}],
     "sparsegpt": [{"structure": "2:4"}, {"sparsity": 0.5, "fit_original": True}],
     "lowrank": [{"ratio": 0.95}, {"mode": "svd", "ratio": 0.9, "allocation": "uniform"}],
     "lowrank-correct": [{"rank": 4}, {"rank": 2, "fit_original": False, "bits": 4}],

@@ -183,20 +183,43 @@ def owl_sparsity(ratios: dict[str, float], sparsity: float, lam: float) -> dict[
     return {block: float(1 - d) for block, d in zip(ratios, density)}
 
 
+class WandaConfig(ActivationPruneConfig):
+    rescale: bool = Field(False, description="scale each row's kept weights by the factor that best gives the row's "
+                                             "unpruned outputs on the calibration inputs (one number a row; the "
+                                             "mask is Wanda's)")
+
+
 class Wanda(ActivationPruner):
     name = "wanda"
+    Config = WandaConfig
     summary = "Wanda: prune the smallest |W| x input norm per row, unstructured or N:M, OWL; stored sparse"
 
-    def compress_block(self, work: BlockWork, config: ActivationPruneConfig) -> None:
+    def compress_block(self, work: BlockWork, config: WandaConfig) -> None:
         groups = work.linear_groups()
-        norms = input_norms(work, groups)  # one pass: every layer of the block judged on the same inputs
-        for group in groups:
+        # one pass: every layer of the block judged on the same inputs
+        hessians = block_hessians(work, groups, False) if config.rescale else None
+        norms = ({g[0]: h.H.diagonal().sqrt() for g, h in zip(groups, hessians)} if hessians
+                 else input_norms(work, groups))  # with the second moments, their diagonal: the same ranking
+        for index, group in enumerate(groups):
             norm = norms[group[0]]
             for name in group:
                 layer = work.targets[name]
                 w = get_weight(layer).to(work.device)
                 keep = select_mask(w.abs().float() * norm, config.pattern, config.sparsity_of(name, layer))
+                if hessians:
+                    w = rescaled_rows(w.float(), keep, hessians[index].H)
                 self._masked(work, name, w, keep)
+
+
+def rescaled_rows(weight: torch.Tensor, keep: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] pruned by ``keep``, each row scaled by a = (w H p) / (p H p), p the pruned row:
+    the one factor that makes the pruned row's outputs closest to the full row's on inputs whose second moments are
+    ``H``. A row pruned to zero output energy keeps a = 1."""
+    pruned = weight * keep
+    HP = pruned @ H
+    num, den = (weight * HP).sum(1), (pruned * HP).sum(1)
+    scale = torch.where(den > 0, num / den.clamp(min=torch.finfo(den.dtype).tiny), torch.ones_like(den))
+    return pruned * scale[:, None]
 
 
 class SparseGPTConfig(ActivationPruneConfig):
