@@ -86,9 +86,9 @@ def test_ref_a_quality_and_size(recipe: str, max_increase: float, max_ratio: flo
 def test_ref_a_2of4_pruning_orders_the_methods_and_halves_the_layers(baseline: float, valid_ids, tmp_path: Path,
                                                                      record_property) -> None:
     """The shipped 2:4 recipes end to end (apply, save, load, perplexity) on 16 x 512 calibration tokens, a
-    sixteenth of issue 20's protocol, to keep the default run short (about a minute). Measured so (2026-12-05):
-    magnitude +129%, Wanda +82%, SparseGPT +44% (the full protocol: +125%, +80%, +30%, docs/measurements.md). The
-    bounds leave room for thread-count noise and sit between the methods: a SparseGPT no better than Wanda, or a
+    sixteenth of issue 20's protocol, to keep the default run short (about two minutes). Measured so (2026-12-06):
+    magnitude +129%, Wanda +60% (with rescale; +82% without), SparseGPT +44% (the full protocol: +125%, +60%, +30%,
+    docs/measurements.md). The bounds leave room for thread-count noise and sit between the methods: a SparseGPT no better than Wanda, or a
     Wanda no better than magnitude, fails; magnitude's bound only catches a broken pruner."""
     from transformers import AutoTokenizer
 
@@ -96,7 +96,7 @@ def test_ref_a_2of4_pruning_orders_the_methods_and_halves_the_layers(baseline: f
     from compress.eval.memory import layout_bytes
 
     calib = calibration_set(AutoTokenizer.from_pretrained(REF_A), str(REFCODE / "calib.txt"), 16, 512, seed=0)
-    bounds = {"magnitude-2of4.yaml": 2.0, "wanda-2of4.yaml": 1.0, "sparsegpt-2of4.yaml": 0.6}
+    bounds = {"magnitude-2of4.yaml": 2.0, "wanda-2of4.yaml": 0.8, "sparsegpt-2of4.yaml": 0.6}
     increase = {}
     for recipe, bound in bounds.items():
         model = ref_a()
