@@ -19,7 +19,7 @@ from compress.eval.perplexity import Protocol, perplexity
 from compress.model import load_tokenizer
 from compress.plugins.awq.search import clip_weight
 from compress.plugins.gptq.algorithm import gptq
-from compress.solvers.hessian import Hessian
+from compress.solvers.hessian import Hessian, original_target
 from compress.quant import IntScheme
 from conftest import ARCHS, RAGGED, REF_A, REFCODE, REPO, make_tiny, needs_shared
 
@@ -67,7 +67,28 @@ def test_gptq_asymmetric_objective_corrects_input_error() -> None:
         q = quant.dequantize_weight(r.codes, r.scale, r.zero, scheme, torch.float32)
         return (x_ref @ w.t() - x @ q.t()).pow(2).sum().item()
 
-    assert error(gptq(w, cross.H, scheme, torch.float32, cross=cross.C)) < 0.7 * error(gptq(w, plain.H, scheme, torch.float32))
+    target = original_target(w, cross, w, 0.01, "layer")
+    assert error(gptq(target, cross.H, scheme, torch.float32)) < 0.7 * error(gptq(w, plain.H, scheme, torch.float32))
+
+
+def test_damped_factors_are_the_damped_hessians_and_its_inverses() -> None:
+    """L L^T = H + damp * mean(diag) * I and U^T U its inverse; an input that is always zero counts as 1 on the
+    diagonal (so the damping's mean and the factors see a positive entry there); L is not kept when not asked for."""
+    from compress.solvers.hessian import damped_factors
+
+    x = _correlated_inputs(512, 32).double()
+    x[:, 5] = 0  # a dead input
+    H = 2 / 512 * x.t() @ x
+    dead = torch.diag(H) == 0
+    fixed = H.clone()
+    fixed[5, 5] = 1
+    damped = fixed + 0.01 * torch.diag(fixed).mean() * torch.eye(32, dtype=H.dtype)
+    L, U, damp = damped_factors(H, 0.01, "layer", dead=dead)
+    assert damp == 0.01 and torch.allclose(L @ L.t(), damped) and torch.allclose(U.t() @ U, torch.linalg.inv(damped))
+    assert torch.equal(L, L.tril()) and torch.equal(U, U.triu())
+    none, only_U, _ = damped_factors(H, 0.01, "layer", lower=False, dead=dead)
+    assert none is None and torch.equal(only_U, U)
+    assert torch.equal(H[5], torch.zeros(32, dtype=H.dtype))  # H itself is left as it was
 
 
 def test_singular_hessian_retries_with_more_damping(caplog) -> None:

@@ -78,30 +78,31 @@ class GPTQ(IntMethod):
     def _quantize_group(work: BlockWork, group: list[str], hessian: Hessian, config: GPTQConfig) -> None:
         layers = [work.targets[name] for name in group]
         rows = [linear_shape(layer)[1] for layer in layers]
-        weight = torch.cat([get_weight(layer).to(work.device) for layer in layers])
-        reference = None
-        if hessian.C is not None:  # the same layers in the uncompressed block
+        label = ", ".join(group)
+        weight = torch.cat([get_weight(layer).to(work.device) for layer in layers]).float()
+        if hessian.C is not None:  # fit the same layers' outputs in the uncompressed block
             originals = [work.reference.block.get_submodule(work.local(name)) for name in group]
             reference = torch.cat([get_weight(layer).to(work.device) for layer in originals])
+            weight = original_target(weight, hessian, reference, config.damp, label)
+            hessian.C = reference = None  # used once: an [in, in] matrix less while the sweep runs
         masks = [work.mask(name) for name in group]
         keep = None if all(m is None for m in masks) else torch.cat(
             [torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weight.split(rows), masks)])
-        label = ", ".join(group)
         if config.correction_rank:
             if keep is not None:
                 raise CompressError(f"gptq: {label} are pruned; a low-rank correction would fill the pruned weights "
                                     "back in: drop correction_rank, or the pruning step")
-            GPTQ._quantize_corrected(work, group, layers, rows, weight, hessian, reference, config)
+            GPTQ._quantize_corrected(work, group, layers, rows, weight, hessian, config)
             return
         result = gptq(weight, hessian.H, config.int_scheme(), layers[0].weight.dtype, config.damp,
-                      config.block_size, config.act_order, config.mse, label, hessian.C, reference, keep)
+                      config.block_size, config.act_order, config.mse, label, keep)
         parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows))
         for name, layer, codes, scale, zero in parts:
             work.replace(name, quantize_layer(layer, config.int_scheme(), work.device, scale, zero, codes))
 
     @staticmethod
-    def _quantize_corrected(work: BlockWork, group: list[str], layers: list, rows: list[int], weight: torch.Tensor,
-                            hessian: Hessian, reference: torch.Tensor | None, config: GPTQConfig) -> None:
+    def _quantize_corrected(work: BlockWork, group: list[str], layers: list, rows: list[int], target: torch.Tensor,
+                            hessian: Hessian, config: GPTQConfig) -> None:
         """Codes and a rank-r pair for each layer, fitted together: the pair starts as the whitened truncation of
         the target weight (its directions of most output energy), then each round quantizes the target less the
         pair (qparams chosen afresh: without the pair's outliers the groups' ranges shrink) and refits the pair to
@@ -111,9 +112,6 @@ class GPTQ(IntMethod):
         rounding is far from small, and the codes make up for it (re-fitting the pair after rounding it measured
         worse on ref-a)."""
         label, dtype, scheme, rank = ", ".join(group), layers[0].weight.dtype, config.int_scheme(), config.correction_rank
-        target = weight.float()
-        if hessian.C is not None:
-            target = original_target(target, hessian, reference, config.damp, label)
         pairs = [factor(t, rank, hessian.H, config.damp, label) for t in target.split(rows)]
         for _ in range(config.correction_rounds):
             low_rank = torch.cat([B @ A for A, B in pairs])

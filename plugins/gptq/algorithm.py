@@ -21,7 +21,7 @@ import torch
 
 from compress import quant
 from compress.quant import IntScheme
-from compress.solvers.hessian import asymmetric_start, damped_factors
+from compress.solvers.hessian import damped_factors
 from compress.solvers.sweep import lazy_sweep, round_columns
 
 
@@ -44,30 +44,21 @@ def _group_qparams(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, mse: 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, damp: float = 0.01,
          block_size: int = 128, act_order: bool = False, mse: bool = False, label: str = "layer",
-         cross: torch.Tensor | None = None, reference_weight: torch.Tensor | None = None,
          keep: torch.Tensor | None = None) -> GPTQResult:
     """Quantize ``weight`` [out, in] with the GPTQ column sweep given its inputs' Hessian ``H`` [in, in].
 
-    ``cross`` (C of :class:`Hessian`) switches to the asymmetric objective ||x_ref W_ref^T - x Q^T||, with
-    ``reference_weight`` W_ref (default: ``weight``) the layer as it is in the uncompressed model: the sweep
-    then starts from W + (W_ref C - W H) (H + damp)^-1, the best unquantized weight for the layer's actual
-    inputs (GPTAQ). When nothing upstream changed (x = x_ref, W = W_ref) that is W itself.
-
-    ``keep`` (bool [out, in], a pruner's mask) pins the weights where it is False to zero.
+    ``keep`` (bool [out, in], a pruner's mask) pins the weights where it is False to zero. To fit the uncompressed
+    model's outputs instead of the layer's own (GPTAQ), pass the weight that best gives them
+    (:func:`compress.solvers.hessian.original_target`).
     """
     W = weight.to(torch.float32).clone()
-    H = H.clone()
     out_f, columns = W.shape
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
-    L, U, damp = damped_factors(H, damp, label, inverse=perm is None)
-    if cross is not None:
-        W_ref = W if reference_weight is None else reference_weight.to(W.device, torch.float32)
-        W = asymmetric_start(W, H, L, cross, W_ref)
-        W[:, dead] = 0
-    del L  # [in, in]: 0.8 GB at 14336 inputs, not needed by the sweep
+    importance = torch.diag(H).masked_fill(dead, 1)
+    perm = torch.argsort(importance, descending=True) if act_order else None
+    if perm is None:
+        _, U, damp = damped_factors(H, damp, label, lower=False, dead=dead)
     gs = scheme.group_size if scheme.granularity == "group" else columns
     scale = torch.empty(out_f, scheme.groups_per_row(columns), dtype=torch.float32, device=W.device)  # exact in dtype
     zero = torch.empty_like(scale)
@@ -77,20 +68,20 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
         return w if keep is None else w * keep[:, cols]
 
     if not dynamic_groups:  # static qparams from the whole weight, before any update
-        s, z = _group_qparams(kept(W, slice(None)), scheme, dtype, mse, torch.diag(H))
+        s, z = _group_qparams(kept(W, slice(None)), scheme, dtype, mse, importance)
         scale.copy_(s.float().expand_as(scale))
         zero.copy_(z.expand_as(zero))
     if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+        W, importance = W[:, perm], importance[perm]
         keep = None if keep is None else keep[:, perm]
-        _, U, damp = damped_factors(H, damp, label)
+        _, U, damp = damped_factors(H[perm][:, perm], damp, label, lower=False, dead=dead[perm])
     group_of = (perm if perm is not None else torch.arange(columns, device=W.device)) // gs
-    codes = torch.empty(out_f, columns, dtype=torch.float32, device=W.device)
+    codes = torch.empty(out_f, columns, dtype=torch.uint8, device=W.device)
 
     def settle(i1: int, i2: int) -> torch.Tensor:
         if dynamic_groups and i1 % gs == 0:  # qparams from the group's current (updated) weights
             cols = slice(i1, i1 + gs)
-            s, z = _group_qparams(kept(W[:, cols], cols), scheme, dtype, mse, torch.diag(H)[cols])
+            s, z = _group_qparams(kept(W[:, cols], cols), scheme, dtype, mse, importance[cols])
             scale[:, i1 // gs], zero[:, i1 // gs] = s[:, 0].float(), z[:, 0]
         g = group_of[i1:i2]
         codes[:, i1:i2], err = round_columns(W[:, i1:i2], U[i1:i2, i1:i2], scale[:, g], zero[:, g], scheme.maxq,
@@ -100,4 +91,4 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
     lazy_sweep(W, U, math.gcd(gs, block_size) if dynamic_groups else block_size, settle)  # dynamic groups start a block
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
-    return GPTQResult(codes.to(torch.uint8), scale.to(dtype), zero, damp)
+    return GPTQResult(codes, scale.to(dtype), zero, damp)

@@ -24,7 +24,7 @@ from compress.errors import Problem
 from compress.linear import get_weight, linear_shape, set_weight
 from compress.methods import Method, MethodConfig, Needs
 from compress.plugins.prune.sparsegpt import sparsegpt
-from compress.solvers.hessian import block_hessians
+from compress.solvers.hessian import block_hessians, original_target
 from compress.sparsity import Pattern, parse_pattern, select_mask
 from compress.states import LayerKind
 from compress.targets import matches
@@ -240,13 +240,13 @@ class SparseGPT(ActivationPruner):
     def compress_block(self, work: BlockWork, config: SparseGPTConfig) -> None:
         for group in work.linear_groups():  # each group's inputs collected after the earlier groups were pruned
             hessian = block_hessians(work, [group], config.fit_original)[0]
-            for name in group:
-                layer = work.targets[name]
-                w = get_weight(layer).to(work.device)
-                reference = None
-                if config.fit_original:
-                    reference = get_weight(work.reference.block.get_submodule(work.local(name))).to(work.device)
-                pruned, keep = sparsegpt(w, hessian.H, config.pattern, config.sparsity_of(name, layer), config.damp,
-                                         config.block_size, name, hessian.C, reference)
+            weights = {name: get_weight(work.targets[name]).to(work.device) for name in group}
+            if config.fit_original:  # the weights that best give the uncompressed block's outputs
+                weights = {name: original_target(w, hessian, get_weight(work.reference.block.get_submodule(
+                    work.local(name))).to(work.device), config.damp, name) for name, w in weights.items()}
+                hessian.C = None  # used: an [in, in] matrix less while the sweeps run
+            for name, w in weights.items():
+                pruned, keep = sparsegpt(w, hessian.H, config.pattern, config.sparsity_of(name, work.targets[name]),
+                                         config.damp, config.block_size, name)
                 self._masked(work, name, pruned, keep)
 

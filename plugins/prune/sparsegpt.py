@@ -14,30 +14,23 @@ import math
 
 import torch
 
-from compress.solvers.hessian import asymmetric_start, damped_factors
+from compress.solvers.hessian import damped_factors
 from compress.solvers.sweep import lazy_sweep, prune_columns
 from compress.sparsity import Pattern, unstructured_mask
 
 
 @torch.no_grad()
 def sparsegpt(weight: torch.Tensor, H: torch.Tensor, pattern: Pattern, sparsity: float, damp: float = 0.01,
-              block_size: int = 128, label: str = "layer", cross: torch.Tensor | None = None,
-              reference_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              block_size: int = 128, label: str = "layer") -> tuple[torch.Tensor, torch.Tensor]:
     """The pruned weight [out, in] (float32) and its mask (True: kept) of ``weight`` given its inputs' Hessian
     ``H`` [in, in]: N:M for a structured ``pattern``, else ``sparsity`` of each block of columns pruned.
 
-    ``cross`` (C of :class:`compress.solvers.hessian.Hessian`) fits the uncompressed model's outputs, with
-    ``reference_weight`` the layer as it is there (GPTAQ's asymmetric objective, as :func:`gptq` does)."""
+    To fit the uncompressed model's outputs instead of the layer's own (GPTAQ's asymmetric objective, as for
+    :func:`gptq`), pass the weight that best gives them (:func:`compress.solvers.hessian.original_target`)."""
     W = weight.to(torch.float32).clone()
-    H = H.clone()
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
     W[:, dead] = 0
-    L, U, _ = damped_factors(H, damp, label)
-    if cross is not None:
-        W_ref = W if reference_weight is None else reference_weight.to(W.device, torch.float32)
-        W = asymmetric_start(W, H, L, cross, W_ref)
-        W[:, dead] = 0
+    _, U, _ = damped_factors(H, damp, label, lower=False, dead=dead)
     keep = torch.empty_like(W, dtype=torch.bool)
 
     def settle(i1: int, i2: int) -> torch.Tensor:
