@@ -110,10 +110,18 @@ def main() -> None:
                     "fp8 tensor-core kernel": (lambda: gemv.dot_8bit(x, *fp8_args), n * k),
                     "int8 inductor fused": (lambda: fused(x, layer8.qweight), n * k),
                 })
-            if m <= sparse24.MAX_TOKENS:  # bytes: kept values (or codes) and their positions
+            if m <= sparse24.MAX_TOKENS:  # bytes: kept values (or codes) and their positions; the op's choice
                 kernels["sparse24 gemv"] = (lambda: sparse24.gemv_24(x, sp24.values, sp24.meta), n * k * 9 // 8)
                 kernels["sparse24-int4 gemv"] = (lambda: sparse24.gemv_24_int4(
                     x, sp24i.qweight, sp24i.meta, sp24i.scales, None, 128, 8.0), n * k * 3 // 8)
+            if m <= cuda_int4.MAX_TOKENS:  # the CUDA 2:4 kernel at each block size (COMPRESS_CUDA_SPARSE24=0: Triton)
+                for warps in (4, 8, 16):
+                    kernels[f"sparse24 cuda {warps} warps"] = (
+                        lambda warps=warps: sparse24.sparse24_mma(x, sp24.values, sp24.meta, warps=warps),
+                        n * k * 9 // 8)
+                    kernels[f"sparse24-int4 cuda {warps} warps"] = (
+                        lambda warps=warps: sparse24.sparse24_mma(x, sp24i.qweight, sp24i.meta, sp24i.scales, None,
+                                                                  128, 8.0, warps), n * k * 3 // 8)
             kernels["sparse24 decompress+cublas"] = (
                 lambda: F.linear(x, sparse24.decompress_24(sp24.values, sp24.meta, k)), n * k * 9 // 8)
             kernels["int4 dequant+cublas"] = (lambda: F.linear(x, layer4.dequantized_weight(torch.bfloat16)),

@@ -38,7 +38,7 @@ def test_cpu_tensors_and_the_switch_turn_it_off(monkeypatch) -> None:
         16, 1, dtype=torch.bfloat16)
     assert not cuda_int4.applies(x, q, s, 128)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    monkeypatch.setattr(cuda_int4, "_usable", lambda device: True)
+    monkeypatch.setattr(cuda_int4, "usable", lambda device: True)
     assert cuda_int4.applies(x, q, s, 128)  # as on a GPU
     assert not cuda_int4.applies(x, q, s.half(), 128)  # scales of another dtype
     monkeypatch.setenv("COMPRESS_CUDA_INT4", "0")
@@ -47,10 +47,10 @@ def test_cpu_tensors_and_the_switch_turn_it_off(monkeypatch) -> None:
 
 @pytest.fixture
 def fresh_usable():
-    """cuda_int4._usable's per-device answer forgotten before and after the test."""
-    cuda_int4._usable.cache_clear()
-    yield cuda_int4._usable
-    cuda_int4._usable.cache_clear()
+    """cuda_int4.usable's per-device answer forgotten before and after the test."""
+    cuda_int4.usable.cache_clear()
+    yield cuda_int4.usable
+    cuda_int4.usable.cache_clear()
 
 
 def test_a_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch, caplog, fresh_usable) -> None:
@@ -64,11 +64,14 @@ def test_a_kernel_that_cannot_compile_falls_back_with_a_warning(monkeypatch, cap
     assert "RuntimeError: nvrtc: library not found" in caplog.text and "Triton kernels" in caplog.text
 
 
-def test_the_kernel_source_ships_with_the_package() -> None:
+def test_the_kernel_sources_ship_with_the_package() -> None:
     from importlib import resources
 
-    source = resources.files("compress.kernels").joinpath("int4_mma.cu").read_text()
-    assert 'extern "C" __global__' in source and "int4_mma(" in source
+    kernels = resources.files("compress.kernels")
+    assert "__device__" in kernels.joinpath("mma.cuh").read_text()  # the helpers both kernels are compiled behind
+    for file, entry in (("int4_mma.cu", "int4_mma("), ("sparse24_mma.cu", "sparse24_mma(")):
+        source = kernels.joinpath(file).read_text()
+        assert 'extern "C" __global__' in source and entry in source, file
 
 
 def test_gpus_without_16_bit_mma_are_not_asked_to_compile(monkeypatch, fresh_usable) -> None:

@@ -311,6 +311,69 @@ def test_sparse24_layers_match_dense_product(out_f, in_f, bits, monkeypatch) -> 
     assert rel(compiled(x), x.float() @ reference.t()) <= 1e-2
 
 
+def _sparse24_layer(out_f: int, in_f: int, bits: int | None, symmetric: bool, group: int | None, dtype, g):
+    from compress.formats.sparse import Sparse24IntLinear, Sparse24Linear
+    from compress.sparsity import nm_mask
+
+    w = torch.randn(out_f, in_f, device="cuda", generator=g) * 0.02
+    keep = nm_mask(w.abs(), 2, 4)
+    if bits is None:
+        return Sparse24Linear.from_dense(w.to(dtype), keep, None)
+    scheme = IntScheme(bits, symmetric, "group" if group else "channel", group)
+    return Sparse24IntLinear.from_int(IntLinear.from_weight(w * keep, None, scheme, dtype), keep)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bits, symmetric, group", [(None, False, None), (4, True, 128), (4, False, 128),
+                                                    (3, False, 256), (4, False, None)])
+@pytest.mark.parametrize("out_f, in_f", [(16, 128), (4096, 4096), (4096, 14336), (1040, 1152)])
+def test_cuda_sparse24_kernel_matches_reference(out_f, in_f, bits, symmetric, group, dtype) -> None:
+    """The CUDA 2:4 kernel (compress/kernels/sparse24_mma.cu), bf16/fp16 values or kept codes, at every block size
+    and token count it takes."""
+    from compress.kernels import cuda_int4, sparse24
+
+    if group and in_f % group:
+        pytest.skip("group does not divide in_features")
+    g = torch.Generator(device="cuda").manual_seed(out_f + in_f + (bits or 0))
+    layer = _sparse24_layer(out_f, in_f, bits, symmetric, group, dtype, g)
+    reference = layer.dequantized_weight(torch.float32)
+    for tokens in range(1, cuda_int4.MAX_TOKENS + 1):
+        x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=dtype)
+        want = x.float() @ reference.t()
+        for warps in (1, 2, 4, 8, 16):
+            if bits is None:
+                assert sparse24.cuda_applies(x, layer.values, layer.meta, in_f)
+                y = sparse24.sparse24_mma(x, layer.values, layer.meta, warps=warps)
+            else:
+                size = group or in_f
+                assert sparse24.cuda_applies(x, layer.qweight, layer.meta, size)
+                y = sparse24.sparse24_mma(x, layer.qweight, layer.meta, layer.scales, layer.zeros, size,
+                                          layer.int_scheme.sym_zero, warps)
+            assert y.dtype == dtype and torch.isfinite(y).all(), (tokens, warps)
+            assert rel(y, want) <= 1e-2, (tokens, warps, rel(y, want))
+
+
+def test_cuda_sparse24_kernel_is_taken_only_where_it_applies(monkeypatch) -> None:
+    from compress.kernels import sparse24
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def takes(out_f, in_f, bits=None, group=None, tokens=1, offset=0):
+        layer = _sparse24_layer(out_f, in_f, bits, False, group, torch.bfloat16, g)
+        x = torch.randn(tokens * in_f + offset, device="cuda", dtype=torch.bfloat16)[offset:].view(tokens, in_f)
+        weights = layer.values if bits is None else layer.qweight
+        return sparse24.cuda_applies(x, weights, layer.meta, group or in_f)
+
+    assert takes(256, 512) and takes(256, 512, tokens=8) and takes(256, 512, 4, 128)
+    assert not takes(256, 512, tokens=9)  # more tokens than the tile's columns: the Triton kernel
+    assert not takes(256, 512, 4, 64)  # groups of 64
+    assert not takes(264, 512)  # rows not a multiple of 16
+    assert not takes(256, 200)  # columns not a multiple of 128
+    assert not takes(256, 512, offset=1)  # activations off 16-byte alignment
+    monkeypatch.setenv("COMPRESS_CUDA_SPARSE24", "0")
+    assert not takes(256, 512)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rank", [8, 32, 104])
 @pytest.mark.parametrize("out_f, in_f", [(16, 256), (4096, 4096), (28672, 4096), (4096, 14336)])

@@ -47,7 +47,7 @@ def applies(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group_
         return False
     if x.data_ptr() % 16 or qweight.data_ptr() % 16 or qweight.stride() != (x.shape[1] // 2, 1):
         return False
-    return _usable(x.device.index or 0)
+    return usable(x.device.index or 0)
 
 
 def default_warps(n: int, k: int) -> int:
@@ -115,17 +115,25 @@ def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 
 
 @functools.cache
-def _kernel(bf16: bool, has_zero: bool, warps: int, device: int, rank: int = 0):
-    source = resources.files("compress.kernels").joinpath("int4_mma.cu").read_text()
+def compiled(file: str, entry: str, device: int, **defines: int):
+    """Kernel ``entry`` of ``file`` (in this package, put behind the shared helpers of ``mma.cuh``) compiled by NVRTC
+    for ``device`` with ``defines`` (name: value); once per distinct arguments."""
+    kernels = resources.files("compress.kernels")
+    source = kernels.joinpath("mma.cuh").read_text() + "\n" + kernels.joinpath(file).read_text()
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source, "int4_mma", nvcc_options=[
-            f"-DIS_BF16={int(bf16)}", f"-DHAS_ZERO={int(has_zero)}", f"-DWARPS={warps}", f"-DCORR_RANK={rank}"])
+        return torch.cuda._compile_kernel(source, entry, nvcc_options=[f"-D{k}={v}" for k, v in defines.items()])
+
+
+def _kernel(bf16: bool, has_zero: bool, warps: int, device: int, rank: int = 0):
+    return compiled("int4_mma.cu", "int4_mma", device, IS_BF16=int(bf16), HAS_ZERO=int(has_zero), WARPS=warps,
+                    CORR_RANK=rank)
 
 
 @functools.cache
-def _usable(device: int) -> bool:
+def usable(device: int) -> bool:
     """Whether ``device`` has mma.sync for 16-bit operands (compute capability 8.0 on) and the kernel compiles
-    there; asked once a device, as every decode call asks."""
+    there; asked once a device, as every decode call asks (the 2:4 kernel of :mod:`compress.kernels.sparse24` asks
+    it too: it is built the same way)."""
     if torch.cuda.get_device_capability(device) < (8, 0):
         return False
     try:

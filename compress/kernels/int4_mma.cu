@@ -2,8 +2,8 @@
 // format's packed codes as the checkpoint stores them: uint8 [N, K/2], two codes a byte, the even column in
 // the low nibble; scales [N, K/GROUP] in the activations' 16-bit type; uint8 zero points or a constant.
 //
-// Compiled at run time by NVRTC (compress/kernels/cuda_int4.py) with IS_BF16, HAS_ZERO and WARPS defined. No
-// header is included: 16-bit values travel as raw bits and every conversion is inline PTX.
+// Compiled at run time by NVRTC (compress/kernels/cuda_int4.py) behind mma.cuh, with IS_BF16, HAS_ZERO and WARPS
+// defined.
 //
 // A block owns 16 output rows; its WARPS warps take turns over the row's chunks of 128 codes (one 64-byte
 // segment of a row: a group of 128, or part of a larger group) and the warps' sums are added in shared memory.
@@ -11,92 +11,13 @@
 // the 32 activations of token g at the same columns. Each of its four 32-bit words of codes feeds two
 // mma.m16n8k16: the products are summed over k, so any assignment of columns to the fragment's k slots
 // works if the weights and the activations use the same one. Here the slots of lane t hold its own columns:
-//   codes -> bf16/fp16 pairs without a conversion: (w >> 4s) & 0x000F000F | BASE gives BASE + c for the
-//   codes in nibbles s and s + 4 (bf16 0x4300 | c = 128 + c, fp16 0x6400 | c = 1024 + c), and subtracting
-//   BASE + zero is exact, so the tensor cores see (c - zero) exactly;
+//   codes -> bf16/fp16 pairs (c - zero) without a conversion (mma.cuh), for the codes in nibbles s and s + 4;
 //   activations: the same pairs of columns (s, s + 4), made by one prmt from the two words holding them.
 // A chunk's product is scaled in float32 by its group's scale (rows g and g + 8).
 
-#ifndef IS_BF16
-#define IS_BF16 1
-#endif
-#ifndef HAS_ZERO
-#define HAS_ZERO 0
-#endif
-#ifndef WARPS
-#define WARPS 8
-#endif
 #ifndef CORR_RANK
 #define CORR_RANK 0  // > 0: add a low-rank correction x A^T B^T (the ``corrected`` format) in the same launch
 #endif
-
-#if IS_BF16
-#define BASE 0x43004300u
-#define ONE 0x3F803F80u
-#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-#define FMA2 "fma.rn.bf16x2"
-#define TO16 "cvt.rn.bf16.f32"
-#define FROM16(h) __uint_as_float(((unsigned)(h)) << 16)
-#else
-#define BASE 0x64006400u
-#define ONE 0x3C003C00u
-#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
-#define FMA2 "fma.rn.f16x2"
-#define TO16 "cvt.rn.f16.f32"
-#endif
-
-typedef unsigned short u16;
-typedef unsigned char u8;
-
-__device__ __forceinline__ unsigned lop_pair(unsigned w) {
-    unsigned r;  // (w & 0x000F000F) | BASE
-    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(r) : "r"(w), "n"(BASE));
-    return r;
-}
-
-__device__ __forceinline__ unsigned centre(unsigned p, unsigned neg_base_zero) {
-    unsigned r;  // p * 1 + (-(BASE + zero)): exact
-    asm(FMA2 " %0, %1, %2, %3;" : "=r"(r) : "r"(p), "r"(ONE), "r"(neg_base_zero));
-    return r;
-}
-
-__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
-    unsigned r;
-    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
-    return r;
-}
-
-__device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
-                                    unsigned b1) {
-    asm volatile(MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-    uint4 r;  // weights are read once: keep them out of L1
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-    return r;
-}
-
-__device__ __forceinline__ float scale_of_bits(u16 h) {
-#if IS_BF16
-    return FROM16(h);
-#else
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-#endif
-}
-
-__device__ __forceinline__ float scale_of(const u16* s) { return scale_of_bits(*s); }
-
-__device__ __forceinline__ u16 to16(float f) {
-    u16 h;
-    asm(TO16 " %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
 
 #if CORR_RANK
 // the low and high 16-bit values of a word, as floats
@@ -134,8 +55,6 @@ __device__ __forceinline__ void atomic_add_f32(float* p, float v) {
 }
 #endif
 
-// -(BASE + zero) in both halves
-__device__ __forceinline__ unsigned neg_base_zero(unsigned z) { return (BASE | (z * 0x00010001u)) ^ 0x80008000u; }
 
 // The two mma of one 32-bit word of codes of rows g (wg) and g + 8 (wh), with the eight activations of those
 // columns in xw (uint4 = four words of two 16-bit values).

@@ -54,10 +54,11 @@ def damped_factors(H: torch.Tensor, damp: float, label: str, inverse: bool = Tru
 
     Beside H it holds at most two [in, in] matrices (the factors are computed in place; 0.8 GB each at a 14,336-wide
     layer in float32), one when only the inverse's factor is asked for."""
-    diagonal = H.diagonal() if dead is None else H.diagonal().masked_fill(dead, 1)
+    diagonal = torch.diag(H) if dead is None else torch.diag(H).masked_fill(dead, 1)  # a copy: [in] floats
     mean_diag = diagonal.mean()
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        L = H.clone()
+        # column-major, as LAPACK and cuSOLVER factor in place (and as the functional calls return their factors)
+        L = torch.empty_strided(H.shape, (1, H.shape[0]), dtype=H.dtype, device=H.device).copy_(H)
         L.diagonal().copy_(diagonal + damp * mean_diag)
         info = torch.empty((), dtype=torch.int32, device=H.device)
         torch.linalg.cholesky_ex(L, out=(L, info))

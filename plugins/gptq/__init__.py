@@ -70,9 +70,13 @@ class GPTQ(IntMethod):
         if config.sequential:
             for group in groups:
                 self._quantize_group(work, group, block_hessians(work, [group], config.fit_original)[0], config)
-        else:
-            for group, hessian in zip(groups, block_hessians(work, groups, config.fit_original)):
+        else:  # one pass for every group's Hessian; so the order they are used in changes nothing
+            work_list = sorted(zip(groups, block_hessians(work, groups, config.fit_original)),
+                               key=lambda pair: -pair[1].H.shape[0])
+            while work_list:  # the widest first, each dropped when used: the GPU holds the rest of them only while
+                group, hessian = work_list.pop(0)  # the smaller ones are worked on (0.8 GB each at 14,336 inputs)
                 self._quantize_group(work, group, hessian, config)
+                del hessian
 
     @staticmethod
     def _quantize_group(work: BlockWork, group: list[str], hessian: Hessian, config: GPTQConfig) -> None:

@@ -1,0 +1,88 @@
+// Device helpers the decode kernels share (int4_mma.cu, sparse24_mma.cu): 16-bit values travel as raw bits and
+// every conversion is inline PTX, so no CUDA header is needed. compress/kernels/cuda_int4.py puts this file in
+// front of a kernel's source before NVRTC compiles it, with IS_BF16, HAS_ZERO and WARPS defined.
+//
+// Codes become 16-bit values without a conversion: (w >> 4s) & 0x000F000F | BASE gives BASE + c for the codes in
+// nibbles s and s + 4 (bf16 0x4300 | c = 128 + c, fp16 0x6400 | c = 1024 + c), and subtracting BASE + zero is
+// exact, so the tensor cores see (c - zero) exactly.
+
+#ifndef IS_BF16
+#define IS_BF16 1
+#endif
+#ifndef HAS_ZERO
+#define HAS_ZERO 0
+#endif
+#ifndef WARPS
+#define WARPS 8
+#endif
+
+#if IS_BF16
+#define BASE 0x43004300u
+#define ONE 0x3F803F80u
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+#define FMA2 "fma.rn.bf16x2"
+#define TO16 "cvt.rn.bf16.f32"
+#define FROM16(h) __uint_as_float(((unsigned)(h)) << 16)
+#else
+#define BASE 0x64006400u
+#define ONE 0x3C003C00u
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+#define FMA2 "fma.rn.f16x2"
+#define TO16 "cvt.rn.f16.f32"
+#endif
+
+typedef unsigned short u16;
+typedef unsigned char u8;
+
+__device__ __forceinline__ unsigned lop_pair(unsigned w) {
+    unsigned r;  // (w & 0x000F000F) | BASE
+    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(r) : "r"(w), "n"(BASE));
+    return r;
+}
+
+__device__ __forceinline__ unsigned centre(unsigned p, unsigned neg_base_zero) {
+    unsigned r;  // p * 1 + (-(BASE + zero)): exact
+    asm(FMA2 " %0, %1, %2, %3;" : "=r"(r) : "r"(p), "r"(ONE), "r"(neg_base_zero));
+    return r;
+}
+
+__device__ __forceinline__ unsigned prmt(unsigned a, unsigned b, unsigned sel) {
+    unsigned r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
+}
+
+__device__ __forceinline__ void mma(float* d, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0,
+                                    unsigned b1) {
+    asm volatile(MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+    uint4 r;  // weights are read once: keep them out of L1
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ float scale_of_bits(u16 h) {
+#if IS_BF16
+    return FROM16(h);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ float scale_of(const u16* s) { return scale_of_bits(*s); }
+
+__device__ __forceinline__ u16 to16(float f) {
+    u16 h;
+    asm(TO16 " %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// -(BASE + zero) in both halves
+__device__ __forceinline__ unsigned neg_base_zero(unsigned z) { return (BASE | (z * 0x00010001u)) ^ 0x80008000u; }

@@ -1,0 +1,198 @@
+// 2:4 sparse weight times 1-8 tokens for decode steps, on the tensor cores, reading the 2:4 formats as the checkpoint
+// stores them: the kept entries of each row in column order, two a run of four columns, either 16-bit values
+// [N, K/2] (``sparse24``, CODES 0) or 4-bit codes two a byte [N, K/4] (``sparse24-int``, CODES 1, with the ``int``
+// format's scales and zero points per group of original columns); and their positions, uint8 [N, K/8] read as
+// 32-bit words: a run's two column indices (0-3, increasing) in a nibble, bits 0-1 the first, eight runs a word.
+//
+// Compiled at run time by NVRTC (compress/kernels/cuda_int4.py) behind mma.cuh, with IS_BF16, HAS_ZERO, WARPS and
+// CODES defined.
+//
+// The layout of the work is int4_mma.cu's: a block owns 16 output rows, its warps take turns over the rows' chunks
+// of 128 columns, lane (g, t) takes 32 columns (eight runs) of rows g and g + 8 and the same columns of token g's
+// activations. Each run's two kept entries (one 32-bit word) are spread to the run's two dense words, the pruned
+// columns zero, by two prmt whose selectors come from a 16-entry table indexed by the run's position nibble; the
+// dense words and the activations then feed one mma.m16n8k16 a run, as dense weights would. The weights are read
+// once, at half the dense bytes (plus 1 bit a column of positions); the activations are read whole (from L1/L2).
+
+#ifndef CODES
+#define CODES 0
+#endif
+
+__device__ __forceinline__ unsigned load_stream1(const unsigned* p) {
+    unsigned r;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ uint2 load_stream2(const void* p) {
+    uint2 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
+
+// The prmt selectors that place a run's kept pair (a word: the first entry in the low half) at its columns: the low
+// 16 bits build the run's columns 0-1, the high 16 bits columns 2-3; byte 4 (of a zero word) fills a pruned column.
+__device__ __forceinline__ unsigned run_selector(unsigned nibble) {
+    const unsigned first = nibble & 3u, second = nibble >> 2;
+    unsigned s = 0;
+#pragma unroll
+    for (unsigned c = 0; c < 4; ++c) s |= (first == c ? 0x10u : (second == c ? 0x32u : 0x44u)) << (8 * c);
+    return s;
+}
+
+// One run's mma: the kept pairs of rows g (pg) and g + 8 (ph) at their columns, times the run's four activations
+// (two words).
+__device__ __forceinline__ void run_mma(float* d, unsigned pg, unsigned ph, unsigned sg, unsigned sh, unsigned x0,
+                                        unsigned x1) {
+    mma(d, prmt(pg, 0u, sg), prmt(ph, 0u, sh), prmt(pg, 0u, sg >> 16), prmt(ph, 0u, sh >> 16), x0, x1);
+}
+
+#if CODES
+// The kept pair of run r (0-7) of a lane's eight bytes of codes, as 16-bit (c - zero) values: byte r holds the
+// run's first code in its low nibble and its second in the high one.
+__device__ __forceinline__ unsigned code_pair(uint2 c, int r, unsigned zero) {
+    const unsigned w = r < 4 ? c.x : c.y;
+    const unsigned b = (unsigned)(r & 3);
+    return centre(lop_pair(prmt(w, w >> 4, b | ((4u + b) << 8))), zero);
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+sparse24_mma(const u16* __restrict__ x, const u8* __restrict__ w, const unsigned* __restrict__ meta,
+             const u16* __restrict__ scales, const u8* __restrict__ zeros, u16* __restrict__ y, int M, int N, int K,
+             int groups, int group_shift, int zero_const) {
+    __shared__ float partial[WARPS][32][4];
+    __shared__ unsigned selectors[16];
+    if (threadIdx.x < 16) selectors[threadIdx.x] = run_selector(threadIdx.x);
+    __syncthreads();
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int row_g = blockIdx.x * 16 + g, row_h = row_g + 8;
+    const int chunks = K / 128;
+    const int token = g < M ? g : M - 1;  // lanes past the tokens compute a copy of the last one's columns
+    // a chunk: one 32-bit word of positions a lane (4 a row), 32 activations a lane (16 uint4 a token)
+    const unsigned* mg = meta + (long)row_g * (K / 32) + t;
+    const unsigned* mh = meta + (long)row_h * (K / 32) + t;
+    const uint4* xt = (const uint4*)(x + (long)token * K + 32 * t);
+#if CODES
+    // 8 bytes of codes a lane (4 uint2 a row's chunk)
+    const uint2* wg = (const uint2*)(w + (long)row_g * (K / 4)) + t;
+    const uint2* wh = (const uint2*)(w + (long)row_h * (K / 4)) + t;
+    const u16 *sgp = scales + (long)row_g * groups, *shp = scales + (long)row_h * groups;
+#if HAS_ZERO
+    const u8 *zgp = zeros + (long)row_g * groups, *zhp = zeros + (long)row_h * groups;
+#endif
+    uint2 cg, ch;
+#else
+    // 32 bytes of values a lane (8 uint4 a row's chunk)
+    const uint4* wg = (const uint4*)(w + (long)row_g * K) + 2 * t;
+    const uint4* wh = (const uint4*)(w + (long)row_h * K) + 2 * t;
+    uint4 ag, bg, ah, bh;
+#endif
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+
+    int c = warp;
+    unsigned pos_g, pos_h;
+    if (c < chunks) {
+        pos_g = load_stream1(mg + 4 * c);
+        pos_h = load_stream1(mh + 4 * c);
+#if CODES
+        cg = load_stream2(wg + 4 * c);
+        ch = load_stream2(wh + 4 * c);
+#else
+        ag = load_stream(wg + 8 * c);
+        bg = load_stream(wg + 8 * c + 1);
+        ah = load_stream(wh + 8 * c);
+        bh = load_stream(wh + 8 * c + 1);
+#endif
+    }
+    for (; c < chunks; c += WARPS) {
+        const int next = c + WARPS;
+        unsigned npos_g, npos_h;
+#if CODES
+        uint2 ncg, nch;
+#else
+        uint4 nag, nbg, nah, nbh;
+#endif
+        if (next < chunks) {  // the next chunk's weights are on their way while this one is computed
+            npos_g = load_stream1(mg + 4 * next);
+            npos_h = load_stream1(mh + 4 * next);
+#if CODES
+            ncg = load_stream2(wg + 4 * next);
+            nch = load_stream2(wh + 4 * next);
+#else
+            nag = load_stream(wg + 8 * next);
+            nbg = load_stream(wg + 8 * next + 1);
+            nah = load_stream(wh + 8 * next);
+            nbh = load_stream(wh + 8 * next + 1);
+#endif
+        }
+        const uint4* xc = xt + 16 * c;
+        const uint4 x0 = xc[0], x1 = xc[1], x2 = xc[2], x3 = xc[3];
+        const unsigned xw[16] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w,
+                                 x2.x, x2.y, x2.z, x2.w, x3.x, x3.y, x3.z, x3.w};
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+#if CODES
+        const int group = c >> group_shift;  // chunks of 128 a group: a power of two (31 for one group a row)
+#if HAS_ZERO
+        const unsigned zg = neg_base_zero(zgp[group]), zh = neg_base_zero(zhp[group]);
+#else
+        const unsigned zg = neg_base_zero(zero_const), zh = zg;
+#endif
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            run_mma(d, code_pair(cg, r, zg), code_pair(ch, r, zh), selectors[(pos_g >> (4 * r)) & 15u],
+                    selectors[(pos_h >> (4 * r)) & 15u], xw[2 * r], xw[2 * r + 1]);
+        }
+        const float sg = scale_of(sgp + group), sh = scale_of(shp + group);
+        acc[0] += d[0] * sg;
+        acc[1] += d[1] * sg;
+        acc[2] += d[2] * sh;
+        acc[3] += d[3] * sh;
+        cg = ncg;
+        ch = nch;
+#else
+        const unsigned vg[8] = {ag.x, ag.y, ag.z, ag.w, bg.x, bg.y, bg.z, bg.w};
+        const unsigned vh[8] = {ah.x, ah.y, ah.z, ah.w, bh.x, bh.y, bh.z, bh.w};
+#pragma unroll
+        for (int r = 0; r < 8; ++r) {
+            run_mma(d, vg[r], vh[r], selectors[(pos_g >> (4 * r)) & 15u], selectors[(pos_h >> (4 * r)) & 15u],
+                    xw[2 * r], xw[2 * r + 1]);
+        }
+        acc[0] += d[0];
+        acc[1] += d[1];
+        acc[2] += d[2];
+        acc[3] += d[3];
+        ag = nag;
+        bg = nbg;
+        ah = nah;
+        bh = nbh;
+#endif
+        pos_g = npos_g;
+        pos_h = npos_h;
+    }
+    partial[warp][lane][0] = acc[0];
+    partial[warp][lane][1] = acc[1];
+    partial[warp][lane][2] = acc[2];
+    partial[warp][lane][3] = acc[3];
+    __syncthreads();
+    if (warp == 0) {
+        float sum[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int v = 0; v < WARPS; ++v) {
+            sum[0] += partial[v][lane][0];
+            sum[1] += partial[v][lane][1];
+            sum[2] += partial[v][lane][2];
+            sum[3] += partial[v][lane][3];
+        }
+        // d0, d1: row g, tokens 2t and 2t + 1; d2, d3: row g + 8, the same tokens
+        const int m0 = 2 * t, m1 = 2 * t + 1;
+        if (m0 < M) {
+            y[(long)m0 * N + row_g] = to16(sum[0]);
+            y[(long)m0 * N + row_h] = to16(sum[2]);
+        }
+        if (m1 < M) {
+            y[(long)m1 * N + row_g] = to16(sum[1]);
+            y[(long)m1 * N + row_h] = to16(sum[3]);
+        }
+    }
+}
