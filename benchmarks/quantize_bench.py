@@ -1,5 +1,5 @@
-"""Quantization benchmark: quality (perplexity against the original on the same text) and quantization
-time of several method configurations on one model, in one run.
+"""Compression benchmark: quality (perplexity against the original on the same text) and compression time
+of several method configurations or recipes (training stages included) on one model, in one run.
 
     python -m benchmarks.quantize_bench --model DIR --calib calib.txt --valid valid.txt \\
         --config '{"method": "gptq", "args": {"bits": 4}}' --config '{"method": "awq", "args": {"bits": 4}}' \\
@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load-device", default=None, help="where the model sits while compressed (default: --device)")
     parser.add_argument("--max-tokens", type=int, default=None, help="evaluate on the first N tokens only")
     parser.add_argument("--config", action="append", default=[],
-                        help="a step, a list of steps, or a recipe with a steps key, as JSON (repeatable)")
+                        help="a step, a list of steps, or a recipe with a steps or stages key, as JSON (repeatable); "
+                        "a training stage reads its training.dataset, else trains on the calibration sample")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         model = fresh()
         _sync()
         start = time.perf_counter()
-        recipe = step if isinstance(step, list) or "steps" in step else [step]
-        compress.apply(model, recipe, calib=calib, device=args.device)
+        recipe = step if isinstance(step, list) or "steps" in step or "stages" in step else [step]
+        compress.apply(model, recipe, calib=calib, tokenizer=tok, device=args.device)
         _sync()
         seconds = time.perf_counter() - start
         value = ppl(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -14,19 +15,22 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel
 
-from compress.calibration.data import CalibrationSet, calibration_set, check_contents, pack
+from compress.calibration.data import (
+    CalibrationSet, calibration_set, check_contents, pack, read_documents, token_windows,
+)
 from compress.calibration.engine import BlockWork, StepWork, run_stage, store_masked
 from compress.checkpoint import record_layers, write_extras, writing
-from compress.errors import Problem, RecipeError, UsageError
+from compress.errors import DataError, Problem, RecipeError, UsageError
 from compress.hf import CompressQuantizationConfig
 from compress.methods import Needs
 from compress.model import (
-    find_blocks, is_local_reference, load_model, load_tokenizer, meta_model, resolve_device,
+    config_context, find_blocks, is_local_reference, load_model, load_tokenizer, meta_model, resolve_device,
 )
 from compress.plan import Plan, PlannedStep, plan
-from compress.recipe import Recipe, read_recipe_file, validate_recipe
+from compress.recipe import Recipe, TrainingSpec, read_recipe_file, validate_recipe
 from compress.states import LayerState
 from compress.streaming import ModelStream, empty_model
+from compress.targets import select
 from compress.train import training_context
 
 log = logging.getLogger(__name__)
@@ -49,7 +53,11 @@ def recipe_dict(recipe: RecipeLike) -> tuple[dict, str]:
 
 
 def _calibration(plan_: Plan, calib: CalibLike, tokenizer) -> CalibrationSet | None:
-    if not plan_.needs_calibration():
+    """The calibration set of the calibrated steps, or the windows a training stage trains on when ``calib`` gives
+    them ready (tokens, or texts); None when no step needs it."""
+    windows = isinstance(calib, (CalibrationSet, torch.Tensor)) or (isinstance(calib, Sequence)
+                                                                    and not isinstance(calib, (str, Path)))
+    if not plan_.needs_calibration() and not (windows and plan_.trains()):
         return None
     if isinstance(calib, CalibrationSet):
         return calib
@@ -123,13 +131,21 @@ def _step_work(step: PlannedStep) -> StepWork:
 
 
 def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device: torch.device,
-            work_dir: Path | None = None, stream: ModelStream | None = None) -> None:
-    """Run every stage of a checked plan on ``model`` (in place). Training stages keep their resumable state
-    under ``work_dir`` (``stage-N``), when given. The targeted layers' weights are checked for NaN and infinite
+            work_dir: Path | None = None, stream: ModelStream | None = None,
+            training: TrainingData | None = None, resume: bool = False) -> None:
+    """Run every stage of a checked plan on ``model`` (in place). Training stages train on ``training`` (default:
+    ``calib`` with a held-out slice) and keep their checkpoints under ``work_dir`` (``stage-N``), when given;
+    ``resume`` continues each from its last one. The targeted layers' weights are checked for NaN and infinite
     values first (``model.nonfinite``: an error, or replaced by zeros); with ``stream`` (a model whose blocks are
     on the meta device, :mod:`compress.streaming`), each block's as it is read."""
     targets = [name for stage in plan_.stages for step in stage for name in step.layers]
     check_finite(model, targets, plan_.recipe.model.nonfinite)
+    trainers = [s for stage in plan_.stages for s in stage if s.method.needs_for(s.config) == Needs.TRAINING]
+    original = None
+    if any(s.method.teacher(s.config) == "original" for s in trainers):  # the teacher of a later stage
+        original = copy.deepcopy(model).eval().requires_grad_(False)
+    if plan_.trains() and training is None:
+        training = split_training_data(calib, plan_.recipe.training or TrainingSpec())
     if stream is not None:
         stream.on_load = lambda name: check_finite(model, [t for t in targets if t == name or t.startswith(name + ".")],
                                                    plan_.recipe.model.nonfinite)
@@ -139,10 +155,9 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
     states: dict[str, LayerState] = {}
     for index, stage in enumerate(plan_.stages):
         if stage and stage[0].method.needs_for(stage[0].config) == Needs.TRAINING:
-            step = stage[0]
-            with training_context(model, step.layers, calib, device, step.method.needs_teacher(step.config),
-                                  work_dir / f"stage-{index}" if work_dir else None) as context:
-                step.method.train(context, step.config)
+            assert training is not None
+            _train_stage(model, plan_, index, states, training, device, original,
+                         work_dir / f"stage-{index}" if work_dir else None, resume)
             continue
         last = index == len(plan_.stages) - 1
 
@@ -161,6 +176,86 @@ def execute(model: nn.Module, plan_: Plan, calib: CalibrationSet | None, device:
     _record_steps(model, plan_)
 
 
+@dataclass(frozen=True)
+class TrainingData:
+    """The windows training stages learn from, and the held-out ones their evaluation loss is measured on."""
+
+    train: CalibrationSet
+    held_out: CalibrationSet | None
+
+
+def split_training_data(data: CalibrationSet | None, spec: TrainingSpec) -> TrainingData:
+    """``data``'s first ``spec.eval_samples`` windows held out (none when that would leave nothing to train on)."""
+    if data is None:
+        raise UsageError("a training stage needs data: give calib=..., or a training: section with a dataset")
+    held = spec.eval_samples if data.samples > spec.eval_samples else 0
+    if held < spec.eval_samples:
+        log.warning("training: %d windows cannot spare %d for the held-out loss; none held out", data.samples,
+                    spec.eval_samples)
+    return TrainingData(CalibrationSet(data.input_ids[held:], data.source),
+                        CalibrationSet(data.input_ids[:held], data.source) if held else None)
+
+
+def training_data(plan_: Plan, tokenizer, context: int | None, calib: CalibLike = None) -> TrainingData | None:
+    """The training text tokenized into windows: ``training.dataset``, else the calibration text (``calib`` when
+    it names a file or a datasets id, else the recipe's ``calibration.dataset``) read anew for as many tokens as
+    training wants. That is ``tokens`` (or ``steps`` times the tokens a step) plus the held-out windows, or all
+    of the text when it holds fewer (the trainer then makes more than one pass). None when the recipe does not
+    train, or trains on calibration windows given as tokens."""
+    if not plan_.trains():
+        return None
+    spec = plan_.recipe.training or TrainingSpec()
+    field, (dataset, config, split, column) = "training.dataset", (spec.dataset, spec.config, spec.split, spec.column)
+    if dataset is None:
+        field = "calibration.dataset"
+        cal = plan_.recipe.calibration
+        if isinstance(calib, (str, Path)):
+            dataset, config, split, column = str(calib), None, "train", "text"
+        elif calib is None and cal is not None:
+            dataset, config, split, column = cal.dataset, cal.config, cal.split, cal.column
+        else:
+            return None
+    if tokenizer is None:
+        raise UsageError(f"{field} {dataset} is text and training needs a tokenizer to read it: pass tokenizer=...")
+    seq_len = spec.seq_len or plan_.seq_len or min(1024, context or 1024)
+    per_step = spec.batch_size * spec.grad_accum * seq_len
+    wanted = spec.tokens or (spec.steps * per_step if spec.steps else 1 << 62)
+    docs = read_documents(dataset, config, split, column)
+    windows = token_windows(docs, tokenizer, seq_len, wanted + spec.eval_samples * seq_len, spec.seed)
+    if windows.shape[0] <= spec.eval_samples:
+        raise DataError(f"{field} {dataset} gives {windows.shape[0]} windows of {seq_len} tokens for training, "
+                        f"which leaves none to train on beside the {spec.eval_samples} held out; give more text, or "
+                        "lower training.seq_len or training.eval_samples")
+    log.info("training data: %d windows of %d tokens from %s (%d held out)", windows.shape[0], seq_len, dataset,
+             spec.eval_samples)
+    return split_training_data(CalibrationSet(windows, dataset), spec)
+
+
+def _train_stage(model: nn.Module, plan_: Plan, index: int, states: dict[str, LayerState], training: TrainingData,
+                 device: torch.device, original: nn.Module | None, checkpoint_dir: Path | None, resume: bool) -> None:
+    step = plan_.stages[index][0]
+    blocks = len(find_blocks(model).modules)
+    step.method.prepare_student(model, step.config)
+    layers = step.layers
+    if len(find_blocks(model).modules) != blocks:  # a smaller student: its targets are found again
+        spec = plan_.recipe.all_stages()[index].steps[0]
+        layers = list(select(model, spec.targets, spec.ignore).modules)
+    wanted = step.method.teacher(step.config)
+    if wanted == "original":
+        teacher = original
+    elif wanted == "previous":
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    elif wanted is not None:
+        spec_ = plan_.recipe.model
+        teacher = load_model(wanted, spec_.dtype, revision=None, trust_remote_code=spec_.trust_remote_code)
+        teacher.eval().requires_grad_(False)
+    else:
+        teacher = None
+    with training_context(model, layers, step.method.trains(step.config), states, training.train, device, teacher,
+                          checkpoint_dir, training.held_out, plan_.recipe.training, resume) as context:
+        step.method.train(context, step.config)
+
+
 def _record_steps(model: nn.Module, plan_: Plan) -> None:
     from compress import __version__
 
@@ -176,7 +271,7 @@ def _record_steps(model: nn.Module, plan_: Plan) -> None:
 
 
 def apply(model: nn.Module, recipe: RecipeLike, calib: CalibLike = None, tokenizer=None,
-          device: str | None = None) -> nn.Module:
+          device: str | None = None, work_dir: str | Path | None = None, resume: bool = False) -> nn.Module:
     """Compress ``model`` in place following ``recipe`` and return it.
 
     Args:
@@ -187,6 +282,8 @@ def apply(model: nn.Module, recipe: RecipeLike, calib: CalibLike = None, tokeniz
             or datasets id, or a list of texts. Defaults to the recipe's calibration section.
         tokenizer: needed when ``calib`` is text.
         device: where blocks are compressed (default: the recipe's, else CUDA when available).
+        work_dir: where training stages keep their checkpoints (``stage-N``; default: none are kept).
+        resume: continue each training stage from its last checkpoint in ``work_dir``.
 
     The recipe is checked completely (against the model too) before any weight changes.
     """
@@ -197,7 +294,9 @@ def apply(model: nn.Module, recipe: RecipeLike, calib: CalibLike = None, tokeniz
         _check_data_size(plan_, source)
     run_on = torch.device(resolve_device(device or parsed.model.device))
     calib_set = _calibration(plan_, calib, tokenizer)
-    execute(model, plan_, calib_set, run_on)
+    training = training_data(plan_, tokenizer, config_context(model.config), calib)
+    execute(model, plan_, calib_set, run_on, Path(work_dir) if work_dir is not None else None, training=training,
+            resume=resume)
     return model
 
 
@@ -209,6 +308,7 @@ class CheckedRecipe:
     plan: Plan
     source: str
     data: dict[str, Any]
+    context: int | None = None  # the model's context length, where its config states one
 
 
 def check_recipe(path: str | Path, overrides: dict[str, Any] | None = None,
@@ -229,19 +329,21 @@ def check_recipe(path: str | Path, overrides: dict[str, Any] | None = None,
     meta = meta_model(spec.path, spec.revision, spec.trust_remote_code)
     plan_ = plan(parsed, stages, meta, str(path))
     _check_data_size(plan_, str(path))
-    return CheckedRecipe(parsed, plan_, str(path), data)
+    return CheckedRecipe(parsed, plan_, str(path), data, config_context(meta.config))
 
 
-def run_checked(checked: CheckedRecipe, work_dir: Path | None = None) -> tuple[nn.Module, Any]:
+def run_checked(checked: CheckedRecipe, work_dir: Path | None = None, resume: bool = False) -> tuple[nn.Module, Any]:
     """Load the model of a checked recipe, compress it, and return (model, tokenizer); training stages keep
-    their resumable state under ``work_dir``. The device, the tokenizer and the calibration data come first:
-    a problem with any of them is reported before the weights load."""
+    their checkpoints under ``work_dir`` and, with ``resume``, continue from the last. The device, the tokenizer
+    and the calibration and training data come first: a problem with any of them is reported before the weights
+    load."""
     spec = checked.recipe.model
     device = torch.device(resolve_device(spec.device))
     tokenizer, calib = _tokenizer_and_data(checked)
+    training = training_data(checked.plan, tokenizer, checked.context)
     model = load_model(spec.path, spec.dtype, spec.init, spec.revision, spec.trust_remote_code)
     model.eval()
-    execute(model, checked.plan, calib, device, work_dir)
+    execute(model, checked.plan, calib, device, work_dir, training=training, resume=resume)
     return model, tokenizer
 
 
@@ -250,7 +352,7 @@ def _tokenizer_and_data(checked: CheckedRecipe) -> tuple[Any, CalibrationSet | N
     try:
         tokenizer = load_tokenizer(spec.path, spec.revision, spec.trust_remote_code)
     except UsageError:
-        if checked.plan.needs_calibration():
+        if checked.plan.needs_calibration() or checked.plan.trains():
             raise
         log.warning("no tokenizer found for %s; the checkpoint will have none", spec.path)
         tokenizer = None
@@ -263,8 +365,7 @@ def streams(checked: CheckedRecipe) -> bool:
     spec = checked.recipe.model
     if spec.load != "auto":
         return spec.load == "stream"
-    if spec.init == "random" or not is_local_reference(spec.path) or any(
-            s.method.needs_for(s.config) == Needs.TRAINING for stage in checked.plan.stages for s in stage):
+    if spec.init == "random" or not is_local_reference(spec.path) or checked.plan.trains():
         return False
     size = sum(f.stat().st_size for f in Path(spec.path).expanduser().glob("*.safetensors"))
     available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -98,10 +98,24 @@ def _same_recipe(stored: dict | None, recipe: Recipe) -> bool:
         return False
 
 
+def _check_resume(work_dir: Path, resume: bool) -> None:
+    """Refuse to start over on top of an interrupted run's training checkpoints unless told which way to go."""
+    from compress.errors import UsageError
+    from compress.trainer import left_checkpoints
+
+    left = left_checkpoints(work_dir)
+    if left and not resume:
+        raise UsageError(f"an interrupted run left training checkpoints in {work_dir} (the newest: {left[-1]}); "
+                         "pass --resume to continue from them, or delete that folder to start over")
+    if resume and not left:
+        click.echo(f"--resume: no training checkpoint in {work_dir}; starting from the beginning")
+
+
 def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | None, device: str | None,
-              overwrite: bool) -> None:
+              overwrite: bool, resume: bool = False) -> None:
     """``compress apply``: check the recipe, compress, write the checkpoint atomically (a no-op when the output
-    holds this recipe's checkpoint of the same model), then run the recipe's eval: section."""
+    holds this recipe's checkpoint of the same model), then run the recipe's eval: section. Training stages
+    keep checkpoints in the work folder; ``resume`` continues from them, and without it they are not touched."""
     from compress.api import check_recipe, run_checked, run_streamed, streams
     from compress.checkpoint import recover_leftovers, save
     from compress.checkpoint_files import read_quantization_config
@@ -121,11 +135,12 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
                          "to replace it, or choose another --output")
     start = time.perf_counter()
     work_dir = target.parent / f".{target.name}.work"  # resumable or scratch state, until the checkpoint is written
+    _check_resume(work_dir, resume)
     if streams(checked):  # block by block from the checkpoint's files, written as it goes
         compressed, tokenizer = run_streamed(checked, target, overwrite, work_dir)
         elapsed = time.perf_counter() - start
     else:
-        compressed, tokenizer = run_checked(checked, work_dir)
+        compressed, tokenizer = run_checked(checked, work_dir, resume)
         elapsed = time.perf_counter() - start
         save(compressed, target, tokenizer, recipe=checked.recipe.to_dict(), overwrite=overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)

@@ -33,6 +33,11 @@ def get_weight(module: nn.Module) -> torch.Tensor:
     return module.weight.t() if _is_conv1d(module) else module.weight
 
 
+def in_stored_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """An [out, in] tensor (a mask, a gradient) laid out as the layer stores its weight."""
+    return tensor.t() if _is_conv1d(module) else tensor
+
+
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an [out, in] weight back in place, in the layer's own dtype and layout."""
     target = module.weight

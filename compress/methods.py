@@ -109,10 +109,26 @@ class Method:
         model (``work.reference``), e.g. to fit compressed layers to the original model's outputs."""
         return False
 
-    def needs_teacher(self, config: MethodConfig) -> bool:
-        """For TRAINING methods: True when the method wants the model as it was before its stage
-        (``context.teacher``), e.g. to distil from it."""
-        return False
+    def teacher(self, config: MethodConfig) -> str | None:
+        """For TRAINING methods: the model ``context.teacher`` holds, frozen: ``"original"`` (the model before the
+        recipe's first stage), ``"previous"`` (the model as it was before this stage), a model directory or Hub id
+        (with the same tokenizer), or None for no teacher (the default)."""
+        return None
+
+    def trains(self, config: MethodConfig) -> tuple[str, ...]:
+        """For TRAINING methods: the kinds of tensor that train (:data:`compress.train.KINDS`): ``weights`` and
+        ``biases`` of the step's targets by default; ``scales`` (of targets stored in a format) and ``norms``
+        (every normalisation layer of the model) on request. Codes never train; masks of pruned layers are kept."""
+        return ("weights", "biases")
+
+    def prepare_student(self, model: nn.Module, config: MethodConfig) -> None:
+        """For TRAINING methods: change the model's shape before its stage trains it (e.g. drop decoder blocks to
+        make a smaller student); the default changes nothing. The step's targets are found again afterwards."""
+
+    def check_model(self, model: nn.Module, config: MethodConfig) -> list[Problem]:
+        """Model-aware check of the step's arguments against the whole model on the meta device (e.g. block indices
+        in range), before any weight is loaded; problems as :meth:`check_targets` returns them."""
+        return []
 
     def check_targets(self, targets: dict[str, nn.Module], config: MethodConfig) -> list[Problem]:
         """Model-aware check on the meta device, before any weight is loaded.

@@ -181,6 +181,24 @@ def find_blocks(model: nn.Module) -> Blocks:
     return Blocks(chosen[1], list(chosen[2]))
 
 
+def drop_blocks(model: nn.Module, keep: list[int]) -> None:
+    """Keep only the decoder blocks ``keep`` (indices, in order) of ``model``, in place: the blocks are renumbered
+    (each attention's ``layer_idx``, which the KV cache goes by) and the config's layer count and per-layer lists
+    follow, so the smaller model runs, saves and loads as a model of its own."""
+    blocks = find_blocks(model)
+    parent_name, _, attr = blocks.prefix.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, nn.ModuleList([blocks.modules[i] for i in keep]))
+    for index, block in enumerate(getattr(parent, attr)):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
+    config = model.config
+    config.num_hidden_layers = len(keep)
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == len(blocks.modules):
+        config.layer_types = [config.layer_types[i] for i in keep]
+
+
 def config_dict(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     try:

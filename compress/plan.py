@@ -48,8 +48,13 @@ class Plan:
     seq_len: int | None  # calibration sequence length, resolved against the model's context
     stored: dict[str, tuple[str, KernelChoice]] = field(default_factory=dict)  # masked layer -> sparse format, kernel
 
+    def trains(self) -> bool:
+        """Whether a stage of the plan trains (:attr:`Needs.TRAINING`)."""
+        return any(s.method.needs_for(s.config) == Needs.TRAINING for stage in self.stages for s in stage)
+
     def needs_calibration(self) -> bool:
-        return any(s.method.needs_for(s.config) != Needs.NOTHING for stage in self.stages for s in stage)
+        """Whether a calibrated step needs the calibration set (training stages read their text themselves)."""
+        return any(s.method.needs_for(s.config) == Needs.CALIBRATION for stage in self.stages for s in stage)
 
     def describe(self) -> str:
         lines = []
@@ -126,7 +131,7 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
                 problems.append(Problem(f"{step.where}.targets", f"method {step.method.name!r} works on decoder "
                                         f"blocks ({blocks.prefix}.N) and cannot compress {', '.join(outside)}; "
                                         "add them to ignore"))
-            for p in step.method.check_targets(sel.modules, step.config):
+            for p in step.method.check_model(model, step.config) + step.method.check_targets(sel.modules, step.config):
                 problems.append(Problem(f"{step.where}.args.{p.where}" if p.where else step.where, p.message))
             problems += _state_problems(step, list(sel.modules), states, in_stage)
             kernels, notes = _storage(step, sel.modules, problems)
@@ -204,9 +209,13 @@ def _storage(step: ResolvedStep, layers: dict[str, nn.Module],
 
 
 def _seq_len(recipe: Recipe, model: nn.Module, problems: list[Problem]) -> int | None:
+    context = model_context(model)
+    training = recipe.training.seq_len if recipe.training else None
+    if training is not None and context is not None and training > context:
+        problems.append(Problem("training.seq_len", f"{training} exceeds the model's context of {context} tokens; "
+                                f"use at most {context}"))
     if recipe.calibration is None:
         return None
-    context = model_context(model)
     wanted = recipe.calibration.seq_len
     if wanted is None:
         return min(2048, context or 2048)

@@ -76,6 +76,40 @@ class CalibrationSpec(Section):
         "fit beside the block's work, else in CPU memory), device, or cpu")
 
 
+class TrainingSpec(Section):
+    """The trainer's data and settings, for every training step of the recipe (:mod:`compress.trainer`)."""
+
+    dataset: str | None = Field(None, description="training text: a .txt/.jsonl/.parquet file (relative to the "
+                                "recipe) or a datasets id; default: the calibration text (calibration.dataset or "
+                                "--calib), read for as many tokens as training wants")
+    config: str | None = None
+    split: str = "train"
+    column: str = "text"
+    seq_len: int | None = Field(None, ge=8, description="tokens a sample; default: the calibration's")
+    tokens: int | None = Field(None, ge=1, description="training tokens in all (the data repeats when shorter); "
+                               "or set steps")
+    steps: int | None = Field(None, ge=1, description="optimizer steps; default: from tokens, else one pass")
+    batch_size: int = Field(4, ge=1, description="samples a forward pass")
+    grad_accum: int = Field(1, ge=1, description="forward passes an optimizer step")
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of the steps the rate rises linearly over")
+    min_lr: float = Field(0.1, ge=0, le=1, description="the rate at the end of the cosine decay, as a fraction "
+                          "of lr")
+    clip: float | None = Field(1.0, gt=0, description="gradient norm clipping; null: none")
+    eval_samples: int = Field(8, ge=0, description="held-out samples the evaluation loss is measured on (taken "
+                              "from the data, never trained on)")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations of the held-out loss; 0: at the "
+                            "start and the end only")
+    save_every: int = Field(100, ge=1, description="steps between checkpoints (for --resume)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in the backward pass: less "
+                                         "memory, about a third more time")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="autocast the forward (accelerate) while the trained tensors keep float32 master "
+                            "copies; auto: the model's dtype when it is bf16 or fp16, else no")
+    seed: int = 0
+
+
 class StepSpec(Section):
     method: str
     targets: list[str] = Field(default_factory=lambda: ["Linear"], min_length=1)
@@ -98,6 +132,7 @@ class StageSpec(Section):
 class Recipe(Section):
     model: ModelSpec = Field(default_factory=ModelSpec)
     calibration: CalibrationSpec | None = None
+    training: TrainingSpec | None = None
     stages: list[StageSpec] | None = None
     steps: list[StepSpec] | None = Field(None, description="shorthand for a single stage")
     runtime: list[RuntimeSpec] | None = Field(None, description="runtime features the checkpoint runs with "
@@ -374,7 +409,11 @@ def _raw_steps(data: dict) -> list[tuple[str, dict]]:
 
 def _cross_checks(recipe: Recipe, stages: list[list[ResolvedStep]], model_given: bool, calib_given: bool) -> list[Problem]:
     problems = []
-    needing = [s for stage in stages for s in stage if s.method.needs_for(s.config) != Needs.NOTHING]
+    all_trainers = [s for stage in stages for s in stage if s.method.needs_for(s.config) == Needs.TRAINING]
+    training = recipe.training
+    own_data = training is not None and training.dataset is not None  # else the trainers train on calibration data
+    needing = [s for stage in stages for s in stage if s.method.needs_for(s.config) == Needs.CALIBRATION
+               or (s.method.needs_for(s.config) == Needs.TRAINING and not own_data)]
     for stage in stages:
         trainers = [s for s in stage if s.method.needs_for(s.config) == Needs.TRAINING]
         if trainers and len(stage) > 1:
@@ -382,8 +421,26 @@ def _cross_checks(recipe: Recipe, stages: list[list[ResolvedStep]], model_given:
                                     "and must be the only step of its stage; move it to a stage of its own"))
     if needing and recipe.calibration is None and not calib_given:
         first = needing[0]
-        problems.append(Problem(first.where, f"method {first.method.name!r} needs calibration data; add a "
-                                "calibration: section (dataset: a .txt/.jsonl/.parquet file) or pass --calib"))
+        if first.method.needs_for(first.config) == Needs.TRAINING:
+            problems.append(Problem(first.where, f"method {first.method.name!r} trains and has no data: add a "
+                                    "training: section with a dataset (a .txt/.jsonl/.parquet file or a datasets id), "
+                                    "a calibration: section, or pass --calib"))
+        else:
+            problems.append(Problem(first.where, f"method {first.method.name!r} needs calibration data; add a "
+                                    "calibration: section (dataset: a .txt/.jsonl/.parquet file) or pass --calib"))
+    if training is not None:
+        if not all_trainers:
+            problems.append(Problem("training", "no step of the recipe trains; remove the training: section or add a "
+                                    "training step (e.g. method: distill) in a stage of its own"))
+        if training.tokens is not None and training.steps is not None:
+            problems.append(Problem("training.steps", f"both tokens ({training.tokens}) and steps ({training.steps}) "
+                                    "are set; keep one"))
+        if own_data and all_trainers and (problem := check_source(training.dataset)):
+            problems.append(Problem("training.dataset", problem))
+        elif own_data and all_trainers:
+            problem = check_contents(training.dataset, training.eval_samples + 1, training.seq_len, training.column)
+            if problem:
+                problems.append(Problem("training.dataset", problem))
     if recipe.calibration is not None and needing:
         spec = recipe.calibration
         problem = check_source(spec.dataset)

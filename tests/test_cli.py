@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 
 import compress
@@ -17,7 +19,7 @@ from compress.errors import CalibrationError
 from compress.formats import CompressedLinear
 from compress.methods import Method, MethodConfig, Needs
 from compress.registry import registry
-from conftest import REF_A, REPO, SHARED
+from conftest import REF_A, REPO, SHARED, tiny_config
 
 RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml"))
 
@@ -26,17 +28,49 @@ def run(args: list[str]):
     return CliRunner().invoke(cli, args, obj={})
 
 
+def _shortened(recipe: Path, tmp_path: Path) -> Path:
+    """``recipe`` with its training cut to two steps of short windows (its settings are for ref-a, minutes long)."""
+    data = yaml.safe_load(recipe.read_text())
+    if "training" not in data:
+        return recipe
+    data["training"] = {k: v for k, v in data["training"].items() if k != "tokens"}
+    data["training"].update(steps=2, seq_len=64, eval_samples=2)
+    short = tmp_path / recipe.name
+    short.write_text(yaml.safe_dump(data))
+    return short
+
+
+def _deeper(tiny_dir: Path, tmp_path: Path, blocks: int) -> Path:
+    """A copy of a tiny model directory with ``blocks`` decoder blocks (a student recipe needs more than two)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("qwen2").to_dict()
+    config.pop("layer_types", None)  # derived from the depth
+    config = type(tiny_config("qwen2"))(**{**config, "num_hidden_layers": blocks})
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    path = tmp_path / f"qwen2-{blocks}"
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_dir / f, path / f)
+    return path
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_shipped_recipe_runs(recipe: str, tiny_dirs, calib_text, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["apply", str(REPO / "recipes" / recipe), "--output", str(out)]
+    args = ["apply", str(_shortened(REPO / "recipes" / recipe, tmp_path)), "--output", str(out)]
     if recipe != "quickstart.yaml":  # the others name no model, and GPTQ / AWQ need --calib
-        args += ["--model", str(tiny_dirs["qwen2"]), "--calib", str(calib_text)]
+        model = _deeper(tiny_dirs["qwen2"], tmp_path, 8) if recipe.startswith("student-") else tiny_dirs["qwen2"]
+        args += ["--model", str(model), "--calib", str(calib_text)]
     result = run(args)
     assert result.exit_code == 0, result.output
-    assert re.search(r"compressed layers: .* MB of weights, 0\.\d+x their", result.output)
     model = compress.load(out, device="cpu")
-    assert any(isinstance(m, CompressedLinear) for m in model.modules())
+    if recipe.startswith("student-"):  # smaller by its blocks, its layers as they were
+        assert model.config.num_hidden_layers == len(model.model.layers) == 6
+    else:
+        assert re.search(r"compressed layers: .* MB of weights, 0\.\d+x their", result.output)
+        assert any(isinstance(m, CompressedLinear) for m in model.modules())
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
@@ -243,3 +277,40 @@ def test_validate_says_why_layers_fall_back(shape: dict, args: str, expected: li
     assert result.exit_code == 0, result.output
     for pattern in expected:
         assert re.search(pattern, result.output), result.output
+
+
+def test_an_interrupted_training_run_resumes_only_when_asked(tiny_dirs, calib_text, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    """A NaN at step 3 stops the run (exit 1) and keeps the step-2 checkpoint; the same command refuses to start
+    over on top of it (exit 2) until told --resume, which finishes and clears the work folder."""
+    import compress.plugins.distill as distill
+
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text(yaml.safe_dump({"training": {"steps": 4, "seq_len": 32, "batch_size": 2, "save_every": 2,
+                                                   "eval_samples": 2},
+                                      "steps": [{"method": "distill", "args": {"train": ["norms"]}}]}))
+    out = tmp_path / "out"
+    args = ["apply", str(recipe), "--model", str(tiny_dirs["llama"]), "--calib", str(calib_text), "--output", str(out)]
+    real = distill.distillation_loss
+
+    def nan_at_step_3(*a, **k):
+        loss_fn, calls = real(*a, **k), [0]
+
+        def wrapped(model, batch):
+            loss, parts = loss_fn(model, batch)
+            calls[0] += model.training
+            return (loss * float("nan"), parts) if calls[0] == 3 else (loss, parts)
+
+        return wrapped
+
+    monkeypatch.setattr(distill, "distillation_loss", nan_at_step_3)
+    failed = run(args)
+    assert failed.exit_code == 1 and "the loss became nan at step 3 of 4" in failed.output, failed.output
+    work = tmp_path / ".out.work"
+    assert (work / "stage-0" / "step-0000002.pt").exists() and not out.exists()
+    monkeypatch.setattr(distill, "distillation_loss", real)
+    refused = run(args)
+    assert refused.exit_code == 2 and "pass --resume to continue" in refused.output, refused.output
+    resumed = run(args + ["--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (out / "config.json").exists() and not work.exists()

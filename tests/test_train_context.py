@@ -31,8 +31,8 @@ class Tune(Method):
     needs = Needs.TRAINING
     seen: dict = {}
 
-    def needs_teacher(self, config):
-        return config.distil
+    def teacher(self, config):
+        return "previous" if config.distil else None
 
     def train(self, context: TrainContext, config):
         params = context.trainable_parameters()

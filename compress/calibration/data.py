@@ -257,17 +257,28 @@ def _token_stream(docs: list[str], tokenizer, needed: int, seed: int) -> Iterato
             return
 
 
+def _windows(stream: list[int], seq_len: int) -> torch.Tensor:
+    windows = len(stream) // seq_len
+    return torch.tensor(stream[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
+
+
+def token_windows(docs: list[str], tokenizer, seq_len: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """The first ``tokens`` tokens of ``docs`` (shuffled by ``seed``, joined with EOS), or all of them when there
+    are fewer, as consecutive windows [windows, seq_len] (a partial last window is dropped)."""
+    return _windows([t for ids in _token_stream(docs, tokenizer, tokens, seed) for t in ids], seq_len)
+
+
 def pack(docs: list[str], tokenizer, samples: int, seq_len: int, seed: int = 0, source: str = "") -> CalibrationSet:
     """Tokenize ``docs`` and draw ``samples`` windows of ``seq_len`` tokens (deterministic for ``seed``)."""
     needed = samples * seq_len * 4  # a pool four times the need, so windows come from across the data
     stream = [t for ids in _token_stream(docs, tokenizer, needed, seed) for t in ids]
-    windows = len(stream) // seq_len
+    ids = _windows(stream, seq_len)
+    windows = ids.shape[0]
     if windows < samples:
         raise DataError(
             f"calibration data {source or '(given)'} has {len(stream)} tokens: {windows} windows of {seq_len}, "
             f"fewer than the {samples} samples asked for; lower samples or seq_len, or give more text"
         )
-    ids = torch.tensor(stream[: windows * seq_len], dtype=torch.long).view(windows, seq_len)
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(windows, generator=gen)[:samples]
     log.info("calibration: %d x %d tokens from %s", samples, seq_len, source or "given text")
