@@ -449,9 +449,9 @@ def _cross_checks(recipe: Recipe, stages: list[list[ResolvedStep]], model_given:
         if problem:
             problems.append(Problem("calibration.dataset", problem))
     if recipe.model.load == "stream":
-        trainers = [s for stage in stages for s in stage if s.method.needs_for(s.config) == Needs.TRAINING]
-        if trainers:
-            problems.append(Problem("model.load", f"stream cannot run {trainers[0].where} ({trainers[0].method.name}), "
+        if all_trainers:
+            first = all_trainers[0]
+            problems.append(Problem("model.load", f"stream cannot run {first.where} ({first.method.name}), "
                                     "which trains the whole model; use load: memory"))
         if recipe.model.init == "random":
             problems.append(Problem("model.load", "stream reads a checkpoint's weights; init: random has none: use "
