@@ -97,18 +97,20 @@ def validate_cmd(recipe: str, model: str | None, calib: str | None) -> None:
               "output, else ./compressed/<model>-<recipe>).")
 @click.option("--device", metavar="D", help="Execution device: auto, cpu, cuda, cuda:N (default: recipe's, else auto).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing checkpoint at the output.")
+@click.option("--data", metavar="DATA", help="Training data of the recipe's training steps (a .txt/.jsonl/.parquet "
+              "file or a datasets id); overrides training.dataset.")
 @click.option("--resume", is_flag=True, help="Continue the training stages of an interrupted run from the last "
               "checkpoint it left in the work folder (.<output>.work beside the output).")
 @_runs("apply_cmd")
 def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | None, device: str | None,
-              overwrite: bool, resume: bool) -> None:
+              overwrite: bool, data: str | None, resume: bool) -> None:
     """Compress a model with RECIPE and write the checkpoint.
 
     \b
     The recipe is checked completely before any weight is loaded. Writing is atomic: a failed or killed
     run leaves nothing at the output. Running the same recipe again on the same model is a no-op.
-    Training stages (distill) save checkpoints every training.save_every steps in the work folder; after
-    an interruption, the same command with --resume continues from the last of them.
+    Training stages (distill, qlora) save checkpoints every training.save_every steps in the work folder;
+    after an interruption, the same command with --resume continues from the last of them.
     """
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from pydantic import BaseModel
 
 from compress.calibration.data import (
-    CalibrationSet, calibration_set, check_contents, pack, read_documents, token_windows,
+    CalibrationSet, calibration_set, check_contents, instruction_examples, pack, read_documents, token_windows,
 )
 from compress.calibration.engine import BlockWork, StepWork, run_stage, store_masked
 from compress.checkpoint import record_layers, write_extras, writing
@@ -28,7 +28,7 @@ from compress.model import (
 )
 from compress.plan import Plan, PlannedStep, plan
 from compress.recipe import Recipe, TrainingSpec, read_recipe_file, validate_recipe
-from compress.states import LayerState
+from compress.states import LayerKind, LayerState
 from compress.streaming import ModelStream, empty_model
 from compress.targets import select
 from compress.train import training_context
@@ -192,8 +192,7 @@ def split_training_data(data: CalibrationSet | None, spec: TrainingSpec) -> Trai
     if held < spec.eval_samples:
         log.warning("training: %d windows cannot spare %d for the held-out loss; none held out", data.samples,
                     spec.eval_samples)
-    return TrainingData(CalibrationSet(data.input_ids[held:], data.source),
-                        CalibrationSet(data.input_ids[:held], data.source) if held else None)
+    return TrainingData(data.take(slice(held, None)), data.take(slice(0, held)) if held else None)
 
 
 def training_data(plan_: Plan, tokenizer, context: int | None, calib: CalibLike = None) -> TrainingData | None:
@@ -218,6 +217,8 @@ def training_data(plan_: Plan, tokenizer, context: int | None, calib: CalibLike 
     if tokenizer is None:
         raise UsageError(f"{field} {dataset} is text and training needs a tokenizer to read it: pass tokenizer=...")
     seq_len = spec.seq_len or plan_.seq_len or min(1024, context or 1024)
+    if spec.prompt_column is not None:
+        return split_training_data(_examples(spec, tokenizer, seq_len), spec)
     per_step = spec.batch_size * spec.grad_accum * seq_len
     wanted = spec.tokens or (spec.steps * per_step if spec.steps else 1 << 62)
     docs = read_documents(dataset, config, split, column)
@@ -231,12 +232,35 @@ def training_data(plan_: Plan, tokenizer, context: int | None, calib: CalibLike 
     return split_training_data(CalibrationSet(windows, dataset), spec)
 
 
+def _examples(spec: TrainingSpec, tokenizer, seq_len: int) -> CalibrationSet:
+    """Instruction data: ``spec.dataset``'s prompt and response columns as padded samples (see
+    :func:`compress.calibration.data.instruction_examples`), in an order shuffled by ``spec.seed``."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if spec.chat_template and not has_template:
+        raise UsageError(f"training.chat_template: true, but the tokenizer of this model has no chat template; set "
+                         "chat_template: false to train on the prompts as they are, or use a model whose tokenizer "
+                         "has one")
+    use_template = has_template if spec.chat_template is None else spec.chat_template
+    prompts = read_documents(spec.dataset, spec.config, spec.split, spec.prompt_column)
+    responses = read_documents(spec.dataset, spec.config, spec.split, spec.response_column)
+    data = instruction_examples(prompts, responses, tokenizer, seq_len, use_template, spec.dataset)
+    if data.samples <= spec.eval_samples:
+        raise DataError(f"training.dataset {spec.dataset} has {data.samples} usable examples, which leaves none to "
+                        f"train on beside the {spec.eval_samples} held out; give more, or lower training.eval_samples")
+    order = torch.randperm(data.samples, generator=torch.Generator().manual_seed(spec.seed))
+    log.info("training data: %d examples of %d tokens from %s (%s; %d held out)", data.samples, seq_len,
+             spec.dataset, "in the chat template" if use_template else "no chat template", spec.eval_samples)
+    return data.take(order)
+
+
 def _train_stage(model: nn.Module, plan_: Plan, index: int, states: dict[str, LayerState], training: TrainingData,
                  device: torch.device, original: nn.Module | None, checkpoint_dir: Path | None, resume: bool) -> None:
     step = plan_.stages[index][0]
     blocks = len(find_blocks(model).modules)
-    step.method.prepare_student(model, step.config)
     layers = step.layers
+    with torch.random.fork_rng(devices=[]):  # what prepare draws (adapters' initial values) follows training.seed
+        torch.manual_seed((plan_.recipe.training or TrainingSpec()).seed)
+        step.method.prepare(model, step.config, layers)
     if len(find_blocks(model).modules) != blocks:  # a smaller student: its targets are found again
         spec = plan_.recipe.all_stages()[index].steps[0]
         layers = list(select(model, spec.targets, spec.ignore).modules)
@@ -251,9 +275,25 @@ def _train_stage(model: nn.Module, plan_: Plan, index: int, states: dict[str, La
         teacher.eval().requires_grad_(False)
     else:
         teacher = None
+    source = (getattr(model.config, "_name_or_path", "") or None) if index == 0 else None  # the model on disk
     with training_context(model, layers, step.method.trains(step.config), states, training.train, device, teacher,
-                          checkpoint_dir, training.held_out, plan_.recipe.training, resume) as context:
+                          checkpoint_dir, training.held_out, plan_.recipe.training, resume, source) as context:
         step.method.train(context, step.config)
+    _after_training(model, step, layers, states)
+
+
+def _after_training(model: nn.Module, step: PlannedStep, layers: list[str], states: dict[str, LayerState]) -> None:
+    """The states a training step leaves its layers in, as it declares (:meth:`compress.Method.produces`):
+    float again (adapters merged), or stored in the format the layer now has (adapters beside a stored base)."""
+    produces = step.method.produces(step.config)
+    written_by = {"method": step.method.name, "method_version": step.method.version}
+    for name in layers:
+        if produces == LayerKind.DENSE:
+            states[name] = LayerState()
+        elif produces == LayerKind.FORMAT:
+            layer = model.get_submodule(name)
+            layer.written_by = dict(written_by)
+            states[name] = LayerState(LayerKind.FORMAT, None, layer.format, dict(written_by))
 
 
 def _record_steps(model: nn.Module, plan_: Plan) -> None:

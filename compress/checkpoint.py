@@ -177,7 +177,7 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict]
     with writing(output, overwrite) as partial:
         recipe = record_layers(model, steps, recipe)
         model.save_pretrained(partial)
-        write_extras(partial, tokenizer, recipe)
+        write_extras(partial, tokenizer, recipe, getattr(model, "compress_adapter", None))
     return Path(output).expanduser().resolve()
 
 
@@ -220,8 +220,13 @@ def record_layers(model: nn.Module, steps: list[dict] | None = None, recipe: dic
     return recipe
 
 
-def write_extras(folder: Path, tokenizer=None, recipe: dict | None = None) -> None:
-    """The tokenizer and the recipe (``recipe.yaml``) beside a checkpoint's weights and config."""
+def write_extras(folder: Path, tokenizer=None, recipe: dict | None = None, adapter=None) -> None:
+    """The tokenizer, the recipe (``recipe.yaml``) and a trained adapter alone (``adapter/``, in peft's format:
+    :class:`compress.lora.AdapterExport`) beside a checkpoint's weights and config."""
+    if adapter is not None:
+        from compress.lora import ADAPTER_DIR, write_adapter
+
+        write_adapter(folder / ADAPTER_DIR, adapter)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if recipe:

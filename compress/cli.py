@@ -112,7 +112,7 @@ def _check_resume(work_dir: Path, resume: bool) -> None:
 
 
 def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | None, device: str | None,
-              overwrite: bool, resume: bool = False) -> None:
+              overwrite: bool, data: str | None = None, resume: bool = False) -> None:
     """``compress apply``: check the recipe, compress, write the checkpoint atomically (a no-op when the output
     holds this recipe's checkpoint of the same model), then run the recipe's eval: section. Training stages
     keep checkpoints in the work folder; ``resume`` continues from them, and without it they are not touched."""
@@ -122,8 +122,8 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
     from compress.errors import UsageError
     from compress.formats import storage_summary
 
-    checked = check_recipe(recipe, _overrides(model, calib, **{"output": _cwd_path(output), "model.device": device}),
-                           _sections())
+    checked = check_recipe(recipe, _overrides(model, calib, **{"output": _cwd_path(output), "model.device": device,
+                                                               "training.dataset": _cwd_path(data)}), _sections())
     target = Path(checked.recipe.output or _default_output(checked.recipe.model.path, recipe)).resolve()
     recover_leftovers(target)  # an interrupted --overwrite's old checkpoint goes back first
     if target.exists() and not overwrite:

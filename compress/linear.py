@@ -10,19 +10,19 @@ import torch
 import torch.nn as nn
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D: a linear layer with its weight transposed (GPT-2 and relatives).
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D: a linear layer with its weight transposed (GPT-2 and relatives)."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
 
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for layers computing ``x @ W.T + b`` with a plain 2-D weight: nn.Linear and Conv1D."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features); works on the meta device."""
-    if _is_conv1d(module):
+    if is_conv1d(module):
         in_f, out_f = module.weight.shape
         return in_f, out_f
     return module.in_features, module.out_features
@@ -30,18 +30,18 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
 
 def get_weight(module: nn.Module) -> torch.Tensor:
     """The weight as [out, in] (a view for nn.Linear, a transposed view for Conv1D)."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
+    return module.weight.t() if is_conv1d(module) else module.weight
 
 
 def in_stored_layout(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
     """An [out, in] tensor (a mask, a gradient) laid out as the layer stores its weight."""
-    return tensor.t() if _is_conv1d(module) else tensor
+    return tensor.t() if is_conv1d(module) else tensor
 
 
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an [out, in] weight back in place, in the layer's own dtype and layout."""
     target = module.weight
-    src = weight.t() if _is_conv1d(module) else weight
+    src = weight.t() if is_conv1d(module) else weight
     with torch.no_grad():
         target.copy_(src.to(target.dtype))
 

@@ -117,13 +117,15 @@ class Method:
 
     def trains(self, config: MethodConfig) -> tuple[str, ...]:
         """For TRAINING methods: the kinds of tensor that train (:data:`compress.train.KINDS`): ``weights`` and
-        ``biases`` of the step's targets by default; ``scales`` (of targets stored in a format) and ``norms``
-        (every normalisation layer of the model) on request. Codes never train; masks of pruned layers are kept."""
+        ``biases`` of the step's targets by default; ``scales`` (of targets stored in a format), ``norms`` (every
+        normalisation layer of the model) and ``adapters`` (the LoRA pairs :meth:`prepare` put on the targets) on
+        request. Codes never train; masks of pruned layers are kept."""
         return ("weights", "biases")
 
-    def prepare_student(self, model: nn.Module, config: MethodConfig) -> None:
-        """For TRAINING methods: change the model's shape before its stage trains it (e.g. drop decoder blocks to
-        make a smaller student); the default changes nothing. The step's targets are found again afterwards."""
+    def prepare(self, model: nn.Module, config: MethodConfig, layers: list[str]) -> None:
+        """For TRAINING methods: change the model before its stage trains it: its shape (drop decoder blocks to
+        make a smaller student; the step's targets are found again afterwards) or its ``layers`` (put adapters on
+        them); the default changes nothing."""
 
     def check_model(self, model: nn.Module, config: MethodConfig) -> list[Problem]:
         """Model-aware check of the step's arguments against the whole model on the meta device (e.g. block indices

@@ -129,12 +129,21 @@ def load_model(ref: str, dtype: str = "auto", init: str = "pretrained", revision
 
 
 def meta_model(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> nn.Module:
-    """The model's module tree with real shapes and no data (for checking recipes before loading)."""
+    """The model's module tree with real shapes and no data (for checking recipes before loading); a compress
+    checkpoint's stored layers are its formats' layers, as loading makes them."""
     from transformers import AutoModelForCausalLM
+
+    from compress.checkpoint_files import QUANT_METHOD
+    from compress.formats.registry import build_empty_layers
 
     config = load_config(ref, revision, trust_remote_code)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    stored = getattr(config, "quantization_config", None)
+    stored = stored if isinstance(stored, dict) else getattr(stored, "to_dict", dict)()
+    if stored.get("quant_method") == QUANT_METHOD and stored.get("layers"):
+        build_empty_layers(model, stored["layers"])
+    return model
 
 
 def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: bool = False):

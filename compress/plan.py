@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from compress.errors import CompressError, Problem, RecipeError
 from compress.formats import format_class
-from compress.formats.base import KernelChoice
+from compress.formats.base import CompressedLinear, KernelChoice, layer_modules
 from compress.formats.sparse import stored_format
 from compress.linear import linear_shape
 from compress.methods import Method, MethodConfig, Needs
@@ -109,7 +109,9 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
     blocks = find_blocks(model)
     block_prefix = blocks.prefix + "."
     planned: list[list[PlannedStep]] = []
-    states: dict[str, tuple[LayerKind, str]] = {}  # layer -> its state and the step that left it so
+    states: dict[str, tuple[LayerKind, str]] = {  # layer -> its state and the step that left it so
+        name: (LayerKind.FORMAT, LOADED)
+        for name, module in layer_modules(model) if isinstance(module, CompressedLinear)}
     masks: dict[str, tuple[Pattern, dict | None]] = {}  # masked layer -> its pattern, and a later step's format
     shapes: dict[str, tuple[int, int]] = {}  # masked layer -> (in_features, out_features)
     for stage in stages:
@@ -155,6 +157,9 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
     return Plan(recipe, planned, seq_len, stored)
 
 
+LOADED = "the checkpoint the model was loaded from"  # who stored a layer that was stored before the recipe
+
+
 def _state_problems(step: ResolvedStep, layers: list[str], states: dict[str, tuple[LayerKind, str]],
                     in_stage: set[str]) -> list[Problem]:
     """Whether ``step`` can take its layers in the states the earlier steps left them in (then it records what
@@ -178,7 +183,9 @@ def _state_problems(step: ResolvedStep, layers: list[str], states: dict[str, tup
                         "stores them still has: put the two steps in the same stage") for by, names in gone.items()]
     for (kind, by), names in refused.items():
         fix = "remove one of the two steps, or put this one first"
-        if kind == LayerKind.DENSE:
+        if by == LOADED:
+            fix = "start from the original model instead, or leave these layers out (ignore: [...])"
+        elif kind == LayerKind.DENSE:
             fix = ("put a quantization step (rtn, gptq, awq, ...) on these layers before it" if takes == {LayerKind.FORMAT}
                    else f"put a step that leaves them {describe_kinds(takes)} before it")
         elif kind == LayerKind.FORMAT and produces == LayerKind.FORMAT:

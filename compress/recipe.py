@@ -85,6 +85,11 @@ class TrainingSpec(Section):
     config: str | None = None
     split: str = "train"
     column: str = "text"
+    prompt_column: str | None = Field(None, description="instruction data: the field (column) of the prompts, with "
+                                      "response_column; each pair is one sample and the loss is on the response only")
+    response_column: str | None = Field(None, description="instruction data: the field (column) of the responses")
+    chat_template: bool | None = Field(None, description="instruction data: put each prompt in the tokenizer's chat "
+                                       "template as a user turn; default: when the tokenizer has one")
     seq_len: int | None = Field(None, ge=8, description="tokens a sample; default: the calibration's")
     tokens: int | None = Field(None, ge=1, description="training tokens in all (the data repeats when shorter); "
                                "or set steps")
@@ -92,7 +97,13 @@ class TrainingSpec(Section):
     batch_size: int = Field(4, ge=1, description="samples a forward pass")
     grad_accum: int = Field(1, ge=1, description="forward passes an optimizer step")
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
+    lr_relative: bool = Field(False, description="each tensor's rate is lr times its root mean square before "
+                              "training, so that tensors of different sizes (quantization scales near 0.03, norms "
+                              "near 1) change by the same fraction a step; a tensor of zeros trains at lr")
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "paged_adamw_8bit"] | None = Field(
+        None, description="AdamW, or bitsandbytes' paged 8-bit AdamW (CUDA only; AdamW elsewhere, said in the log); "
+                          "default: the method's choice (qlora: paged 8-bit, others: AdamW)")
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of the steps the rate rises linearly over")
     min_lr: float = Field(0.1, ge=0, le=1, description="the rate at the end of the cosine decay, as a fraction "
                           "of lr")
@@ -435,10 +446,23 @@ def _cross_checks(recipe: Recipe, stages: list[list[ResolvedStep]], model_given:
         if training.tokens is not None and training.steps is not None:
             problems.append(Problem("training.steps", f"both tokens ({training.tokens}) and steps ({training.steps}) "
                                     "are set; keep one"))
+        examples = training.prompt_column is not None or training.response_column is not None
+        if examples and (training.prompt_column is None or training.response_column is None):
+            given, missing = (("prompt_column", "response_column") if training.response_column is None
+                              else ("response_column", "prompt_column"))
+            problems.append(Problem(f"training.{missing}", f"instruction data needs both columns: {given} is set, "
+                                    f"{missing} is not; set it, or remove {given} to train on plain text"))
+        if examples and not own_data:
+            problems.append(Problem("training.dataset", "instruction data (prompt_column, response_column) is read "
+                                    "from training.dataset, which is not set: name the file or datasets id there"))
+        if training.chat_template is not None and not examples:
+            problems.append(Problem("training.chat_template", "applies to instruction data only: set prompt_column "
+                                    "and response_column, or remove chat_template"))
         if own_data and all_trainers and (problem := check_source(training.dataset)):
             problems.append(Problem("training.dataset", problem))
         elif own_data and all_trainers:
-            problem = check_contents(training.dataset, training.eval_samples + 1, training.seq_len, training.column)
+            problem = check_contents(training.dataset, training.eval_samples + 1,
+                                     None if examples else training.seq_len, training.prompt_column or training.column)
             if problem:
                 problems.append(Problem("training.dataset", problem))
     if recipe.calibration is not None and needing:

@@ -2,15 +2,16 @@
 
 A pattern is one of:
 
-* ``Linear``: every linear layer (``nn.Linear`` and GPT-2's ``Conv1D``); any other class name matches
-  layers of that class (``Conv1D``, ``QuantLinear`` ...);
+* ``Linear``: every linear layer (``nn.Linear``, GPT-2's ``Conv1D``, and a loaded checkpoint's stored layers,
+  :class:`compress.CompressedLinear`); any other class name matches layers of that class (``Conv1D``,
+  ``IntLinear`` ...);
 * a plain name such as ``lm_head`` or ``q_proj``: layers whose last name component is exactly that;
 * a name with dots or wildcards: a glob on the full name (``model.layers.*.mlp.*``, ``*.0.self_attn.*``);
 * ``re:REGEX``: a regular expression that must match the whole name (``re:.*layers\\.(0|1)\\..*``).
 
-Only linear layers are ever selected. The output embedding (``lm_head``) is left alone unless a pattern
-names it (by its name, not by class or wildcard), and a layer sharing its weight with another (tied
-embeddings) cannot be selected.
+Only linear layers are ever selected (a stored layer as one, not the parts it holds). The output embedding
+(``lm_head``) is left alone unless a pattern names it (by its name, not by class or wildcard), and a layer
+sharing its weight with another (tied embeddings) cannot be selected.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from compress.formats.base import CompressedLinear, layer_modules
 from compress.linear import is_linear_like
+
+
+def is_layer(module: nn.Module) -> bool:
+    """A layer a step can select: a linear one, or a stored one (a loaded checkpoint's)."""
+    return is_linear_like(module) or isinstance(module, CompressedLinear)
 
 
 def _pattern_kind(pattern: str) -> str:
@@ -42,7 +49,7 @@ def matches(pattern: str, name: str, module: nn.Module) -> bool:
         return fnmatch.fnmatchcase(name, pattern)
     if kind == "class":
         if pattern == "Linear":
-            return is_linear_like(module)
+            return is_layer(module)
         return any(cls.__name__ == pattern for cls in type(module).__mro__)
     return name.rsplit(".", 1)[-1] == pattern
 
@@ -79,8 +86,8 @@ def select(model: nn.Module, targets: list[str], ignore: list[str]) -> Selection
     target_hits = [0] * len(targets)
     ignore_hits = [0] * len(ignore)
     tied = tied_weight_owners(model)
-    for name, module in model.named_modules():
-        if not is_linear_like(module):
+    for name, module in layer_modules(model):
+        if not is_layer(module):
             continue
         hit = [i for i, p in enumerate(targets) if matches(p, name, module)]
         if module is output_embeddings:
@@ -104,4 +111,4 @@ def select(model: nn.Module, targets: list[str], ignore: list[str]) -> Selection
 
 def linear_names(model: nn.Module) -> list[str]:
     """Distinct last-name components of the model's linear layers (for "did you mean" hints)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if is_linear_like(m)})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in layer_modules(model) if is_layer(m)})

@@ -25,11 +25,12 @@ import torch.nn as nn
 
 from compress.calibration.data import CalibrationSet
 from compress.linear import in_stored_layout
+from compress.lora import adapter_parameters
 from compress.recipe import TrainingSpec
 from compress.states import LayerKind, LayerState
 
 #: What a training method may declare trainable (``Method.trains``).
-KINDS = ("weights", "biases", "scales", "norms")
+KINDS = ("weights", "biases", "scales", "norms", "adapters")
 _FACTORS = ("weight", "A", "B")  # a plain layer's weight; a factored layer's or a correction's factors
 
 
@@ -47,6 +48,7 @@ class TrainContext:
     settings: TrainingSpec = field(default_factory=TrainingSpec)
     masks: dict[str, torch.Tensor] = field(default_factory=dict)  # parameter -> bool mask of the weights kept
     resume: bool = False  # continue from the last checkpoint in checkpoint_dir
+    source: str | None = None  # where the model as the stage begins is on disk (the recipe's, in its first stage)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters that may train, by qualified name (the only ones with ``requires_grad``)."""
@@ -54,10 +56,10 @@ class TrainContext:
         return {n: params[n] for n in self.trainable}
 
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
-        """The data as model inputs on the device: ``input_ids`` and ``labels`` of ``batch_size`` samples."""
-        for ids in self.data.batches(batch_size):
-            ids = ids.to(self.device)
-            yield {"input_ids": ids, "labels": ids.clone()}
+        """The data as model inputs on the device: ``input_ids`` and ``labels`` (and ``attention_mask`` for padded
+        examples) of ``batch_size`` samples."""
+        for first in range(0, self.data.samples, batch_size):
+            yield self.data.take(slice(first, first + batch_size)).model_inputs(self.device)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -66,8 +68,9 @@ def _is_norm(module: nn.Module) -> bool:
 
 def trainable_tensors(model: nn.Module, layers: list[str], kinds: tuple[str, ...]) -> list[tuple[nn.Module, str, str]]:
     """(module, attribute, qualified name) of every float tensor of ``kinds`` (see :data:`KINDS`): ``layers``' own
-    weights (or factors), biases and quantization scales (a stored layer's, or the base's of a corrected one), and
-    the weights and biases of every normalisation layer of ``model``."""
+    weights (or factors), biases and quantization scales (a stored layer's, or the base's of a corrected one), the
+    LoRA pairs on them (:mod:`compress.lora`), and the weights and biases of every normalisation layer of
+    ``model``."""
     found: dict[str, tuple[nn.Module, str, str]] = {}
 
     def add(prefix: str, module: nn.Module, names: tuple[str, ...]) -> None:
@@ -80,11 +83,14 @@ def trainable_tensors(model: nn.Module, layers: list[str], kinds: tuple[str, ...
         module = model.get_submodule(layer)
         if "weights" in kinds:
             add(layer, module, _FACTORS)
-        if "biases" in kinds:
-            add(layer, module, ("bias",))
+        if "biases" in kinds:  # a layer with adapters (peft's) holds its bias in its base layer
+            base = "base_layer" if "base_layer" in module._modules else ""
+            add(f"{layer}.{base}".rstrip("."), module.get_submodule(base), ("bias",))
         if "scales" in kinds:
             for sub, child in module.named_modules():
                 add(f"{layer}.{sub}" if sub else layer, child, ("scales",))
+        if "adapters" in kinds:
+            found.update((entry[2], entry) for entry in adapter_parameters(model, [layer]))
     if "norms" in kinds:
         for name, module in model.named_modules():
             if _is_norm(module):
@@ -124,7 +130,8 @@ def _as_float32_parameters(tensors: list[tuple[nn.Module, str, str]]) -> Iterato
 def training_context(model: nn.Module, layers: list[str], kinds: tuple[str, ...], states: dict[str, LayerState],
                      data: CalibrationSet, device: torch.device, teacher: nn.Module | None = None,
                      checkpoint_dir: Path | None = None, held_out: CalibrationSet | None = None,
-                     settings: TrainingSpec | None = None, resume: bool = False) -> Iterator[TrainContext]:
+                     settings: TrainingSpec | None = None, resume: bool = False,
+                     source: str | None = None) -> Iterator[TrainContext]:
     """A :class:`TrainContext` in which only the tensors of ``kinds`` (of ``layers``, and the norms) train, with the
     masks of ``layers`` pruned in ``states``; afterwards every parameter has its ``requires_grad`` back, promoted
     buffers are buffers again and the model is in eval mode."""
@@ -141,7 +148,7 @@ def training_context(model: nn.Module, layers: list[str], kinds: tuple[str, ...]
             p.requires_grad_(n in allowed)
         try:
             yield TrainContext(model, data, device, [name for _, _, name in tensors], teacher, checkpoint_dir,
-                               held_out, settings or TrainingSpec(), masks, resume)
+                               held_out, settings or TrainingSpec(), masks, resume, source)
         finally:
             for n, p in model.named_parameters():
                 p.requires_grad_(flags.get(n, True))

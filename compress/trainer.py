@@ -58,6 +58,12 @@ class TrainReport:
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def describe(self) -> str:
+        """One line: steps, tokens, time, rate and the held-out loss before and after."""
+        held = " -> ".join("-" if v is None else f"{v:.4f}" for v in (self.eval_before, self.eval_after))
+        return (f"{self.steps} steps, {self.tokens} tokens in {self.seconds:.0f} s ({self.tokens_per_second:.0f} "
+                f"tokens/s); held-out loss {held}")
+
 
 def total_steps(context: TrainContext) -> int:
     """The optimizer steps a stage runs: ``steps``, else ``tokens`` over the tokens a step, else one pass over
@@ -174,19 +180,42 @@ def evaluate(model: nn.Module, loss_fn: LossFn, context: TrainContext, device: t
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for ids in context.held_out.batches(context.settings.batch_size):
-        ids = ids.to(device)
+    held, size = context.held_out, context.settings.batch_size
+    for first in range(0, held.samples, size):
+        batch = held.take(slice(first, first + size)).model_inputs(device)
         with autocast():
-            loss, _ = loss_fn(model, {"input_ids": ids, "labels": ids})
-        total += float(loss) * ids.shape[0]
-        count += ids.shape[0]
+            loss, _ = loss_fn(model, batch)
+        total += float(loss) * batch["input_ids"].shape[0]
+        count += batch["input_ids"].shape[0]
     model.train(was_training)
     return total / count
 
 
-def fit(context: TrainContext, loss_fn: LossFn, label: str = "train") -> TrainReport:
-    """Train ``context.trainable`` to lower ``loss_fn`` (see the module doc); the model is changed in place and left
-    on the device it came from. Raises :class:`TrainingError` on a non-finite loss."""
+def _groups(params: list[nn.Parameter], spec) -> list[dict]:
+    """The optimizer's parameter groups: one at ``lr``, or with ``lr_relative`` one a tensor at ``lr`` times its
+    root mean square before training (a tensor of zeros at ``lr``)."""
+    if not spec.lr_relative:
+        return [{"params": params, "lr": spec.lr}]
+    rms = [float(p.detach().float().pow(2).mean().sqrt()) for p in params]
+    return [{"params": [p], "lr": spec.lr * (r if r > 0 else 1.0)} for p, r in zip(params, rms)]
+
+
+def _optimizer(kind: str, params: list[nn.Parameter], spec, device: torch.device, label: str):
+    """AdamW, or bitsandbytes' paged 8-bit AdamW where it runs (CUDA); elsewhere AdamW, said in the log."""
+    groups = _groups(params, spec)
+    if kind == "paged_adamw_8bit":
+        if device.type == "cuda":
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+        log.info("%s: paged 8-bit AdamW needs CUDA; training on %s with AdamW", label, device)
+    return torch.optim.AdamW(groups, lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def fit(context: TrainContext, loss_fn: LossFn, label: str = "train", optimizer: str = "adamw") -> TrainReport:
+    """Train ``context.trainable`` to lower ``loss_fn`` (see the module doc) with ``optimizer`` (``adamw`` or
+    ``paged_adamw_8bit``; ``training.optimizer`` overrides it); the model is changed in place and left on the
+    device it came from. Raises :class:`TrainingError` on a non-finite loss."""
     spec = context.settings
     params = context.trainable_parameters()
     if not params:
@@ -201,7 +230,7 @@ def fit(context: TrainContext, loss_fn: LossFn, label: str = "train") -> TrainRe
             teacher.to(device)
         masks = {n: m.to(device) for n, m in context.masks.items()}
         optimizer = accelerator.prepare_optimizer(
-            torch.optim.AdamW(list(params.values()), lr=spec.lr, weight_decay=spec.weight_decay))
+            _optimizer(spec.optimizer or optimizer, list(params.values()), spec, device, label))
         total = total_steps(context)
         fingerprint = _fingerprint(context, total)
         start = 0
@@ -232,9 +261,9 @@ def _loop(model, loss_fn, context, accelerator, optimizer, schedule, params, mas
           label) -> TrainReport:
     spec = context.settings
     device = accelerator.device
-    ids = context.data.input_ids
+    data = context.data
     world, rank = accelerator.num_processes, accelerator.process_index
-    step_tokens = spec.batch_size * spec.grad_accum * ids.shape[1] * world
+    step_tokens = spec.batch_size * spec.grad_accum * data.seq_len * world
     passes: dict[int, torch.Tensor] = {}
     eval_before = evaluate(model, loss_fn, context, device, accelerator.autocast)
     if eval_before is not None:
@@ -251,10 +280,9 @@ def _loop(model, loss_fn, context, accelerator, optimizer, schedule, params, mas
             step_loss, parts = 0.0, {}
             for micro in range(spec.grad_accum):
                 first = ((step * spec.grad_accum + micro) * world + rank) * spec.batch_size
-                rows = [_sample_order(ids.shape[0], spec.seed, passes, first + i) for i in range(spec.batch_size)]
-                batch = ids[rows].to(device)
+                rows = [_sample_order(data.samples, spec.seed, passes, first + i) for i in range(spec.batch_size)]
                 with accelerator.autocast():
-                    loss, parts = loss_fn(model, {"input_ids": batch, "labels": batch})
+                    loss, parts = loss_fn(model, data.take(rows).model_inputs(device))
                 if not torch.isfinite(loss.detach()).all():
                     raise TrainingError(_nonfinite_message(label, step, total, float(loss.detach()), parts, context))
                 accelerator.backward(loss / spec.grad_accum)

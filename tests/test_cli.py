@@ -63,11 +63,16 @@ def test_every_shipped_recipe_runs(recipe: str, tiny_dirs, calib_text, tmp_path:
     if recipe != "quickstart.yaml":  # the others name no model, and GPTQ / AWQ need --calib
         model = _deeper(tiny_dirs["qwen2"], tmp_path, 8) if recipe.startswith("student-") else tiny_dirs["qwen2"]
         args += ["--model", str(model), "--calib", str(calib_text)]
+    if "lora" in recipe:
+        args += ["--data", str(calib_text)]
     result = run(args)
     assert result.exit_code == 0, result.output
     model = compress.load(out, device="cpu")
     if recipe.startswith("student-"):  # smaller by its blocks, its layers as they were
         assert model.config.num_hidden_layers == len(model.model.layers) == 6
+    elif recipe == "qlora.yaml":  # merged into float layers, and the adapter alone beside them
+        assert not any(isinstance(m, CompressedLinear) for m in model.modules())
+        assert (out / "adapter" / "adapter_config.json").exists()
     else:
         assert re.search(r"compressed layers: .* MB of weights, 0\.\d+x their", result.output)
         assert any(isinstance(m, CompressedLinear) for m in model.modules())

@@ -106,10 +106,16 @@ def test_resume_gives_the_weights_of_an_uninterrupted_run_and_a_nan_stops_with_t
 
 
 def test_a_smaller_student_drops_blocks_and_runs_saves_and_loads(tmp_path: Path) -> None:
+    from compress.formats import storage_summary
+
     model = make_tiny("qwen2")
+    teacher_params = sum(p.numel() for p in model.parameters())
     recipe = {"training": TRAINING, "steps": [{"method": "distill", "args": {"student": {"keep_blocks": [1]}}}]}
     compress.apply(model, recipe, calib=_data(), device="cpu")
     assert model.config.num_hidden_layers == 1 and len(model.model.layers) == 1
+    student_params = sum(p.numel() for p in model.parameters())
+    assert student_params < teacher_params
+    assert storage_summary(model).startswith(f"no compressed layers; {student_params / 1e6:.2f} M parameters")
     assert model.model.layers[0].self_attn.layer_idx == 0
     ids = _data(1, 8)
     out = model.generate(ids, max_new_tokens=4, do_sample=False)  # the KV cache goes by layer_idx

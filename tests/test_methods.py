@@ -41,7 +41,7 @@ CASE_IDS = [(m, i) for m, cases in CASES.items() for i in range(len(cases))]
 
 
 # Training methods change the whole model rather than compress layers: each has a test file of its own.
-TRAINING = {"distill": "test_distill.py"}
+TRAINING = {"distill": "test_distill.py", "qlora": "test_qlora.py"}
 
 
 def test_every_method_is_covered() -> None:

@@ -100,3 +100,21 @@ def test_a_training_step_must_be_alone_in_its_stage() -> None:
     with pytest.raises(compress.RecipeError, match=r"steps\[1\]: method 'test-tune' trains the whole model and must "
                                                    r"be the only step of its stage"):
         compress.apply(make_tiny("llama"), [{"method": "rtn"}, {"method": "test-tune"}], calib=_data(), device="cpu")
+
+
+def test_relative_rates_move_every_tensor_by_the_same_fraction() -> None:
+    """With lr_relative, one AdamW step (about lr in absolute terms) changes a tensor of scales near 0.03 and one of
+    norms near 1 by about the same fraction; a tensor of zeros trains at lr."""
+    from compress.recipe import TrainingSpec
+    from compress.trainer import _optimizer
+
+    scales = torch.nn.Parameter(torch.full((64,), 0.03))
+    norms = torch.nn.Parameter(torch.ones(64))
+    zeros = torch.nn.Parameter(torch.zeros(64))
+    opt = _optimizer("adamw", [scales, norms, zeros], TrainingSpec(lr=1e-2, lr_relative=True), torch.device("cpu"), "t")
+    for p in (scales, norms, zeros):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert torch.allclose(1 - scales.detach() / 0.03, torch.full((64,), 1e-2), rtol=1e-3)
+    assert torch.allclose(1 - norms.detach(), torch.full((64,), 1e-2), rtol=1e-3)
+    assert torch.allclose(zeros.detach(), torch.full((64,), -1e-2), rtol=1e-3)

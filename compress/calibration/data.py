@@ -28,10 +28,13 @@ MAX_TEXT_BYTES = 256 * 2**20  # read at most this much of a plain text file
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Token ids [samples, seq_len] and where they came from."""
+    """Token ids [samples, seq_len] and where they came from; for training on examples (instruction data),
+    also the labels (-100 where no loss is taken: prompts, padding) and the attention mask (0 at padding)."""
 
     input_ids: torch.Tensor
     source: str
+    labels: torch.Tensor | None = None  # None: every token is a label
+    attention_mask: torch.Tensor | None = None  # None: no padding
 
     @property
     def samples(self) -> int:
@@ -43,6 +46,19 @@ class CalibrationSet:
 
     def batches(self, batch_size: int) -> list[torch.Tensor]:
         return list(self.input_ids.split(batch_size))
+
+    def take(self, rows: slice | list[int] | torch.Tensor) -> CalibrationSet:
+        """The samples at ``rows``, with their labels and mask."""
+        pick = (lambda t: None if t is None else t[rows])  # noqa: E731
+        return CalibrationSet(self.input_ids[rows], self.source, pick(self.labels), pick(self.attention_mask))
+
+    def model_inputs(self, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``labels`` (and ``attention_mask`` where there is padding) for a causal LM's loss."""
+        inputs = {"input_ids": self.input_ids,
+                  "labels": self.input_ids.clone() if self.labels is None else self.labels}
+        if self.attention_mask is not None:
+            inputs["attention_mask"] = self.attention_mask
+        return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
 
 
 def check_source(dataset: str) -> str | None:
@@ -266,6 +282,46 @@ def token_windows(docs: list[str], tokenizer, seq_len: int, tokens: int, seed: i
     """The first ``tokens`` tokens of ``docs`` (shuffled by ``seed``, joined with EOS), or all of them when there
     are fewer, as consecutive windows [windows, seq_len] (a partial last window is dropped)."""
     return _windows([t for ids in _token_stream(docs, tokenizer, tokens, seed) for t in ids], seq_len)
+
+
+def instruction_examples(prompts: list[str], responses: list[str], tokenizer, seq_len: int, chat_template: bool,
+                         source: str = "") -> CalibrationSet:
+    """Each (prompt, response) pair as one sample of ``seq_len`` tokens with the loss on the response only: the
+    prompt (as a user turn of the tokenizer's chat template, with the assistant's turn opened, when
+    ``chat_template``; else as the tokenizer reads it), then the response and the end of the turn (EOS without
+    a template). Longer samples are cut, shorter ones padded (masked out); a pair whose prompt fills the window
+    is left out, and how many were cut or left out is logged."""
+    pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+    rows, labels, lengths, cut, dropped = [], [], [], 0, 0
+    for prompt, response in zip(prompts, responses):
+        if chat_template:
+            turn = [{"role": "user", "content": prompt}]
+            head = tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+            whole = tokenizer.apply_chat_template(turn + [{"role": "assistant", "content": response}], tokenize=False)
+            tail = whole[len(head):] if whole.startswith(head) else response
+            first = tokenizer(head, add_special_tokens=False, verbose=False)["input_ids"]
+            second = tokenizer(tail, add_special_tokens=False, verbose=False)["input_ids"]
+        else:
+            first = tokenizer(prompt, verbose=False)["input_ids"]
+            second = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"]
+            second = second + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+        if len(first) >= seq_len:
+            dropped += 1
+            continue
+        ids = (first + second)[:seq_len]
+        cut += len(first) + len(second) > seq_len
+        rows.append(ids + [pad] * (seq_len - len(ids)))
+        lengths.append(len(ids))
+        labels.append([-100] * len(first) + ids[len(first):] + [-100] * (seq_len - len(ids)))
+    if cut or dropped:
+        log.info("instruction data %s: %d of %d examples cut to %d tokens, %d left out (the prompt fills the window)",
+                 source, cut, len(prompts), seq_len, dropped)
+    if not rows:
+        raise DataError(f"instruction data {source}: every prompt is at least {seq_len} tokens long, so no response "
+                        "would be trained on; raise training.seq_len")
+    input_ids, label_ids = torch.tensor(rows, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+    mask = (torch.arange(seq_len)[None, :] < torch.tensor(lengths)[:, None]).long()
+    return CalibrationSet(input_ids, source, label_ids, mask)
 
 
 def pack(docs: list[str], tokenizer, samples: int, seq_len: int, seed: int = 0, source: str = "") -> CalibrationSet:

@@ -141,7 +141,8 @@ def compressed_modules(model: nn.Module) -> Iterator[tuple[str, CompressedLinear
 
 def storage_summary(model: nn.Module) -> str:
     """One line: bytes of the compressed layers' weights as stored (with scales, zero points, sparse positions;
-    without bias) against the same weights dense in the model's own dtype."""
+    without bias) against the same weights dense in the model's own dtype; for a model without compressed layers
+    (a smaller student, say), its parameter count and bytes."""
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.bfloat16)
     width = torch.finfo(dtype).bits // 8
     stored = dense = count = 0
@@ -150,6 +151,8 @@ def storage_summary(model: nn.Module) -> str:
         dense += module.in_features * module.out_features * width
         count += 1
     if not count:
-        return "no compressed layers"
+        tensors = [*model.parameters(), *model.buffers()]
+        return (f"no compressed layers; {sum(t.numel() for t in model.parameters()) / 1e6:.2f} M parameters, "
+                f"{sum(t.numel() * t.element_size() for t in tensors) / 1e6:.2f} MB")
     return (f"{count} compressed layers: {stored / 1e6:.2f} MB of weights, {stored / dense:.3f}x their "
             f"{dense / 1e6:.2f} MB dense in {str(dtype).removeprefix('torch.')}")

@@ -108,7 +108,7 @@ class Distill(Method):
             problems += _teacher_problems(config.teacher, model)
         return problems
 
-    def prepare_student(self, model: nn.Module, config: DistillConfig) -> None:
+    def prepare(self, model: nn.Module, config: DistillConfig, layers: list[str]) -> None:
         if config.student is None:
             return
         blocks = len(find_blocks(model).modules)
@@ -122,13 +122,7 @@ class Distill(Method):
             teacher_blocks = config.student.kept(len(find_blocks(context.teacher).modules))
         loss_fn = distillation_loss(context.teacher, config, teacher_blocks)
         report = fit(context, loss_fn, label="distill")
-        log.info("distill: %d steps, %d tokens in %.0f s (%.0f tokens/s); held-out loss %s -> %s", report.steps,
-                 report.tokens, report.seconds, report.tokens_per_second, _fmt(report.eval_before),
-                 _fmt(report.eval_after))
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+        log.info("distill: %s", report.describe())
 
 
 def _teacher_problems(teacher: str, model: nn.Module) -> list[Problem]:
@@ -166,18 +160,21 @@ def distillation_loss(teacher: nn.Module | None, config: DistillConfig, teacher_
 
     def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         hidden = bool(config.hidden)
-        out = model(input_ids=batch["input_ids"], labels=batch["labels"] if config.ce else None,
+        mask = batch.get("attention_mask")  # padded examples: the padding is neither seen nor scored
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"] if config.ce else None,
                     output_hidden_states=hidden, use_cache=False)
         parts: dict[str, torch.Tensor] = {}
         if needs_teacher:
             with torch.no_grad():
-                ref = teacher(input_ids=batch["input_ids"], output_hidden_states=hidden, use_cache=False)
+                ref = teacher(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=hidden,
+                              use_cache=False)
             student_logp = F.log_softmax(out.logits.float() / T, dim=-1)
             teacher_logp = F.log_softmax(ref.logits.float() / T, dim=-1)
             if config.kl:
-                parts["kl"] = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean() * T * T
+                parts["kl"] = _token_mean((teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1), mask) * T * T
             if config.reverse_kl:
-                parts["reverse_kl"] = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1).mean() * T * T
+                parts["reverse_kl"] = _token_mean((student_logp.exp() * (student_logp - teacher_logp)).sum(-1),
+                                                  mask) * T * T
             if hidden:
                 parts["hidden"] = _hidden_mse(out.hidden_states, ref.hidden_states, teacher_blocks)
         if config.ce:
@@ -187,6 +184,13 @@ def distillation_loss(teacher: nn.Module | None, config: DistillConfig, teacher_
         return loss, {k: float(v.detach()) for k, v in parts.items()}
 
     return loss_fn
+
+
+def _token_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The mean of per-token ``values`` [batch, seq] over the tokens ``mask`` keeps (all when None)."""
+    if mask is None:
+        return values.mean()
+    return (values * mask).sum() / mask.sum().clamp_min(1)
 
 
 def _hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...],
