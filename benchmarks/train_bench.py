@@ -56,7 +56,7 @@ def measure(name: str, method: str, dtype: torch.dtype, device: str, steps: int,
         kinds, loss = ("weights", "biases", "norms"), distillation_loss(teacher, DistillConfig(), None)
         optimizer = "adamw"
     else:
-        QLora().prepare(model, QLoraConfig(base="nf4" if method == "qlora" else "keep"), layers)
+        QLora().prepare(model, QLoraConfig(base="nf4" if method == "qlora" else "keep"), layers, torch.device(device))
         kinds, loss = ("adapters",), causal_lm_loss
         optimizer = "paged_adamw_8bit" if method == "qlora" else "adamw"
     torch.cuda.empty_cache()

@@ -260,7 +260,7 @@ def _train_stage(model: nn.Module, plan_: Plan, index: int, states: dict[str, La
     layers = step.layers
     with torch.random.fork_rng(devices=[]):  # what prepare draws (adapters' initial values) follows training.seed
         torch.manual_seed((plan_.recipe.training or TrainingSpec()).seed)
-        step.method.prepare(model, step.config, layers)
+        step.method.prepare(model, step.config, layers, device)
     if len(find_blocks(model).modules) != blocks:  # a smaller student: its targets are found again
         spec = plan_.recipe.all_stages()[index].steps[0]
         layers = list(select(model, spec.targets, spec.ignore).modules)

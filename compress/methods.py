@@ -28,6 +28,7 @@ from compress.errors import PluginError, Problem
 from compress.states import KEEPS, LayerKind
 
 if TYPE_CHECKING:
+    import torch
     import torch.nn as nn
 
     from compress.calibration.engine import BlockWork
@@ -122,10 +123,10 @@ class Method:
         request. Codes never train; masks of pruned layers are kept."""
         return ("weights", "biases")
 
-    def prepare(self, model: nn.Module, config: MethodConfig, layers: list[str]) -> None:
-        """For TRAINING methods: change the model before its stage trains it: its shape (drop decoder blocks to
-        make a smaller student; the step's targets are found again afterwards) or its ``layers`` (put adapters on
-        them); the default changes nothing."""
+    def prepare(self, model: nn.Module, config: MethodConfig, layers: list[str], device: torch.device) -> None:
+        """For TRAINING methods: change the model before its stage trains it on ``device``: its shape (drop
+        decoder blocks to make a smaller student; the step's targets are found again afterwards) or its ``layers``
+        (round them, put adapters on them); the default changes nothing."""
 
     def check_model(self, model: nn.Module, config: MethodConfig) -> list[Problem]:
         """Model-aware check of the step's arguments against the whole model on the meta device (e.g. block indices

@@ -107,6 +107,25 @@ def test_validate_lists_the_layers_each_step_hits(tiny_dirs) -> None:
     assert "8 layers: c_attn x2, c_proj x4, c_fc x2" in result.output
 
 
+def test_a_recipe_starts_from_a_compress_checkpoint_with_its_layers_stored(tiny_dirs, calib_text,
+                                                                           tmp_path: Path) -> None:
+    """The checkpoint's stored layers are selectable and in the format state from the start (checked on the meta
+    device): LoRA beside them is planned, a second quantization of them is refused with the fix."""
+    out = tmp_path / "w4"
+    assert run(["apply", str(REPO / "recipes" / "w4-rtn.yaml"), "--model", str(tiny_dirs["llama"]), "--output",
+                str(out)]).exit_code == 0
+    lora = tmp_path / "lora.yaml"
+    lora.write_text(yaml.safe_dump({"training": {"steps": 2}, "steps": [{"method": "qlora",
+                                                                         "args": {"base": "keep", "save": "beside"}}]}))
+    result = run(["validate", str(lora), "--model", str(out), "--calib", str(calib_text)])
+    assert result.exit_code == 0, result.output
+    assert "14 layers: q_proj x2, k_proj x2" in result.output
+    again = run(["validate", str(REPO / "recipes" / "w4-rtn.yaml"), "--model", str(out)])
+    assert again.exit_code != 0
+    assert re.search(r"14 layers .* are stored in a format by the checkpoint the model was loaded from; method 'rtn' "
+                     r"takes dense or masked layers: start from the original model instead", again.output)
+
+
 def _readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
     commands = []

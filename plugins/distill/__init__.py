@@ -108,7 +108,7 @@ class Distill(Method):
             problems += _teacher_problems(config.teacher, model)
         return problems
 
-    def prepare(self, model: nn.Module, config: DistillConfig, layers: list[str]) -> None:
+    def prepare(self, model: nn.Module, config: DistillConfig, layers: list[str], device: torch.device) -> None:
         if config.student is None:
             return
         blocks = len(find_blocks(model).modules)

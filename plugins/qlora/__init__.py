@@ -101,13 +101,15 @@ class QLora(Method):
                             "bitsandbytes, or use base keep on a compress checkpoint")]
         return []
 
-    def prepare(self, model: nn.Module, config: QLoraConfig, layers: list[str]) -> None:
+    def prepare(self, model: nn.Module, config: QLoraConfig, layers: list[str], device: torch.device) -> None:
+        """Round the targets to 4 bits on ``device``, one at a time (a model too large for the device in its own
+        dtype fits in 4 bits), and put the adapters on them."""
         spec = AdapterSpec(config.r, config.alpha, config.dropout, config.bias)
         start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if config.base != "keep":
-            _check_bitsandbytes(config.base, next(model.parameters()).device)
+            _check_bitsandbytes(config.base, device)
             for name in layers:
-                module = model.get_submodule(name)
+                module = model.get_submodule(name).to(device)
                 if config.init == "loftq":
                     base, A, B = loftq(module, config.r, spec.scaling, config.loftq_iterations, config.base,
                                        config.double_quant, _DTYPES[config.compute_dtype])
