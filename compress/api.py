@@ -16,7 +16,8 @@ import torch.nn as nn
 from pydantic import BaseModel
 
 from compress.calibration.data import (
-    CalibrationSet, calibration_set, check_contents, instruction_examples, pack, read_documents, token_windows,
+    CalibrationSet, calibration_set, check_contents, instruction_examples, pack, read_columns, read_documents,
+    token_windows,
 )
 from compress.calibration.engine import BlockWork, StepWork, run_stage, store_masked
 from compress.checkpoint import record_layers, write_extras, writing
@@ -241,9 +242,9 @@ def _examples(spec: TrainingSpec, tokenizer, seq_len: int) -> CalibrationSet:
                          "chat_template: false to train on the prompts as they are, or use a model whose tokenizer "
                          "has one")
     use_template = has_template if spec.chat_template is None else spec.chat_template
-    prompts = read_documents(spec.dataset, spec.config, spec.split, spec.prompt_column)
-    responses = read_documents(spec.dataset, spec.config, spec.split, spec.response_column)
-    data = instruction_examples(prompts, responses, tokenizer, seq_len, use_template, spec.dataset)
+    pairs = read_columns(spec.dataset, spec.config, spec.split, (spec.prompt_column, spec.response_column))
+    data = instruction_examples([p for p, _ in pairs], [r for _, r in pairs], tokenizer, seq_len, use_template,
+                                spec.dataset)
     if data.samples <= spec.eval_samples:
         raise DataError(f"training.dataset {spec.dataset} has {data.samples} usable examples, which leaves none to "
                         f"train on beside the {spec.eval_samples} held out; give more, or lower training.eval_samples")

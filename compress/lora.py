@@ -134,7 +134,7 @@ def to_nf4(module: nn.Module, quant_type: str = "nf4", double_quant: bool = True
     # bitsandbytes repacks a CPU layer's weight for inference at its first forward in eval mode, and that layout
     # has no backward (gradients would stop at the layer) and no dequantize: these layers train, so never repack
     layer.support_avx512bf16_for_cpu = False
-    return layer.to(source.device if source.device.type != "meta" else "cpu")
+    return layer.to(source.device)
 
 
 def nf4_weight(layer: nn.Module) -> torch.Tensor:

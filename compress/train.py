@@ -58,8 +58,7 @@ class TrainContext:
     def batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
         """The data as model inputs on the device: ``input_ids`` and ``labels`` (and ``attention_mask`` for padded
         examples) of ``batch_size`` samples."""
-        for first in range(0, self.data.samples, batch_size):
-            yield self.data.take(slice(first, first + batch_size)).model_inputs(self.device)
+        return self.data.input_batches(batch_size, self.device)
 
 
 def _is_norm(module: nn.Module) -> bool:

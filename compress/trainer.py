@@ -180,9 +180,7 @@ def evaluate(model: nn.Module, loss_fn: LossFn, context: TrainContext, device: t
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    held, size = context.held_out, context.settings.batch_size
-    for first in range(0, held.samples, size):
-        batch = held.take(slice(first, first + size)).model_inputs(device)
+    for batch in context.held_out.input_batches(context.settings.batch_size, device):
         with autocast():
             loss, _ = loss_fn(model, batch)
         total += float(loss) * batch["input_ids"].shape[0]

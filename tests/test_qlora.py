@@ -220,3 +220,22 @@ def test_loftq_on_a_compress_base_starts_from_its_low_rank_correction() -> None:
     with pytest.raises(UsageError, match=r"set r: 4, or use init default"):
         compress.apply(make_tiny("llama"), _qlora({"base": "keep", "init": "loftq", "r": 8}, first=first),
                        calib=_data(), device="cpu")
+
+
+def test_instruction_columns_are_read_in_one_pass_from_jsonl_and_parquet(tmp_path: Path) -> None:
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from compress.calibration.data import read_columns
+    from compress.errors import DataError
+
+    rows = [{"q": f"q{i}", "a": f"a{i}", "other": i} for i in range(5)]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    expected = [(f"q{i}", f"a{i}") for i in range(5)]
+    for name in ("p.jsonl", "p.parquet"):
+        assert read_columns(str(tmp_path / name), columns=("q", "a")) == expected
+        with pytest.raises(DataError, match=r"no (field|column) 'answer'"):
+            read_columns(str(tmp_path / name), columns=("q", "answer"))

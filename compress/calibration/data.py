@@ -60,6 +60,12 @@ class CalibrationSet:
             inputs["attention_mask"] = self.attention_mask
         return {k: v.to(device) for k, v in inputs.items()} if device is not None else inputs
 
+    def input_batches(self, batch_size: int, device: torch.device | str | None = None
+                      ) -> Iterator[dict[str, torch.Tensor]]:
+        """:meth:`model_inputs` of ``batch_size`` samples at a time, in order."""
+        for first in range(0, self.samples, batch_size):
+            yield self.take(slice(first, first + batch_size)).model_inputs(device)
+
 
 def check_source(dataset: str) -> str | None:
     """A problem with a local data path (missing, unsupported kind), found without reading it; else None."""
@@ -184,19 +190,26 @@ def _parquet_head(path: Path, column: str, needed: int | None) -> tuple[int, int
 
 def read_documents(dataset: str, config: str | None = None, split: str = "train", column: str = "text") -> list[str]:
     """The documents of a local .txt / .jsonl / .parquet file or of a ``datasets`` split."""
+    return [row[0] for row in read_columns(dataset, config, split, (column,))]
+
+
+def read_columns(dataset: str, config: str | None = None, split: str = "train",
+                 columns: tuple[str, ...] = ("text",)) -> list[tuple[str, ...]]:
+    """Each row's ``columns`` of a local .jsonl / .parquet file or of a ``datasets`` split, read once (a .txt file
+    is one row holding its text in every column)."""
     problem = check_source(dataset)
     if problem:
         raise DataError(problem)
     if is_local_reference(dataset):
-        return _read_file(Path(dataset).expanduser(), column)
-    return _read_hub_dataset(dataset, config, split, column)
+        return _read_file(Path(dataset).expanduser(), columns)
+    return _read_hub_dataset(dataset, config, split, columns)
 
 
-def _read_file(path: Path, column: str) -> list[str]:
+def _read_file(path: Path, columns: tuple[str, ...]) -> list[tuple[str, ...]]:
     try:
         if path.suffix == ".txt":
             with open(path, encoding="utf-8") as fh:  # universal newlines, as evaluation text is read
-                return [fh.read(MAX_TEXT_BYTES)]
+                return [(fh.read(MAX_TEXT_BYTES),) * len(columns)]
         if path.suffix == ".jsonl":
             docs = []
             with open(path, encoding="utf-8") as fh:
@@ -207,17 +220,21 @@ def _read_file(path: Path, column: str) -> list[str]:
                         row = json.loads(line)
                     except json.JSONDecodeError as exc:
                         raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
-                    if not isinstance(row, dict) or column not in row:
+                    missing = [c for c in columns if not isinstance(row, dict) or c not in row]
+                    if missing:
                         keys = ", ".join(row) if isinstance(row, dict) else type(row).__name__
-                        raise DataError(f"{path}:{lineno}: no field {column!r} (found: {keys}); set calibration.column")
-                    docs.append(str(row[column]))
+                        raise DataError(f"{path}:{lineno}: no field {missing[0]!r} (found: {keys}); set "
+                                        "calibration.column")
+                    docs.append(tuple(str(row[c]) for c in columns))
             return docs
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
-        if column not in table.column_names:
-            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(table.column_names)}); set the column")
-        return [str(v) for v in table.column(column).to_pylist()]
+        for column in columns:
+            if column not in table.column_names:
+                raise DataError(f"{path}: no column {column!r} (columns: {', '.join(table.column_names)}); set the "
+                                "column")
+        return list(zip(*([str(v) for v in table.column(c).to_pylist()] for c in columns)))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); give a text file") from exc
     except OSError as exc:
@@ -236,7 +253,7 @@ class NotCached(DataError):
         self.offline = offline  # why the Hub cannot be reached
 
 
-def _read_hub_dataset(name: str, config: str | None, split: str, column: str) -> list[str]:
+def _read_hub_dataset(name: str, config: str | None, split: str, columns: tuple[str, ...]) -> list[tuple[str, ...]]:
     import datasets
 
     offline = hub_unreachable()
@@ -251,9 +268,10 @@ def _read_hub_dataset(name: str, config: str | None, split: str, column: str) ->
             f"could not load dataset {name!r} (config {config!r}, split {split!r}): {exc}. This machine may be "
             "offline: use a local .txt/.jsonl/.parquet file instead"
         ) from exc
-    if column not in ds.column_names:
-        raise DataError(f"dataset {name!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
-    return [str(t) for t in ds[column]]
+    for column in columns:
+        if column not in ds.column_names:
+            raise DataError(f"dataset {name!r} has no column {column!r} (columns: {', '.join(ds.column_names)})")
+    return list(zip(*([str(t) for t in ds[c]] for c in columns)))
 
 
 def _token_stream(docs: list[str], tokenizer, needed: int, seed: int) -> Iterator[list[int]]:

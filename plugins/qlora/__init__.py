@@ -28,13 +28,12 @@ from pydantic import Field, field_validator, model_validator
 from compress.errors import Problem, UsageError
 from compress.lora import AdapterSpec, add_adapters, adapter_files, finish, loftq, to_nf4
 from compress.methods import Method, MethodConfig, Needs
+from compress.model import DTYPES
 from compress.states import LayerKind
 from compress.train import TrainContext
 from compress.trainer import fit
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class QLoraConfig(MethodConfig):
@@ -112,10 +111,10 @@ class QLora(Method):
                 module = model.get_submodule(name).to(device)
                 if config.init == "loftq":
                     base, A, B = loftq(module, config.r, spec.scaling, config.loftq_iterations, config.base,
-                                       config.double_quant, _DTYPES[config.compute_dtype])
+                                       config.double_quant, DTYPES[config.compute_dtype])
                     start[name] = (A, B)
                 else:
-                    base = to_nf4(module, config.base, config.double_quant, _DTYPES[config.compute_dtype])
+                    base = to_nf4(module, config.base, config.double_quant, DTYPES[config.compute_dtype])
                 model.set_submodule(name, base)
             log.info("qlora: %d layers rounded to %s%s", len(layers), config.base,
                      " with double quantization" if config.double_quant else "")
