@@ -25,9 +25,10 @@ import torch
 
 from benchmarks.bench import SHAPES, random_model
 from compress.calibration.data import CalibrationSet
+from compress.losses import causal_lm_loss
 from compress.model import DTYPES
 from compress.plugins.distill import DistillConfig, distillation_loss
-from compress.plugins.qlora import QLora, QLoraConfig, causal_lm_loss
+from compress.plugins.qlora import QLora, QLoraConfig
 from compress.recipe import TrainingSpec
 from compress.targets import select
 from compress.train import training_context

@@ -75,3 +75,31 @@ def test_every_format_exports_its_dense_weights_and_names_the_layouts_it_has() -
         with pytest.raises(CheckpointError, match=rf"format '{layer.format}' cannot be exported as 'vllm-marlin'; it "
                                                   r"exports: dense"):
             layer.export("vllm-marlin")
+
+
+def test_learning_scales_bypass_the_kernels_which_have_no_backward(monkeypatch) -> None:
+    from compress import quant
+    from compress.kernels import dequant, gemv
+
+    def kernel(*args, **kwargs):
+        raise RuntimeError("kernel")
+
+    monkeypatch.setattr(dequant, "available", lambda t: True)
+    monkeypatch.setattr(dequant, "dequantize", kernel)
+    monkeypatch.setattr(gemv, "available", lambda x, four_bit=False: True)
+    monkeypatch.setattr(gemv, "gemv_int4", kernel)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    layer = IntLinear.from_weight(w, None, IntScheme(4, True, "group", 32), torch.float32)
+    x = torch.randn(1, 1, 128, generator=torch.Generator().manual_seed(1))  # a decode step: the gemv kernel's shape
+    with torch.no_grad(), pytest.raises(RuntimeError, match="kernel"):
+        layer(x)  # inference takes the kernel
+    scales = layer._buffers.pop("scales")
+    layer.scales = torch.nn.Parameter(scales.clone())  # as a training stage makes the scales it tunes
+    with pytest.raises(RuntimeError, match="kernel"), torch.no_grad():
+        layer(x)  # still the kernel where no gradient is wanted
+    layer(x).square().sum().backward()
+    reference = scales.clone().requires_grad_()
+    weight = quant.dequantize_weight(layer.codes(), reference, layer.zero_points(), layer.int_scheme, torch.float32)
+    F.linear(x, weight).square().sum().backward()
+    assert reference.grad.abs().sum() > 0
+    torch.testing.assert_close(layer.scales.grad, reference.grad)

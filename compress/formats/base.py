@@ -15,6 +15,12 @@ import torch.nn as nn
 from compress.errors import CheckpointError
 
 
+def learning(*tensors: torch.Tensor) -> bool:
+    """Whether autograd wants the gradient of one of ``tensors`` (quantization scales a training stage tunes): the
+    fused kernels have no backward pass, so a layer then computes with PyTorch's arithmetic instead."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 @dataclass(frozen=True)
 class KernelChoice:
     """How a layer of some format, scheme and shape runs a decode step on CUDA: ``kernel`` names the fast path, or

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import quant
-from compress.formats.base import CompressedLinear, KernelChoice
+from compress.formats.base import CompressedLinear, KernelChoice, learning
 from compress.kernels import cuda_int4, dequant, gemv
 from compress.linear import get_bias, get_weight
 from compress.quant import IntScheme
@@ -191,14 +191,14 @@ class IntLinear(CompressedLinear):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         s = self.int_scheme
-        if dequant.available(self.qweight) and not self.signed_storage:
+        if dequant.available(self.qweight) and not self.signed_storage and not learning(self.scales):
             group = s.group_size if s.granularity == "group" else self.in_features
             return dequant.dequantize(self.qweight, self.scales, self.zeros, s.bits, group, self.in_features,
                                       s.sym_zero, dtype or self.scales.dtype)
         return quant.dequantize_weight(self.codes(), self.scales, self.zero_points(), s, dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self._group
+        group = None if learning(self.scales) else self._group
         # a decode step on CUDA: read the codes once
         if group is not None and gemv.available(x, four_bit=group > 0):
             x2 = self._padded(x)
@@ -222,7 +222,7 @@ class IntLinear(CompressedLinear):
     def forward_with_correction(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                                 scratch: torch.Tensor) -> torch.Tensor | None:
         group = self._group
-        if not group or not gemv.available(x, four_bit=True):
+        if not group or not gemv.available(x, four_bit=True) or learning(self.scales, A, B):
             return None
         x2 = self._padded(x)
         if x2.shape[1] != A.shape[1]:  # a ragged layer: the correction's columns stop where the layer's do

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compress import quant
-from compress.formats.base import CompressedLinear, KernelChoice
+from compress.formats.base import CompressedLinear, KernelChoice, learning
 from compress.formats.integer import IntLinear, check_int_buffers, int_scheme, zero_points
 from compress.kernels import sparse24
 from compress.linear import get_bias, get_weight
@@ -250,7 +250,7 @@ class Sparse24IntLinear(CompressedLinear):
                                        dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = _kernel_group(self.int_scheme, self.in_features)
+        group = None if learning(self.scales) else _kernel_group(self.int_scheme, self.in_features)
         if group is not None and sparse24.available(x):  # a decode step: read the kept codes once
             y = sparse24.gemv_24_int4(x.reshape(-1, self.in_features), self.qweight, self.meta, self.scales,
                                       self.zeros, group, float(self.int_scheme.sym_zero))

@@ -26,6 +26,7 @@ import torch.nn as nn
 from pydantic import Field, field_validator, model_validator
 
 from compress.errors import Problem, UsageError
+from compress.losses import causal_lm_loss
 from compress.lora import AdapterSpec, add_adapters, adapter_files, finish, loftq, to_nf4
 from compress.methods import Method, MethodConfig, Needs
 from compress.model import DTYPES
@@ -140,12 +141,6 @@ class QLora(Method):
         dtype = _float_dtype(model)
         finish(model, layers, config.save, dtype)
         log.info("qlora: adapters %s on %d layers", "merged" if config.save == "merged" else "kept beside", len(layers))
-
-
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The model's own cross-entropy on ``batch['labels']`` (-100 where no loss is taken)."""
-    out = model(**batch, use_cache=False)
-    return out.loss, {"ce": float(out.loss.detach())}
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
