@@ -25,6 +25,29 @@ TRAINING = {"steps": 8, "batch_size": 4, "lr": 3e-2, "warmup": 0.0, "eval_sample
 RTN = {"method": "rtn", "args": {"bits": 4, "group_size": 32}}
 
 
+def _nf4_unavailable(device: str) -> str | None:
+    """Why bitsandbytes cannot round to NF4 on ``device`` here (None where it can)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    import bitsandbytes.functional as bnbf
+
+    try:
+        bnbf.quantize_4bit(torch.ones(64, 64, device=device), quant_type="nf4")
+    except Exception as exc:  # noqa: BLE001 - each bitsandbytes build fails its own way
+        return f"the installed bitsandbytes cannot run NF4 on {device} ({type(exc).__name__}: {exc})"
+    return None
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def nf4_device(request) -> str:
+    """The device an NF4 test runs on: the CPU where the installed bitsandbytes supports it (skipped, with the
+    reason, where it does not), and CUDA with ``-m gpu``."""
+    why = _nf4_unavailable(request.param)
+    if why:
+        pytest.skip(why)
+    return request.param
+
+
 def _data(samples: int = 24, seq_len: int = 32) -> torch.Tensor:
     """Text drawn from 32 of the 512 tokens: a model learns quickly to put its probability there."""
     return torch.randint(0, 32, (samples, seq_len), generator=torch.Generator().manual_seed(1))
@@ -51,17 +74,17 @@ def _saved(model, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_adapters_learn_and_the_nf4_base_stays_as_rounded(arch: str) -> None:
-    original = make_tiny(arch)
-    model = make_tiny(arch)
+def test_adapters_learn_and_the_nf4_base_stays_as_rounded(arch: str, nf4_device: str) -> None:
+    original = make_tiny(arch).to(nf4_device)
+    model = make_tiny(arch).to(nf4_device)
     targets = {n: m for n, m in original.named_modules() if n.endswith(("q_proj", "c_attn", "down_proj", "c_proj"))}
-    compress.apply(model, _qlora({"compute_dtype": "float32"}), calib=_data(), device="cpu")
-    held = _data()[:4]  # the windows the trainer held out
+    compress.apply(model, _qlora({"compute_dtype": "float32"}), calib=_data(), device=nf4_device)
+    held = _data()[:4].to(nf4_device)  # the windows the trainer held out
     assert _loss(model, held) < _loss(original, held) - 0.3
     merged = dict(model.named_modules())
     for name, layer in targets.items():
         rounded = nf4_weight(to_nf4(layer, compute_dtype=torch.float32)).float()
-        update = get_weight(merged[name]).float() - rounded  # what training added to the rounded base
+        update = (get_weight(merged[name]).float() - rounded).cpu()  # what training added to the rounded base
         singular = torch.linalg.svdvals(update)
         assert singular[0] > 1e-3 and singular[4:].max() < 1e-5 * singular[0], (name, singular[:6])
 
@@ -96,19 +119,19 @@ def test_a_compress_base_keeps_its_codes_and_the_outputs_round_trip(tmp_path: Pa
     assert sum(isinstance(m, IntLinear) for m in requantized.modules()) == len(stored)
 
 
-def test_the_nf4_adapter_loads_with_peft_on_the_nf4_base(tmp_path: Path) -> None:
+def test_the_nf4_adapter_loads_with_peft_on_the_nf4_base(tmp_path: Path, nf4_device: str) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     model_dir = _saved(make_tiny("llama"), tmp_path / "model")
-    trained = AutoModelForCausalLM.from_pretrained(model_dir)
-    compress.apply(trained, _qlora({"compute_dtype": "float32"}), calib=_data(), device="cpu")
+    trained = AutoModelForCausalLM.from_pretrained(model_dir).to(nf4_device)
+    compress.apply(trained, _qlora({"compute_dtype": "float32"}), calib=_data(), device=nf4_device)
     compress.save(trained, tmp_path / "out")
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4, device_map="cpu")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4, device_map=nf4_device)
     tuned = PeftModel.from_pretrained(base, tmp_path / "out" / ADAPTER_DIR)
-    ids = _data(2, 16)  # merged in float32 against NF4 + adapter: the sums in another order (a wrong adapter: ~0.2)
+    ids = _data(2, 16).to(nf4_device)  # merged in float32 against NF4 + adapter: the sums in another order (a wrong adapter: ~0.2)
     torch.testing.assert_close(tuned(ids).logits, trained(ids).logits, atol=2e-3, rtol=1e-3)
 
 
@@ -146,7 +169,7 @@ def test_instruction_data_trains_from_a_jsonl_file(tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
     pairs = instruction_examples([r["q"] for r in rows], [r["a"] for r in rows], tok, 32, chat_template=False)
     original, model = make_tiny("llama"), make_tiny("llama")
-    compress.apply(model, _qlora({"compute_dtype": "float32"}, **training), device="cpu", tokenizer=tok)
+    compress.apply(model, _qlora({"base": "keep"}, **training), device="cpu", tokenizer=tok)  # LoRA: data, not NF4
     with torch.no_grad():  # the loss on the responses (the labels) falls
         before, after = (float(m(**pairs.model_inputs()).loss) for m in (original, model))
     assert after < before - 1.0, (before, after)
@@ -192,10 +215,10 @@ def test_nf4_where_bitsandbytes_cannot_run_it_is_refused(monkeypatch) -> None:
         compress.apply(make_tiny("llama"), _qlora(), calib=_data(), device="cpu")
 
 
-def test_loftq_starts_closer_to_the_float_weight_than_rounding() -> None:
+def test_loftq_starts_closer_to_the_float_weight_than_rounding(nf4_device: str) -> None:
     from compress.lora import loftq
 
-    layer = torch.nn.Linear(128, 96, bias=False)
+    layer = torch.nn.Linear(128, 96, bias=False, device=nf4_device)
     torch.nn.init.normal_(layer.weight, std=0.02)
     error = lambda w: float((layer.weight.detach() - w).norm())  # noqa: E731
     plain = error(nf4_weight(to_nf4(layer, compute_dtype=torch.float32)).float())
