@@ -79,3 +79,30 @@ def test_logits_changed_after_the_head_use_the_models_own_loss(caplog):
     assert losses._chunked[model] is False
     assert "full logits" in caplog.text
     torch.testing.assert_close(loss, capped(**batch).loss)
+
+
+@pytest.mark.parametrize("padding", [False, True])
+def test_chunked_distillation_loss_equals_the_full_logits_one(arch, padding, monkeypatch):
+    import compress.plugins.distill as distill
+
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 512 * 7)
+    student, teacher = make_tiny(arch, seed=1), make_tiny(arch, seed=0)
+    config = distill.DistillConfig(kl=1.0, reverse_kl=0.5, ce=0.3, hidden=2.0, temperature=2.0)
+    loss_fn = distill.distillation_loss(teacher, config)
+    batch = _batch(padding)
+    loss, parts = loss_fn(student, batch)
+    loss.backward()
+    assert losses._chunked[student] is True and losses._chunked[teacher] is True
+    got = _grads(student)
+    student.zero_grad()
+    monkeypatch.setattr(distill, "may_chunk", lambda model: False)  # the same loss over the full logits
+    expected_loss, expected_parts = loss_fn(student, batch)
+    expected_loss.backward()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert parts.keys() == expected_parts.keys() == {"kl", "reverse_kl", "ce", "hidden"}
+    for name, value in expected_parts.items():
+        assert parts[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    expected = _grads(student)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)

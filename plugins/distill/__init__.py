@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from compress.errors import Problem
+from compress.losses import chunked_cross_entropy, chunked_sum, last_hidden, may_chunk
 from compress.methods import Method, MethodConfig, Needs
 from compress.model import drop_blocks, find_blocks, is_local_reference, load_config, load_tokenizer
 from compress.states import LayerKind
@@ -152,13 +153,67 @@ def _teacher_problems(teacher: str, model: nn.Module) -> list[Problem]:
 
 
 def distillation_loss(teacher: nn.Module | None, config: DistillConfig, teacher_blocks: list[int] | None = None):
-    """``loss_fn(model, batch) -> (loss, parts)`` for :func:`compress.trainer.fit` (see the module doc)."""
+    """``loss_fn(model, batch) -> (loss, parts)`` for :func:`compress.trainer.fit` (see the module doc). The
+    divergences and the cross-entropy are computed from the last hidden states a chunk of tokens at a time
+    (:mod:`compress.losses`), so neither model's full float32 logits exist at once; a model whose logits are not
+    its head's output of those states is scored over its full logits."""
     needs_teacher = config.kl or config.reverse_kl or config.hidden
     if needs_teacher and teacher is None:
         raise ValueError("the distillation losses need a teacher")
     T = config.temperature
+    weights = {"kl": config.kl, "reverse_kl": config.reverse_kl, "ce": config.ce, "hidden": config.hidden}
 
-    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def divergences(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-token KL terms the config weighs, [tokens], at temperature T (times T²)."""
+        student_logp = F.log_softmax(student_logits.float() / T, dim=-1)
+        teacher_logp = F.log_softmax(teacher_logits.float() / T, dim=-1)
+        terms = {}
+        if config.kl:
+            terms["kl"] = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1) * T * T
+        if config.reverse_kl:
+            terms["reverse_kl"] = (student_logp.exp() * (student_logp - teacher_logp)).sum(-1) * T * T
+        return terms
+
+    def chunked(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        if not may_chunk(model) or (needs_teacher and not may_chunk(teacher)):
+            return None
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+        student = last_hidden(model, inputs, output_hidden_states=bool(config.hidden))
+        if student is None:
+            return None
+        reference = None
+        if needs_teacher:
+            with torch.no_grad():
+                reference = last_hidden(teacher, inputs, output_hidden_states=bool(config.hidden))
+            if reference is None:
+                return None
+        hidden, head, out = student
+        parts: dict[str, torch.Tensor] = {}
+        if config.kl or config.reverse_kl:
+            ref_hidden, ref_head, _ = reference
+            mask = inputs["attention_mask"]
+            seen = (mask.reshape(-1) != 0) if mask is not None else slice(None)
+            rows = hidden.reshape(-1, hidden.shape[-1])[seen]
+            ref_rows = ref_hidden.reshape(-1, ref_hidden.shape[-1])[seen]
+
+            def summed(h: torch.Tensor, ref_h: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    teacher_logits = ref_head(ref_h)
+                return torch.stack([t.sum() for t in divergences(head(h), teacher_logits).values()])
+
+            names = [k for k in ("kl", "reverse_kl") if weights[k]]
+            if rows.shape[0] == 0:  # nothing seen: no divergence
+                parts.update({k: hidden.sum() * 0.0 for k in names})
+            else:
+                sums = chunked_sum(summed, rows, ref_rows, width=head.weight.shape[0]) / rows.shape[0]
+                parts.update(zip(names, sums.unbind()))
+        if config.hidden:
+            parts["hidden"] = _hidden_mse(out.hidden_states, reference[2].hidden_states, teacher_blocks)
+        if config.ce:
+            parts["ce"] = chunked_cross_entropy(head, hidden[:, :-1], batch["labels"][:, 1:])
+        return parts
+
+    def full(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         hidden = bool(config.hidden)
         mask = batch.get("attention_mask")  # padded examples: the padding is neither seen nor scored
         out = model(input_ids=batch["input_ids"], attention_mask=mask, labels=batch["labels"] if config.ce else None,
@@ -168,18 +223,17 @@ def distillation_loss(teacher: nn.Module | None, config: DistillConfig, teacher_
             with torch.no_grad():
                 ref = teacher(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=hidden,
                               use_cache=False)
-            student_logp = F.log_softmax(out.logits.float() / T, dim=-1)
-            teacher_logp = F.log_softmax(ref.logits.float() / T, dim=-1)
-            if config.kl:
-                parts["kl"] = _token_mean((teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1), mask) * T * T
-            if config.reverse_kl:
-                parts["reverse_kl"] = _token_mean((student_logp.exp() * (student_logp - teacher_logp)).sum(-1),
-                                                  mask) * T * T
+            parts.update({k: _token_mean(v, mask) for k, v in divergences(out.logits, ref.logits).items()})
             if hidden:
                 parts["hidden"] = _hidden_mse(out.hidden_states, ref.hidden_states, teacher_blocks)
         if config.ce:
             parts["ce"] = out.loss
-        weights = {"kl": config.kl, "reverse_kl": config.reverse_kl, "ce": config.ce, "hidden": config.hidden}
+        return parts
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        parts = chunked(model, batch)
+        if parts is None:
+            parts = full(model, batch)
         loss = sum(weights[k] * v for k, v in parts.items())
         return loss, {k: float(v.detach()) for k, v in parts.items()}
 
