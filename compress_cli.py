@@ -168,6 +168,36 @@ def report_cmd(reports: tuple[str, ...], output: str | None) -> None:
     """
 
 
+@cli.command("push")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository private (an existing one keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", help="Commit to this branch, created from main when missing "
+              "(default: main).")
+@click.option("--token", metavar="TOKEN", help="Hub token with write access (default: HF_TOKEN, else the login "
+              "saved by `hf auth login`). Never printed or written.")
+@click.option("--card", is_flag=True, help="Write the model card (README.md) again, even if the folder has one.")
+@click.option("--report", "reports", multiple=True, type=click.Path(dir_okay=False), metavar="JSON",
+              help="A `compress eval --json` report for the card's evaluation section (repeatable; default: "
+              "FOLDER/report.json when present).")
+@click.option("--base-model", metavar="ID", help="The Hub id of the model that was compressed, for the card "
+              "(default: the recipe's model when it is a Hub id or in the Hub cache).")
+@click.option("--dry-run", is_flag=True, help="Check the folder, write the card and list the files and bytes that "
+              "would be sent; touch nothing remote.")
+@_runs("push_cmd")
+def push_cmd(folder: str, repo_id: str, **options) -> None:
+    """Push the compressed checkpoint FOLDER to the Hugging Face Hub repository REPO_ID (org/name).
+
+    \b
+    FOLDER must be a complete checkpoint written by `compress apply` whose weights match its config;
+    a model card (README.md: base model, tags, the recipe, evaluation results, how to load) is written
+    unless the folder has one. Every file goes in ONE commit: a failed or interrupted push leaves the
+    repository as it was. The Hub's address is HF_ENDPOINT (default huggingface.co).
+    Example:
+      compress push compressed/llama-w4 my-org/llama-w4 --report reports/w4.json --dry-run
+    """
+
+
 def main() -> None:
     cli(obj={})
 

@@ -81,6 +81,13 @@ def _left_by_dead_runs(target: Path, kind: str) -> list[tuple[Path, int]]:
     return found
 
 
+def writers(target: str | Path) -> list[int]:
+    """The running processes writing a checkpoint to ``target`` now (whose ``.NAME.partial-PID`` folder is there)."""
+    target = Path(target).expanduser().resolve()
+    pids = (path.name.rsplit("-", 1)[-1] for path in target.parent.glob(f".{target.name}.partial-*"))
+    return sorted(int(pid) for pid in pids if pid.isdigit() and _alive(int(pid)))
+
+
 def recover_leftovers(target: str | Path) -> None:
     """Put right what runs killed while writing ``target`` left beside it (their process no longer exists).
 

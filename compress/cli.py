@@ -16,7 +16,7 @@ import click
 if TYPE_CHECKING:
     from compress.recipe import Recipe
 
-__all__ = ["apply_cmd", "eval_cmd", "plugins_cmd", "report_cmd", "validate_cmd"]
+__all__ = ["apply_cmd", "eval_cmd", "plugins_cmd", "push_cmd", "report_cmd", "validate_cmd"]
 
 
 def _cwd_path(value: str | None) -> str | None:
@@ -226,6 +226,21 @@ def report_cmd(reports: tuple[str, ...], output: str | None) -> None:
         return
     for path in write_document(runs, output):
         click.echo(f"wrote {path}")
+
+
+def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, token: str | None, card: bool,
+             reports: tuple[str, ...], base_model: str | None, dry_run: bool) -> None:
+    """``compress push``: check the checkpoint, write its card, list what is sent, then send it in one commit
+    (or stop there with ``dry_run``)."""
+    from compress.push import plan_push, push
+
+    plan = plan_push(_cwd_path(folder), repo_id, card, [_cwd_path(r) for r in reports] or None, base_model)
+    click.echo(plan.describe())
+    if dry_run:
+        click.echo("dry run: nothing was sent")
+        return
+    url = push(plan, private, revision, token)
+    click.echo(f"pushed {len(plan.files)} files to {repo_id} in one commit: {url}")
 
 
 def _default_output(model_ref: str, recipe: str) -> str:

@@ -218,15 +218,25 @@ def _per_run(report: dict) -> list:
 def document(reports: list[dict]) -> list:
     """The blocks of the comparison of ``reports`` (one run or several)."""
     items = entries(reports)
-    envs = {json.dumps(r["environment"], sort_keys=True): r["environment"] for r in reports}
     title = (f"compress eval: {items[0]['label']}" if len(reports) == 1 else f"compress report: {len(reports)} runs")
-    blocks: list = [Heading(title, 1)]
-    blocks += [Paragraph("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
-               for env in envs.values()]
-    blocks += _quality(items) + _memory(items) + _speed(items, reports)
+    blocks: list = [Heading(title, 1)] + _results(reports, items)
     for report in reports:
         blocks += _per_run(report)
     return blocks
+
+
+def _results(reports: list[dict], items: list[dict]) -> list:
+    envs = {json.dumps(r["environment"], sort_keys=True): r["environment"] for r in reports}
+    blocks: list = [Paragraph("Environment: " + ", ".join(f"{k} {v}" for k, v in env.items() if v is not None))
+                    for env in envs.values()]
+    return blocks + _quality(items) + _memory(items) + _speed(items, reports)
+
+
+def results_markdown(reports: list[dict], level: int = 2) -> str:
+    """The quality, memory and speed tables of ``reports`` with the environment each was measured in, as Markdown
+    without plots or generated samples (what a model card shows); its sections' headings are of ``level``."""
+    blocks = [b for b in _results(reports, entries(reports)) if not isinstance(b, Plot)]
+    return to_markdown([Heading(b.text, b.level + level - 2) if isinstance(b, Heading) else b for b in blocks])
 
 
 def write_document(reports: list[dict], output: str | Path) -> list[Path]:
