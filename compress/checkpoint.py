@@ -36,7 +36,7 @@ import torch.nn as nn
 import yaml
 
 from compress import runtime
-from compress.checkpoint_files import check_files
+from compress.checkpoint_files import any_quantization_config, check_files
 from compress.errors import CheckpointError, UsageError
 from compress.formats import compressed_modules
 from compress.hf import CompressQuantizationConfig
@@ -258,21 +258,13 @@ def _swap_into_place(partial: Path, target: Path) -> None:
     _remove(partial)
 
 
-def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
-         enable_runtime: bool = True) -> nn.Module:
-    """Load a compress checkpoint (or any local causal LM) for inference, on ``device`` (default: auto), with the
-    runtime features its recipe named enabled there (unless ``enable_runtime`` is False)."""
+def _from_pretrained(path: Path, dtype: torch.dtype | None) -> nn.Module:
+    """A compress checkpoint (or a plain model) through transformers, every tensor the config declares checked to be
+    in the weights."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    path = Path(path).expanduser()
-    recover_leftovers(path)  # an overwrite killed half-way: its old checkpoint back, or its leftovers gone
-    if not path.is_dir():
-        raise UsageError(f"checkpoint not found: {path} is not a directory")
-    check_files(path)  # clear errors for damaged files before transformers reads them
-    kwargs: dict[str, Any] = {}
-    if dtype is not None:
-        kwargs["dtype"] = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
@@ -284,6 +276,29 @@ def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype |
         raise CheckpointError(f"checkpoint {path}: {len(missing)} tensors its config.json declares are not in its "
                               f"weights: {shown}; the config or the weights were edited or damaged: re-create the "
                               "checkpoint")
+    return model
+
+
+def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
+         enable_runtime: bool = True) -> nn.Module:
+    """Load a compress checkpoint (a GPTQ one, its layers converted to compress's as it loads, or any local causal
+    LM) for inference, on ``device`` (default: auto), with the runtime features its recipe named enabled there
+    (unless ``enable_runtime`` is False)."""
+    path = Path(path).expanduser()
+    recover_leftovers(path)  # an overwrite killed half-way: its old checkpoint back, or its leftovers gone
+    if not path.is_dir():
+        raise UsageError(f"checkpoint not found: {path} is not a directory")
+    check_files(path)  # clear errors for damaged files before transformers reads them
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    stored = any_quantization_config(path)
+    if stored is not None and stored.get("quant_method") == "gptq":  # converted to compress layers as it loads
+        from compress.layouts.gptq import load_model
+
+        model = load_model(path, stored)
+        if torch_dtype is not None:
+            model.to(torch_dtype)
+    else:
+        model = _from_pretrained(path, torch_dtype)
     model.eval()
     model = model.to(resolve_device(device or "auto"))
     if enable_runtime:

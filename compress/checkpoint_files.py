@@ -24,6 +24,18 @@ REMEDY = "re-create the checkpoint (compress apply with --overwrite) or copy / d
 
 def read_quantization_config(path: str | Path) -> dict[str, Any] | None:
     """The compress ``quantization_config`` of a model directory, None for an uncompressed model."""
+    qc = any_quantization_config(path)
+    if qc is None or qc.get("quant_method") != QUANT_METHOD:
+        return None
+    if not isinstance(qc.get("layers"), dict):
+        raise CheckpointError(f"{Path(path) / 'config.json'}: quantization_config has no 'layers' table; the "
+                              "checkpoint is broken")
+    return qc
+
+
+def any_quantization_config(path: str | Path) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a model directory whatever wrote it (compress, GPTQ, ...), None when it has
+    none; CheckpointError when config.json is missing or broken."""
     config_file = Path(path) / "config.json"
     try:
         config = _read_json(config_file)
@@ -37,10 +49,6 @@ def read_quantization_config(path: str | Path) -> dict[str, Any] | None:
     if qc is not None and not isinstance(qc, dict):
         raise CheckpointError(f"{config_file} is broken: its quantization_config is a {_json_kind(qc)}, not an "
                               f"object; {REMEDY}")
-    if qc is None or qc.get("quant_method") != QUANT_METHOD:
-        return None
-    if not isinstance(qc.get("layers"), dict):
-        raise CheckpointError(f"{config_file}: quantization_config has no 'layers' table; the checkpoint is broken")
     return qc
 
 

@@ -16,7 +16,7 @@ import click
 if TYPE_CHECKING:
     from compress.recipe import Recipe
 
-__all__ = ["apply_cmd", "eval_cmd", "plugins_cmd", "push_cmd", "report_cmd", "validate_cmd"]
+__all__ = ["apply_cmd", "eval_cmd", "export_cmd", "plugins_cmd", "push_cmd", "report_cmd", "validate_cmd"]
 
 
 def _cwd_path(value: str | None) -> str | None:
@@ -241,6 +241,14 @@ def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, tok
         return
     url = push(plan, private, revision, token)
     click.echo(f"pushed {len(plan.files)} files to {repo_id} in one commit: {url}")
+
+
+def export_cmd(folder: str, layout: str, output: str, overwrite: bool) -> None:
+    """``compress export``: the checkpoint rewritten in ``layout``, atomically."""
+    from compress.export import export
+
+    written = export(_cwd_path(folder), layout, _cwd_path(output), overwrite)
+    click.echo(f"wrote {written} ({layout})")
 
 
 def _default_output(model_ref: str, recipe: str) -> str:

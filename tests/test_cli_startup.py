@@ -14,7 +14,7 @@ import torch
 from conftest import REPO
 
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-COMMANDS = ["plugins", "validate", "apply", "eval", "report", "push"]
+COMMANDS = ["plugins", "validate", "apply", "eval", "report", "push", "export"]
 
 HELP = """
 import importlib, sys

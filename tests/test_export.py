@@ -1,0 +1,151 @@
+"""compress export --format gptq and compress.load of GPTQ checkpoints: the layout checked against its specification
+by an unpacker written here from it (not compress's), bit-exact round trips of codes, scales and zero points on
+every test architecture, and what the layout cannot express refused with the layer and the reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import compress
+from compress.checkpoint import save
+from compress.errors import CheckpointError, UsageError
+from compress.export import export
+from compress.formats import compressed_modules
+from compress_cli import cli
+from conftest import ARCHS, RAGGED, make_tiny
+
+
+def checkpoint(folder: Path, arch: str, steps: list[dict], dtype=torch.bfloat16, calib=None) -> Path:
+    model = compress.apply(make_tiny(arch, dtype=dtype), steps, calib=calib, device="cpu")
+    save(model, folder)
+    return folder
+
+
+def spec_weights(tensors: dict[str, np.ndarray], layer: str, bits: int, v1: bool) -> np.ndarray:
+    """A GPTQ layer's weight [out, in] read as the layout's description says, bit by bit (float64)."""
+    qweight = tensors[f"{layer}.qweight"].astype(np.int64) & 0xFFFFFFFF
+    qzeros = tensors[f"{layer}.qzeros"].astype(np.int64) & 0xFFFFFFFF
+    scales, g_idx = tensors[f"{layer}.scales"].astype(np.float64), tensors[f"{layer}.g_idx"]
+    per, mask = 32 // bits, 2**bits - 1
+    n_in, n_out = qweight.shape[0] * per, qweight.shape[1]
+    w = np.zeros((n_out, n_in))
+    for i in range(n_in):
+        code = (qweight[i // per] >> ((i % per) * bits)) & mask  # [out]
+        g = g_idx[i]
+        zero = np.array([(qzeros[g, o // per] >> ((o % per) * bits)) & mask for o in range(n_out)])
+        w[:, i] = scales[g] * (code - ((zero + 1) & mask if v1 else zero))
+    return w
+
+
+def read(folder: Path) -> dict[str, np.ndarray]:
+    return {k: (v.float() if v.dtype in (torch.bfloat16, torch.float16) else v).numpy()
+            for k, v in load_file(folder / "model.safetensors").items()}
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_tensors_follow_the_specification(tmp_path: Path, symmetric: bool) -> None:
+    src = checkpoint(tmp_path / "w4", "llama", [{"method": "rtn", "args": {"bits": 4, "group_size": 32,
+                                                                           "symmetric": symmetric}}])
+    out = export(src, "gptq", tmp_path / "gptq")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "gptq" and config["bits"] == 4 and config["group_size"] == 32
+    assert config["sym"] is symmetric and config["desc_act"] is False
+    tensors = read(out)
+    model = compress.load(src, device="cpu")
+    for name, layer in compressed_modules(model):
+        assert tensors[f"{name}.qweight"].dtype == np.int32 and tensors[f"{name}.qzeros"].dtype == np.int32
+        assert tensors[f"{name}.qweight"].shape == (layer.in_features // 8, layer.out_features)
+        expected = layer.dequantized_weight(torch.float64).numpy()
+        np.testing.assert_array_equal(spec_weights(tensors, name, 4, config["checkpoint_format"] == "gptq"), expected)
+    assert "model.layers.0.self_attn.q_proj.weight" not in tensors and "model.embed_tokens.weight" in tensors
+
+
+@pytest.mark.parametrize("arch", ARCHS + [RAGGED])
+def test_rtn_round_trip_is_bit_exact(tmp_path: Path, arch: str) -> None:
+    for symmetric in (True, False):
+        src = checkpoint(tmp_path / f"w4-{symmetric}", arch,
+                         [{"method": "rtn", "args": {"bits": 4, "group_size": 32, "symmetric": symmetric}}])
+        _assert_round_trip(src, export(src, "gptq", tmp_path / f"gptq-{symmetric}"))
+
+
+def test_gptq_round_trip_is_bit_exact_and_2_and_8_bits_too(tmp_path: Path, calib_text: Path) -> None:
+    from compress.model import load_tokenizer
+    from conftest import TINY_TOKENIZER
+
+    from compress.calibration.data import calibration_set
+
+    calib = calibration_set(load_tokenizer(str(TINY_TOKENIZER)), str(calib_text), 8, 64)
+    steps = [{"method": "gptq", "args": {"bits": 4, "group_size": 32, "symmetric": True, "act_order": True}}]
+    src = checkpoint(tmp_path / "gptq-w4", "qwen2", steps, calib=calib)
+    _assert_round_trip(src, export(src, "gptq", tmp_path / "out"))
+    for bits in (2, 8):
+        src = checkpoint(tmp_path / f"w{bits}", "llama", [{"method": "rtn", "args": {"bits": bits, "group_size": 64}}])
+        _assert_round_trip(src, export(src, "gptq", tmp_path / f"out{bits}"))
+
+
+def _assert_round_trip(src: Path, out: Path) -> None:
+    a, b = compress.load(src, device="cpu"), compress.load(out, device="cpu")
+    la, lb = dict(compressed_modules(a)), dict(compressed_modules(b))
+    assert la.keys() == lb.keys() and la
+    for name, layer in la.items():
+        other = lb[name]
+        assert torch.equal(layer.codes(), other.codes()) and torch.equal(layer.scales, other.scales), name
+        assert torch.equal(layer.zero_points(), other.zero_points()), name
+        assert layer.int_scheme == other.int_scheme, name
+    ids = torch.randint(0, 500, (2, 24))
+    assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_what_the_layout_cannot_express_is_refused_naming_the_layer(tmp_path: Path) -> None:
+    cases = {
+        "w3": ([{"method": "rtn", "args": {"bits": 3, "group_size": 32}}], "q_proj has 3-bit codes"),
+        "fp8": ([{"method": "fp8"}], "is stored as 'fp8' \\(the GPTQ layout holds integer codes only\\)"),
+        "mixed": ([{"method": "rtn", "targets": ["gate_proj", "up_proj", "down_proj"],
+                    "args": {"bits": 4, "group_size": 32}},
+                   {"method": "rtn", "targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                    "args": {"bits": 4, "group_size": 64}}],
+                  "layers of different bit widths or group sizes \\(4-bit, group 32, 4-bit, group 64\\)"),
+        "partial": ([{"method": "rtn", "targets": ["gate_proj", "up_proj", "down_proj"],
+                      "args": {"bits": 4, "group_size": 32}}],
+                    "self_attn.q_proj is not quantized"),
+    }
+    for name, (steps, message) in cases.items():
+        src = checkpoint(tmp_path / name, "llama", steps)
+        with pytest.raises(CheckpointError, match=message):
+            export(src, "gptq", tmp_path / f"{name}-out")
+        assert not (tmp_path / f"{name}-out").exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial folder left
+
+
+def test_an_act_order_gptq_checkpoint_is_refused_at_load(tmp_path: Path) -> None:
+    src = checkpoint(tmp_path / "w4", "llama", [{"method": "rtn", "args": {"bits": 4, "group_size": 32}}])
+    out = export(src, "gptq", tmp_path / "gptq")
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.g_idx"
+    tensors[name] = tensors[name][torch.randperm(tensors[name].numel())]  # groups no longer runs of inputs
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="q_proj has inputs whose groups are not runs of consecutive inputs "
+                                              "\\(an act-order checkpoint, desc_act: true\\)"):
+        compress.load(out, device="cpu")
+
+
+def test_cli_export_then_eval_reads_it(tmp_path: Path) -> None:
+    src = checkpoint(tmp_path / "w4", "qwen2", [{"method": "rtn", "args": {"bits": 4, "group_size": 32}}])
+    runner = CliRunner()
+    result = runner.invoke(cli, ["export", str(src), "--format", "gptq", "--output", str(tmp_path / "g")], obj={})
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(cli, ["export", str(src), "--format", "gptq", "--output", str(tmp_path / "g")], obj={})
+    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
+    plain = tmp_path / "plain"
+    make_tiny("llama").save_pretrained(plain)
+    refused = runner.invoke(cli, ["export", str(plain), "--format", "gptq", "--output", str(tmp_path / "p")], obj={})
+    assert refused.exit_code == 2 and "is not a compress checkpoint" in refused.output
+    with pytest.raises(UsageError, match="compress exports gptq"):
+        export(src, "awq", tmp_path / "x")
