@@ -200,9 +200,10 @@ def push_cmd(folder: str, repo_id: str, **options) -> None:
 
 @cli.command("export")
 @click.argument("folder", type=click.Path(file_okay=False))
-@click.option("--format", "layout", type=click.Choice(["gptq"]), required=True,
-              help="gptq: the GPTQ layout (quant_method gptq: int32 qweight / qzeros, scales, g_idx) that "
-              "transformers, vLLM, SGLang and TGI read.")
+@click.option("--format", "layout", type=click.Choice(["compressed-tensors", "gptq"]), required=True,
+              help="compressed-tensors: llm-compressor's layout (int layers pack-quantized or int-quantized, fp8 "
+              "float-quantized), read by transformers with the compressed-tensors package, vLLM and SGLang. gptq: "
+              "the GPTQ layout (int32 qweight / qzeros, scales, g_idx) that transformers, vLLM, SGLang and TGI read.")
 @click.option("--output", "-o", metavar="DIR", required=True, help="Where the exported checkpoint is written.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @_runs("export_cmd")
@@ -210,11 +211,12 @@ def export_cmd(folder: str, **options) -> None:
     """Write the compress checkpoint FOLDER in the layout a serving engine reads.
 
     \b
-    gptq takes integer layers of 2, 4 or 8 bits with one bit width and group size for the model, every
-    linear layer of the decoder blocks quantized; anything it cannot express is refused with the layer
-    and the reason, and nothing is written. compress.load reads GPTQ checkpoints back (no re-quantization).
+    compressed-tensors takes int layers of 2-8 bits (groups that divide the layer) and fp8 layers;
+    gptq takes int layers of 2, 4 or 8 bits, one bit width and group size a model, every linear layer
+    of the decoder blocks quantized. What a layout cannot express is refused with the layer and the
+    reason, and nothing is written. compress.load reads GPTQ checkpoints back (no re-quantization).
     Example:
-      compress export compressed/llama-w4 --format gptq --output exported/llama-w4-gptq
+      compress export compressed/llama-w4 --format compressed-tensors --output exported/llama-w4-ct
     """
 
 

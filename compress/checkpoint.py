@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from compress import runtime
+from compress import layouts, runtime
 from compress.checkpoint_files import any_quantization_config, check_files
 from compress.errors import CheckpointError, UsageError
 from compress.formats import compressed_modules
@@ -281,8 +281,8 @@ def _from_pretrained(path: Path, dtype: torch.dtype | None) -> nn.Module:
 
 def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype | None = None,
          enable_runtime: bool = True) -> nn.Module:
-    """Load a compress checkpoint (a GPTQ one, its layers converted to compress's as it loads, or any local causal
-    LM) for inference, on ``device`` (default: auto), with the runtime features its recipe named enabled there
+    """Load a compress checkpoint (a GPTQ or compressed-tensors one, its layers converted to compress's as it loads,
+    or any local causal LM) for inference, on ``device`` (default: auto), with the runtime features its recipe named enabled there
     (unless ``enable_runtime`` is False)."""
     path = Path(path).expanduser()
     recover_leftovers(path)  # an overwrite killed half-way: its old checkpoint back, or its leftovers gone
@@ -291,10 +291,8 @@ def load(path: str | Path, device: str | None = None, dtype: str | torch.dtype |
     check_files(path)  # clear errors for damaged files before transformers reads them
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     stored = any_quantization_config(path)
-    if stored is not None and stored.get("quant_method") == "gptq":  # converted to compress layers as it loads
-        from compress.layouts.gptq import load_model
-
-        model = load_model(path, stored)
+    if stored is not None and stored.get("quant_method") in layouts.READERS:  # compress layers made as it loads
+        model = layouts.read(path, stored)
         if torch_dtype is not None:
             model.to(torch_dtype)
     else:

@@ -1,5 +1,5 @@
-"""``compress export``: a compress checkpoint rewritten in the layout a serving engine reads (GPTQ so far), written
-atomically as every checkpoint is; the tokenizer, generation config and recipe come along."""
+"""``compress export``: a compress checkpoint rewritten in a layout serving engines read (GPTQ, compressed-tensors),
+written atomically as every checkpoint is; the tokenizer, generation config and recipe come along."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from compress.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("gptq",)
+LAYOUTS = ("gptq", "compressed-tensors")
 KEPT_ASIDE = ("config.json", SAFETENSORS_FILE, SAFETENSORS_INDEX, "README.md")  # rewritten, or not this layout's
 
 
 def export(source: str | Path, layout: str, output: str | Path, overwrite: bool = False) -> Path:
     """Write the compress checkpoint ``source`` to ``output`` in ``layout``; the output folder. CheckpointError
     naming each layer the layout cannot express (then nothing is written)."""
-    from compress.layouts import gptq
+    from compress.layouts import compressed_tensors, gptq
 
     if layout not in LAYOUTS:
         raise UsageError(f"--format {layout!r}: compress exports {', '.join(LAYOUTS)}")
@@ -34,7 +34,8 @@ def export(source: str | Path, layout: str, output: str | Path, overwrite: bool 
     if read_quantization_config(source) is None:
         raise UsageError(f"{source} is not a compress checkpoint (no quantization_config of quant_method compress)")
     model = load(source, device="cpu", enable_runtime=False)
-    tensors, quantization_config = gptq.export_model(model)
+    writer = gptq if layout == "gptq" else compressed_tensors
+    tensors, quantization_config = writer.export_model(model)
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config
     with writing(target, overwrite) as folder:

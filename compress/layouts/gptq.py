@@ -23,14 +23,11 @@ import torch
 import torch.nn as nn
 
 from compress.errors import CheckpointError
+from compress.layouts import LayoutError, load_converted, other_tensors, refuse_if
 from compress.quant import IntScheme
 
 BITS = (2, 4, 8)
 V1, V2 = "gptq", "gptq_v2"
-
-
-class LayoutError(ValueError):
-    """What of a layer the GPTQ layout cannot express (the caller names the layer)."""
 
 
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -152,19 +149,12 @@ def export_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
             f"{b}-bit, group {g}" for b, g in settings) + "); the GPTQ config states one of each")
     if not results and not problems:
         problems.append("no quantized layer")
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CheckpointError(f"this checkpoint cannot be written in the GPTQ layout: {shown}")
+    refuse_if(problems, "this checkpoint cannot be written in the GPTQ layout")
     if any(r.checkpoint_format == V2 for r in results.values()):  # one format for the model: v2 holds every zero
         results = {name: to_gptq(layers[name].codes(), layers[name].scales, layers[name].zero_points(),
                                  layers[name].int_scheme, layers[name].bias, V2) for name in results}
     tensors = {f"{name}.{key}": value for name, r in results.items() for key, value in r.tensors.items()}
-    inside = tuple(f"{name}." for name in results)
-    seen: set[int] = set()
-    for key, value in model.state_dict().items():  # the rest as it is; a tied tensor once (the first name)
-        if not key.startswith(inside) and id(value.untyped_storage()) not in seen:
-            seen.add(id(value.untyped_storage()))
-            tensors[key] = value.detach().clone().contiguous()
+    tensors.update(other_tensors(model, list(results)))
     first = next(iter(results.values()))
     config = {"quant_method": "gptq", "bits": first.bits, "group_size": first.group_size, "desc_act": False,
               "sym": all(r.symmetric for r in results.values()), "checkpoint_format": first.checkpoint_format,
@@ -176,49 +166,25 @@ def load_model(path: str | Path, config: dict[str, Any]) -> nn.Module:
     """The GPTQ checkpoint at ``path`` (its ``quantization_config``: ``config``) as a model of compress layers on
     the CPU, its codes, scales and zero points as stored (no re-quantization): the ``int`` format's kernels run it.
     CheckpointError naming the layers the int format cannot hold."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     from compress.formats.integer import IntLinear
-    from compress.linear import is_linear_like, linear_shape
-    from compress.model import config_dtype, load_config
-    from compress.streaming import ShardedTensors, has_meta, materialize
+    from compress.linear import linear_shape
 
-    model_config = load_config(str(path))
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(model_config, dtype=config_dtype(model_config))
-    tensors = ShardedTensors(path)
     bits, group_size = int(config.get("bits", 4)), int(config.get("group_size", 128))
     symmetric, checkpoint_format = bool(config.get("sym", True)), config.get("checkpoint_format", V1)
     if checkpoint_format not in (V1, V2):
         raise CheckpointError(f"{path}: GPTQ checkpoint_format {checkpoint_format!r} (compress reads {V1} and {V2})")
-    problems = []
-    for name, module in list(model.named_modules()):
-        if not is_linear_like(module) or f"{name}.qweight" not in tensors:
-            continue
-        in_features, out_features = linear_shape(module)
+
+    def convert(name: str, module: nn.Module, tensors) -> nn.Module | None:
+        if f"{name}.qweight" not in tensors:
+            return None
         stored = {key: tensors.get(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")
                   if f"{name}.{key}" in tensors}
-        try:
-            codes, scales, zeros, scheme = from_gptq(stored, bits, group_size, symmetric, checkpoint_format)
-        except LayoutError as exc:
-            problems.append(f"{name} has {exc}")
-            continue
+        codes, scales, zeros, scheme = from_gptq(stored, bits, group_size, symmetric, checkpoint_format)
+        in_features, out_features = linear_shape(module)
         if tuple(codes.shape) != (out_features, in_features):
-            problems.append(f"{name} holds [{codes.shape[0]}, {codes.shape[1]}] codes for a layer of "
-                            f"[{out_features}, {in_features}]")
-            continue
+            raise LayoutError(f"[{codes.shape[0]}, {codes.shape[1]}] codes for a layer of [{out_features}, "
+                              f"{in_features}]")
         bias = tensors.get(f"{name}.bias") if f"{name}.bias" in tensors else None
-        model.set_submodule(name, IntLinear.from_codes(codes, scales, zeros, scheme, bias, module.weight.dtype))
-    if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CheckpointError(f"{path}: GPTQ layers compress cannot run: {shown}")
-    materialize(model, "", tensors)
-    model.tie_weights()
-    if has_meta(model):
-        missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        raise CheckpointError(f"{path}: the checkpoint holds no tensor for {', '.join(missing[:5])}; it does not "
-                              "match its config.json")
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # the layers are compress's now; a save records them as such
-    return model.eval()
+        return IntLinear.from_codes(codes, scales, zeros, scheme, bias, module.weight.dtype)
+
+    return load_converted(path, convert, "GPTQ")
