@@ -26,8 +26,8 @@ import torch
 import yaml
 
 from compress.checkpoint import RECIPE_FILE, writers
-from compress.checkpoint_files import SAFETENSORS_FILE, SAFETENSORS_INDEX, check_files, read_quantization_config, \
-    weight_map
+from compress.checkpoint_files import SAFETENSORS_FILE, SAFETENSORS_INDEX, any_quantization_config, check_files, \
+    read_quantization_config, weight_map
 from compress.errors import CheckpointError, CompressError, UsageError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ REPORT_FILE = "report.json"  # an eval report beside the weights is shown in the
 FLOAT_CODES = {"F16", "BF16", "F32", "F64"}  # a float tensor may be stored in any of them (loading casts)
 SAFETENSORS_CODES = {torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
                      torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+EXPORTS = {"gptq": "GPTQ", "compressed-tensors": "compressed-tensors"}  # quant_method of compress export's layouts
 PARTIAL_NAME = re.compile(r"^\..+\.(partial|old)-\d+$")
 
 
@@ -82,15 +83,19 @@ def check_checkpoint(folder: str | Path) -> dict[str, Any]:
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder} has no config.json: it is not a model checkpoint")
     check_files(folder)
-    config = read_quantization_config(folder)
-    if config is None:
+    config = any_quantization_config(folder) or {}
+    exported = config.get("quant_method") in EXPORTS and (folder / RECIPE_FILE).is_file()
+    if read_quantization_config(folder) is None and not exported:
         raise UsageError(f"{folder} is not a compress checkpoint (its config.json has no quantization_config of "
-                         "quant_method compress): push checkpoints written by compress apply, or use "
-                         "huggingface_hub's upload_folder for other models")
+                         "quant_method compress, and it is not a compress export): push checkpoints written by "
+                         "compress apply or compress export, or use huggingface_hub's upload_folder for other models")
     if not (folder / SAFETENSORS_FILE).is_file() and not (folder / SAFETENSORS_INDEX).is_file():
         raise CheckpointError(f"{folder} has no weights ({SAFETENSORS_FILE} or {SAFETENSORS_INDEX}): the checkpoint "
                               "is incomplete; re-create it with compress apply")
-    _check_tensors(folder, config)
+    if exported:
+        _check_export(folder)
+    else:
+        _check_tensors(folder, config)
     return config
 
 
@@ -106,13 +111,16 @@ def _stored_tensors(folder: Path) -> dict[str, tuple[str, list[int]]]:
     return stored
 
 
-def _expected_tensors(folder: Path, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[set[str]]]:
-    """The tensors a model built from ``folder``'s config (its compressed layers empty in their formats) saves, on
-    the meta device, and the groups of names that are one tied tensor (a checkpoint stores one name of each)."""
+def _expected_tensors(folder: Path, config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[set[str]],
+                                                                       set[str]]:
+    """The tensors a model built from ``folder``'s config (the compressed layers of ``config`` empty in their
+    formats) saves, on the meta device; the groups of names that are one tied tensor (a checkpoint stores one name
+    of each); and the names of its linear layers."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from compress.formats.registry import build_empty_layers
+    from compress.linear import is_linear_like
     from compress.model import config_dtype, load_config
 
     model_config = load_config(str(folder))
@@ -123,13 +131,14 @@ def _expected_tensors(folder: Path, config: dict[str, Any]) -> tuple[dict[str, t
     names: dict[int, set[str]] = {}
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
         names.setdefault(id(tensor), set()).add(name)
-    return model.state_dict(), [group for group in names.values() if len(group) > 1]
+    linear = {name for name, module in model.named_modules() if is_linear_like(module)}
+    return model.state_dict(), [group for group in names.values() if len(group) > 1], linear
 
 
 def _check_tensors(folder: Path, config: dict[str, Any]) -> None:
     """CheckpointError naming what differs between the tensors the config declares and those the files hold."""
     try:
-        expected, tied = _expected_tensors(folder, config)
+        expected, tied, _ = _expected_tensors(folder, config)
     except CompressError:
         raise
     except Exception as exc:  # the config names an architecture, a format or a scheme that does not build
@@ -153,6 +162,25 @@ def _check_tensors(folder: Path, config: dict[str, Any]) -> None:
         shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
         raise CheckpointError(f"{folder}: its weights do not match its config.json: {shown}; the config or the "
                               "weights were edited or damaged: re-create the checkpoint")
+
+
+def _check_export(folder: Path) -> None:
+    """CheckpointError when an export's weights are not its config's model: every tensor the model built empty from
+    the config holds outside its linear layers is there, every linear layer has tensors (under whatever names the
+    layout gives them), and no tensor belongs to no module of the model."""
+    expected, tied, linear = _expected_tensors(folder, {})
+    stored = _stored_tensors(folder)
+    modules = {name.rpartition(".")[0] for name in expected} | linear
+    problems = [f"{name} is missing" for name in expected if name not in stored and name.rpartition(".")[0] not in
+                linear and not any(name in group and group & stored.keys() for group in tied)]
+    problems += [f"{module} has no tensors" for module in sorted(linear)
+                 if not any(key.startswith(f"{module}.") for key in stored) and f"{module}.weight" not in
+                 {n for group in tied if group & stored.keys() for n in group}]
+    problems += [f"{key} belongs to no module of the config's model" for key in sorted(stored)
+                 if key.rpartition(".")[0] not in modules]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{folder}: its weights do not match its config.json: {shown}; re-create the export")
 
 
 def plan_push(folder: str | Path, repo_id: str, card: bool = False, reports: list[str | Path] | None = None,
@@ -217,52 +245,78 @@ def _push_failure(repo_id: str, step: str, exc: Exception, token: str | None) ->
 
 def model_card(folder: Path, repo_id: str, config: dict[str, Any], reports: list[str | Path],
                base_model: str | None = None) -> str:
-    """The model card of checkpoint ``folder``: YAML metadata (base model, library, tags with the methods and
-    formats, pipeline, the base's license when known), what was done (the steps, and the recipe verbatim), the
-    evaluation results of ``reports``, and how to load it."""
+    """The model card of checkpoint ``folder`` (a compress checkpoint, or a compress export: ``config`` is its
+    ``quantization_config``): YAML metadata (base model, library, tags with the methods and formats, pipeline, the
+    base's license when known), what was done (the steps, and the recipe verbatim), the evaluation results of
+    ``reports``, and how to load it."""
     from compress.eval.report import load_reports, results_markdown
 
-    recipe_model = ((config.get("recipe") or {}).get("model") or {}).get("path")
+    layout = EXPORTS.get(config.get("quant_method", ""))
+    recipe_file = folder / RECIPE_FILE
+    recipe = config.get("recipe") if layout is None else yaml.safe_load(recipe_file.read_text()) or {}
+    recipe_model = ((recipe or {}).get("model") or {}).get("path")
     base = base_model or (hub_id(recipe_model) if recipe_model else None)
-    steps = config.get("steps") or []
-    methods = list(dict.fromkeys(step["method"] for step in steps))
+    steps = config.get("steps") if layout is None else [
+        step for stage in recipe.get("stages") or [{"steps": recipe.get("steps") or []}] for step in stage["steps"]]
+    methods = list(dict.fromkeys(step["method"] for step in steps or []))
     formats = config.get("formats") or []
     meta: dict[str, Any] = {}
     if base:
         meta["base_model"] = base
-    meta["library_name"] = "compress"
+    meta["library_name"] = "compress" if layout is None else "transformers"
     license_ = _license(recipe_model, base)
     if license_:
         meta["license"] = license_
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["compress", *methods, *(_FORMAT_TAGS[f] for f in formats if f in _FORMAT_TAGS)]
-    meta["tags"] = list(dict.fromkeys(meta["tags"]))
+    meta["tags"] = list(dict.fromkeys(["compress", *methods, *(_FORMAT_TAGS[f] for f in formats if f in _FORMAT_TAGS),
+                                       *([config["quant_method"]] if layout else [])]))
     name = repo_id.rsplit("/", 1)[-1]
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {name}", ""]
     what = (f"[{base}](https://huggingface.co/{base})" if base else
             f"`{Path(recipe_model).name}` (a local model)" if recipe_model else "A model")
-    layers = config.get("layers") or {}
-    lines += [f"{what} compressed with compress: {_storage(layers)}; {_weights_size(folder) / 2**20:,.1f} MiB of "
-              "weights.", "", "## What was done", ""]
-    for step in steps:
+    storage = _storage(config.get("layers") or {}) if layout is None else f"stored in the {layout} layout ({_layout_note(config)})"
+    lines += [f"{what} compressed with compress: {storage}; {_weights_size(folder) / 2**20:,.1f} MiB of weights.", "",
+              "## What was done", ""]
+    for step in steps or []:
         args = ", ".join(f"{k}={v}" for k, v in (step.get("args") or {}).items() if v is not None)
-        lines.append(f"- `{step['method']}` ({args}) on {step.get('layers', '?')} layers")
-    recipe_file = folder / RECIPE_FILE
+        lines.append(f"- `{step['method']}` ({args})" + (f" on {step['layers']} layers" if "layers" in step else ""))
     if recipe_file.is_file():
         lines += ["", f"The recipe, as run (`{RECIPE_FILE}` in this repository):", "", "```yaml",
                   recipe_file.read_text().rstrip(), "```"]
     if reports:
         lines += ["", "## Evaluation", "", "Measured with `compress eval` against the uncompressed model on the same "
                   "text (the protocol is under each table).", "", results_markdown(load_reports(list(reports)), 3)]
-    lines += ["", "## How to load", "", "With compress installed (`import compress` teaches transformers its "
-              "formats):", "", "```python", "import compress",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
-              "or, with compress's runtime features (fused projections, its decode kernels on CUDA):", "",
-              "```python", "import compress", "from huggingface_hub import snapshot_download", "",
-              f'model = compress.load(snapshot_download("{repo_id}"))', "```", ""]
+    lines += ["", "## How to load", ""] + (_load_compress(repo_id) if layout is None else _load_export(repo_id, config))
     return "\n".join(lines)
+
+
+def _load_compress(repo_id: str) -> list[str]:
+    return ["With compress installed (`import compress` teaches transformers its formats):", "", "```python",
+            "import compress", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
+            "or, with compress's runtime features (fused projections, its decode kernels on CUDA):", "", "```python",
+            "import compress", "from huggingface_hub import snapshot_download", "",
+            f'model = compress.load(snapshot_download("{repo_id}"))', "```", ""]
+
+
+def _load_export(repo_id: str, config: dict[str, Any]) -> list[str]:
+    needs = "compressed-tensors" if config["quant_method"] == "compressed-tensors" else "gptqmodel"
+    return ["vLLM reads this layout:", "", "```bash", f"vllm serve {repo_id}", "```", "",
+            f"With transformers (and the `{needs}` package installed):", "", "```python",
+            "from transformers import AutoModelForCausalLM", "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")', "```", "",
+            "With compress (its layers and decode kernels, codes as stored):", "", "```python", "import compress",
+            "from huggingface_hub import snapshot_download", "",
+            f'model = compress.load(snapshot_download("{repo_id}"))', "```", ""]
+
+
+def _layout_note(config: dict[str, Any]) -> str:
+    if config["quant_method"] == "gptq":
+        group = "per channel" if config.get("group_size", -1) < 0 else f"groups of {config.get('group_size')}"
+        return f"{config.get('bits')}-bit, {group}, {'symmetric' if config.get('sym') else 'asymmetric'}"
+    groups = (config.get("config_groups") or {}).values()
+    return "; ".join(f"{g.get('format')}: {len(g.get('targets') or [])} layers" for g in groups)
 
 
 _FORMAT_TAGS = {"int": "quantized", "fp8": "fp8", "sparse24": "2:4-sparse", "sparse24-int": "2:4-sparse",

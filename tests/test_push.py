@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
@@ -221,3 +222,30 @@ def test_push_in_a_fresh_process_through_hf_endpoint(ck: Path, hub: FakeHub) -> 
     assert result.returncode == 0, result.stderr
     assert TOKEN not in result.stdout + result.stderr
     assert len(hub.state.commits) == 1 and hub.state.commits[0].files == _files(ck)
+
+
+def test_an_export_is_pushed_with_how_to_serve_it(ck: Path, hub: FakeHub, tmp_path: Path) -> None:
+    from compress.export import export
+
+    out = export(ck, "compressed-tensors", tmp_path / "tiny-w4-ct")
+    push(plan_push(out, "me/tiny-w4-ct"), token=TOKEN)
+    card = hub.state.commits[0].files["README.md"].decode()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "transformers" and "compressed-tensors" in meta["tags"] and "rtn" in meta["tags"]
+    assert "stored in the compressed-tensors layout (pack-quantized: 14 layers)" in card
+    assert "vllm serve me/tiny-w4-ct" in card and "`compressed-tensors` package" in card
+    assert hub.state.commits[0].files["recipe.yaml"] == (ck / "recipe.yaml").read_bytes()
+
+
+def test_an_export_missing_a_layer_is_refused(ck: Path, tmp_path: Path) -> None:
+    from compress.export import export
+
+    out = export(ck, "gptq", tmp_path / "tiny-w4-gptq")
+    tensors = load_file(out / "model.safetensors")
+    for key in [k for k in tensors if k.startswith("model.layers.1.mlp.up_proj.")]:
+        del tensors[key]
+    tensors["model.layers.9.mlp.up_proj.qweight"] = torch.zeros(1, dtype=torch.int32)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.up_proj has no tensors; model.layers.9.mlp.up_proj"
+                                              ".qweight belongs to no module of the config's model"):
+        plan_push(out, "me/x")
