@@ -1,7 +1,7 @@
 """Exports measured (issue 24): each recipe is applied to a model and saved, the checkpoint exported to
-compressed-tensors (and to GPTQ where that layout takes it), and each export is loaded by transformers in a process
-that never imports compress (compressed-tensors through its own package, ``dequantize=True``; GPTQ through
-``compress.load``, which converts it); perplexities on the same windows, against the compress checkpoint's::
+compressed-tensors (and to GPTQ where that layout takes it); the compressed-tensors export is loaded by transformers
+with the compressed-tensors package in a process that never imports compress, the GPTQ one by ``compress.load``
+(which converts it); perplexities on the same windows, against the compress checkpoint's::
 
     python -m benchmarks.export_bench --model ref-a --calib calib.txt --valid valid.txt \\
         --recipes w4-gptq,w4-awq,int8-absmax,fp8,fp8-weight-only --max-tokens 102400
@@ -39,12 +39,18 @@ def window_perplexity(model, ids: torch.Tensor, seq_len: int, batch: int = 4) ->
 
 
 def _child(path: str, ids_file: str, seq_len: int) -> None:
-    """Load ``path`` with transformers and the compressed-tensors package alone; print its perplexity as JSON."""
+    """Load ``path`` with transformers and the compressed-tensors package alone (their default path, which runs FP8
+    activations quantized; ``dequantize=True`` where that fails, as for asymmetric pack-quantized checkpoints with
+    compressed-tensors 0.20.1); print its perplexity and the path as JSON."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=CompressedTensorsConfig(dequantize=True))
+    try:
+        model, route = AutoModelForCausalLM.from_pretrained(path), "default"
+    except (RuntimeError, ValueError):
+        config = CompressedTensorsConfig(dequantize=True)
+        model, route = AutoModelForCausalLM.from_pretrained(path, quantization_config=config), "dequantize=True"
     ppl = window_perplexity(model.eval(), torch.load(ids_file), seq_len)
-    print(json.dumps({"ppl": ppl, "compress_imported": "compress" in sys.modules}))
+    print(json.dumps({"ppl": ppl, "route": route, "compress_imported": "compress" in sys.modules}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             child = json.loads(done.stdout.strip().splitlines()[-1])
             row["compressed-tensors"] = child["ppl"]
+            row["transformers route"] = child["route"]
             row["compress imported by the loader"] = child["compress_imported"]
         try:
             gptq = export(work / name, "gptq", work / f"{name}-gptq", overwrite=True)
@@ -98,14 +105,15 @@ def main(argv: list[str] | None = None) -> None:
         row["export seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    print("| recipe | compress checkpoint | compressed-tensors (transformers) | difference | GPTQ (compress.load) |")
-    print("|---|---|---|---|---|")
+    print("| recipe | compress checkpoint | compressed-tensors (transformers) | difference | route | GPTQ (compress.load) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         ct = r["compressed-tensors"]
         diff = f"{ct / r['compress'] - 1:+.4%}" if isinstance(ct, float) else "–"
         g = r["gptq (compress.load)"]
-        print(f"| {r['recipe']} | {r['compress']:.4f} | {ct if isinstance(ct, str) else f'{ct:.4f}'} | {diff} | "
-              f"{g if isinstance(g, str) else f'{g:.4f}'} |")
+        cells = [ct if isinstance(ct, str) else f"{ct:.4f}", g if isinstance(g, str) else f"{g:.4f}"]
+        print(f"| {r['recipe']} | {r['compress']:.4f} | {cells[0]} | {diff} | {r.get('transformers route', '–')} | "
+              f"{cells[1]} |")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,19 @@ def test_ct_packing_is_the_layouts_bit_stream() -> None:
         assert torch.equal(unpack(words, bits, 45), values)
 
 
+def test_ct_packing_equals_the_compressed_tensors_packages() -> None:
+    """The format's own packer, where it is installed: the same words, and its unpacker reads ours back."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    from compress.layouts.compressed_tensors import pack
+
+    for bits in range(2, 9):
+        for width in (32, 40, 7):
+            codes = torch.randint(0, 2**bits, (5, width), dtype=torch.uint8)
+            signed = (codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
+            assert torch.equal(pack(codes, bits), helpers.pack_to_int32(signed, bits))
+            assert torch.equal(helpers.unpack_from_int32(pack(codes, bits), bits, codes.shape), signed)
+
+
 @pytest.mark.parametrize("case", list(CT_CASES))
 def test_ct_export_loads_in_transformers_without_compress(tmp_path: Path, case: str) -> None:
     pytest.importorskip("compressed_tensors")
