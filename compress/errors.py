@@ -11,6 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def listed(problems: list[str], limit: int = 5) -> str:
+    """``problems`` for a message: the first ``limit`` joined by semicolons, then how many more there are."""
+    return "; ".join(problems[:limit]) + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
 class CompressError(Exception):
     """Base of every error compress raises on purpose."""
 

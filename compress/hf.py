@@ -58,14 +58,13 @@ class CompressHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from compress.errors import CheckpointError
+        from compress.errors import CheckpointError, listed
         from compress.formats import compressed_modules
 
         bad = [f"{name} ({problem})" for name, module in compressed_modules(model) if (problem := module.check_loaded())]
         if bad:
-            shown = "; ".join(bad[:6]) + (f"; and {len(bad) - 6} more" if len(bad) > 6 else "")
             raise CheckpointError(f"{len(bad)} compressed layers do not match the scheme the checkpoint's config.json "
-                                  f"declares: {shown}; the config or the weights were edited or damaged: re-create the "
+                                  f"declares: {listed(bad, 6)}; the config or the weights were edited or damaged: re-create the "
                                   "checkpoint")
         for _, module in compressed_modules(model):
             module.after_load()

@@ -28,7 +28,7 @@ import yaml
 from compress.checkpoint import RECIPE_FILE, writers
 from compress.checkpoint_files import SAFETENSORS_FILE, SAFETENSORS_INDEX, any_quantization_config, check_files, \
     read_quantization_config, weight_map
-from compress.errors import CheckpointError, CompressError, UsageError
+from compress.errors import CheckpointError, CompressError, UsageError, listed
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,8 @@ def _check_tensors(folder: Path, config: dict[str, Any]) -> None:
             problems.append(f"{name} is {code}, the config declares {str(tensor.dtype).removeprefix('torch.')}")
     problems += [f"{name} is not declared by the config" for name in sorted(stored.keys() - expected.keys())]
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CheckpointError(f"{folder}: its weights do not match its config.json: {shown}; the config or the "
-                              "weights were edited or damaged: re-create the checkpoint")
+        raise CheckpointError(f"{folder}: its weights do not match its config.json: {listed(problems)}; the config or "
+                              "the weights were edited or damaged: re-create the checkpoint")
 
 
 def _check_export(folder: Path) -> None:
@@ -179,8 +178,8 @@ def _check_export(folder: Path) -> None:
     problems += [f"{key} belongs to no module of the config's model" for key in sorted(stored)
                  if key.rpartition(".")[0] not in modules]
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CheckpointError(f"{folder}: its weights do not match its config.json: {shown}; re-create the export")
+        raise CheckpointError(f"{folder}: its weights do not match its config.json: {listed(problems)}; re-create the "
+                              "export")
 
 
 def plan_push(folder: str | Path, repo_id: str, card: bool = False, reports: list[str | Path] | None = None,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from compress.errors import CheckpointError
+from compress.errors import CheckpointError, listed
 
 
 READERS = {"gptq": "gptq", "compressed-tensors": "compressed_tensors", "awq": "awq"}  # quant_method -> the module reading it
@@ -32,8 +32,7 @@ class LayoutError(ValueError):
 def refuse_if(problems: list[str], message: str) -> None:
     """CheckpointError ``message: problem; problem ...`` (the first five) when there are any."""
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise CheckpointError(f"{message}: {shown}")
+        raise CheckpointError(f"{message}: {listed(problems)}")
 
 
 def other_tensors(model: nn.Module, converted: list[str]) -> dict[str, torch.Tensor]:
