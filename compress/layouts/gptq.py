@@ -135,12 +135,15 @@ def export_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
                  for name, module in model.named_modules()
                  if name.startswith(blocks) and is_linear_like(module) and name not in layers]
     results: dict[str, GPTQLayer] = {}
+    # one checkpoint format for the model, chosen before packing: v1 unless some zero point is 0 (only v2 holds it)
+    v1 = all(bool((layer.zero_points() >= 1).all()) for layer in layers.values() if isinstance(layer, IntLinear))
     for name, layer in layers.items():
         if not isinstance(layer, IntLinear):
             problems.append(f"{name} is stored as {layer.format!r} (the GPTQ layout holds integer codes only)")
             continue
         try:
-            results[name] = to_gptq(layer.codes(), layer.scales, layer.zero_points(), layer.int_scheme, layer.bias)
+            results[name] = to_gptq(layer.codes(), layer.scales, layer.zero_points(), layer.int_scheme, layer.bias,
+                                    V1 if v1 else V2)
         except LayoutError as exc:
             problems.append(f"{name} has {exc}")
     settings = sorted({(r.bits, r.group_size) for r in results.values()})
@@ -150,9 +153,6 @@ def export_model(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, A
     if not results and not problems:
         problems.append("no quantized layer")
     refuse_if(problems, "this checkpoint cannot be written in the GPTQ layout")
-    if any(r.checkpoint_format == V2 for r in results.values()):  # one format for the model: v2 holds every zero
-        results = {name: to_gptq(layers[name].codes(), layers[name].scales, layers[name].zero_points(),
-                                 layers[name].int_scheme, layers[name].bias, V2) for name in results}
     tensors = {f"{name}.{key}": value for name, r in results.items() for key, value in r.tensors.items()}
     tensors.update(other_tensors(model, list(results)))
     first = next(iter(results.values()))
