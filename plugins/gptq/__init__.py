@@ -89,7 +89,7 @@ class GPTQ(IntMethod):
             originals = [work.reference.block.get_submodule(work.local(name)) for name in group]
             reference = torch.cat([get_weight(layer).to(work.device) for layer in originals])
             weight = original_target(weight, hessian, reference, config.damp, label)
-            hessian.C = reference = None  # used once: an [in, in] matrix less while the sweep runs
+            del reference
         masks = [work.mask(name) for name in group]
         keep = None if all(m is None for m in masks) else torch.cat(
             [torch.ones_like(w, dtype=torch.bool) if m is None else m for w, m in zip(weight.split(rows), masks)])

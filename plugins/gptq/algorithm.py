@@ -74,7 +74,7 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
     if perm is not None:
         W, importance = W[:, perm], importance[perm]
         keep = None if keep is None else keep[:, perm]
-        _, U, damp = damped_factors(H[perm][:, perm], damp, label, lower=False, dead=dead[perm])
+        _, U, damp = damped_factors(H, damp, label, lower=False, dead=dead[perm], order=perm)
     group_of = (perm if perm is not None else torch.arange(columns, device=W.device)) // gs
     codes = torch.empty(out_f, columns, dtype=torch.uint8, device=W.device)
 

@@ -161,7 +161,13 @@ class LowRank(Method):
 
     def compress_block(self, work: BlockWork, config: LowRankConfig) -> None:
         for group, hessian in self._groups(work, config, self.needs_reference(config)):
-            for name in group:
+            weights = [get_weight(work.targets[name]).to(work.device).float() for name in group]
+            if hessian is not None and hessian.C is not None:  # the weights that best give the original outputs
+                originals = [get_weight(work.reference.block.get_submodule(work.local(name))).to(work.device)
+                             for name in group]
+                weights = original_target(torch.cat(weights), hessian, torch.cat(originals), config.damp,
+                                          ", ".join(group)).split([w.shape[0] for w in weights])
+            for name, target in zip(group, weights):
                 layer = work.targets[name]
                 in_f, out_f = linear_shape(layer)
                 if config.rank is not None:  # check_targets refused ranks that do not make a layer smaller
@@ -170,14 +176,9 @@ class LowRank(Method):
                     rank = (in_f * out_f - 1) // (in_f + out_f)
                 else:  # at least 1: check_targets refused uniform ratios below one rank, the allocation gives each one
                     rank = config.ranks.get(name) or rank_for(in_f, out_f, config.ratio)
-                weight = get_weight(layer)
-                target = weight.to(work.device).float()
-                if hessian is not None and hessian.C is not None:  # the weight that best gives the original outputs
-                    original = get_weight(work.reference.block.get_submodule(work.local(name))).to(work.device)
-                    target = original_target(target, hessian, original, config.damp, name)
                 A, B = factor(target, rank, None if hessian is None else hessian.H, config.damp, name, config.energy)
                 if config.energy is not None:
                     log.info("%s: %s at rank %d of %d%s", self.name, name, A.shape[0], min(in_f, out_f),
                              " (capped: the largest rank whose factors are smaller than the layer)"
                              if A.shape[0] == rank else "")
-                work.replace(name, FactoredLinear.from_factors(A, B, get_bias(layer), weight.dtype))
+                work.replace(name, FactoredLinear.from_factors(A, B, get_bias(layer), get_weight(layer).dtype))

@@ -65,16 +65,17 @@ class LowRankCorrect(Method):
     def compress_block(self, work: BlockWork, config: LowRankCorrectConfig) -> None:
         for group in work.linear_groups():
             hessian = block_hessians(work, [group], config.fit_original)[0]
-            for name in group:
-                layer = work.targets[name]
-                original = work.reference.block.get_submodule(work.local(name))
+            layers = [work.targets[name] for name in group]
+            originals = [work.reference.block.get_submodule(work.local(name)) for name in group]
+            for name, layer, original in zip(group, layers, originals):
                 if isinstance(original, CompressedLinear) or not isinstance(layer, CompressedLinear):
                     raise CompressError(f"{self.name}: layer {name} must be quantized by a step of the same stage, "
                                         "which keeps its original weights until the stage ends")
-                weight = get_weight(original)
-                W = weight.to(work.device).float()
-                Q = layer.dequantized_weight(torch.float32).to(work.device)
-                if hessian.C is not None:
-                    W = original_target(Q, hessian, W, config.damp, name)
+            quantized = [layer.dequantized_weight(torch.float32).to(work.device) for layer in layers]
+            targets = [get_weight(original).to(work.device).float() for original in originals]
+            if hessian.C is not None:  # the weights that best give the original outputs, stacked
+                targets = original_target(torch.cat(quantized), hessian, torch.cat(targets), config.damp,
+                                          ", ".join(group)).split([q.shape[0] for q in quantized])
+            for name, layer, original, W, Q in zip(group, layers, originals, targets, quantized):
                 A, B = factor(W - Q, config.rank, hessian.H, config.damp, name)
-                work.replace(name, CorrectedLinear.wrap(layer, A, B, weight.dtype, config.bits))
+                work.replace(name, CorrectedLinear.wrap(layer, A, B, get_weight(original).dtype, config.bits))

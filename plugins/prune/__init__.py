@@ -241,10 +241,12 @@ class SparseGPT(ActivationPruner):
         for group in work.linear_groups():  # each group's inputs collected after the earlier groups were pruned
             hessian = block_hessians(work, [group], config.fit_original)[0]
             weights = {name: get_weight(work.targets[name]).to(work.device) for name in group}
-            if config.fit_original:  # the weights that best give the uncompressed block's outputs
-                weights = {name: original_target(w, hessian, get_weight(work.reference.block.get_submodule(
-                    work.local(name))).to(work.device), config.damp, name) for name, w in weights.items()}
-                hessian.C = None  # used: an [in, in] matrix less while the sweeps run
+            if config.fit_original:  # the weights that best give the uncompressed block's outputs, stacked
+                references = [get_weight(work.reference.block.get_submodule(work.local(n))).to(work.device)
+                              for n in group]
+                targets = original_target(torch.cat(list(weights.values())), hessian, torch.cat(references),
+                                          config.damp, ", ".join(group))
+                weights = dict(zip(group, targets.split([w.shape[0] for w in weights.values()])))
             for name, w in weights.items():
                 pruned, keep = sparsegpt(w, hessian.H, config.pattern, config.sparsity_of(name, work.targets[name]),
                                          config.damp, config.block_size, name)
