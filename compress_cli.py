@@ -136,6 +136,15 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
 @click.option("--prompt-len", type=int, metavar="N", help="Speed task prompt tokens (default 128).")
 @click.option("--new-tokens", type=int, metavar="N", help="Speed task new tokens (default 256; 64 without a KV cache).")
 @click.option("--repeats", type=int, metavar="N", help="Speed task timed runs, median reported (default 3).")
+@click.option("--kv-cache", type=click.Choice(["fp8", "int8", "int4", "int2"]), help="Evaluate the model with a "
+              "quantized KV cache (compress.kv): perplexity prefills each window's first --kv-prefill tokens, then "
+              "feeds one token a step through the cache (the baseline runs without it).")
+@click.option("--kv-group-size", type=int, metavar="N", help="Tokens per key scale and channels per value scale of an "
+              "int cache (default 64; must divide the heads' dimension).")
+@click.option("--kv-residual", type=int, metavar="N", help="Most recent tokens an int cache keeps in full precision "
+              "(default 128).")
+@click.option("--kv-prefill", type=int, metavar="N", help="Tokens of each perplexity window given at once before "
+              "the token-by-token part (default 128).")
 @click.option("--json", "json_path", metavar="FILE", help="Write the machine-readable report here.")
 @click.option("--output", "-o", metavar="DIR", help="Write report.json, report.md with its plots (PNG) and report.html "
               "here.")

@@ -187,8 +187,9 @@ def _split_list(value: str | None) -> list[str] | None:
 def eval_cmd(model: str, baseline: str | None, tasks: str | None, data: str | None, seq_len: int | None,
              stride: int | None, bos: bool, max_tokens: int | None, batch_size: int | None, prompts: str | None,
              draft: str | None, batch_sizes: str | None, speed_configs: str | None, prompt_len: int | None,
-             new_tokens: int | None, repeats: int | None, json_path: str | None, output: str | None, device: str,
-             dtype: str, no_fuse: bool) -> None:
+             new_tokens: int | None, repeats: int | None, kv_cache: str | None, kv_group_size: int | None,
+             kv_residual: int | None, kv_prefill: int | None, json_path: str | None, output: str | None,
+             device: str, dtype: str, no_fuse: bool) -> None:
     """``compress eval``: check the options, evaluate, print the summary and write the reports asked for."""
     from compress.errors import UsageError
     from compress.eval.report import summary
@@ -198,7 +199,12 @@ def eval_cmd(model: str, baseline: str | None, tasks: str | None, data: str | No
     problem = check_device(device)  # before any model, config or text is read
     if problem:
         raise UsageError(problem)
-    spec = eval_spec({"tasks": _split_list(tasks), "data": _cwd_path(data), "seq_len": seq_len, "stride": stride,
+    kv_options = {"group_size": kv_group_size, "residual": kv_residual, "prefill": kv_prefill}
+    if kv_cache is None and any(v is not None for v in kv_options.values()):
+        given = ", ".join(f"--kv-{k.replace('_', '-')}" for k, v in kv_options.items() if v is not None)
+        raise UsageError(f"{given} set without --kv-cache: add --kv-cache fp8|int8|int4|int2, or drop them")
+    spec = eval_spec({"kv_cache": None if kv_cache is None else {"scheme": kv_cache, **kv_options},
+                      "tasks": _split_list(tasks), "data": _cwd_path(data), "seq_len": seq_len, "stride": stride,
                       "bos": bos or None, "max_tokens": max_tokens, "batch_size": batch_size,
                       "fuse": False if no_fuse else None,
                       "prompts": _cwd_path(prompts), "speculative": {"draft": _cwd_path(draft)},

@@ -6,6 +6,10 @@ token (``seq_len - 1`` per window). Options: a sliding ``stride`` (each window s
 ``stride`` tokens, with the rest as context), a BOS token prepended to every window, and a cap on tokens.
 
 Windows are scored in batches on the model's device; the NLL is summed in float32 from each row's logits.
+
+With a quantized KV cache (``kv``, :mod:`compress.kv`) each batch of windows goes through the cache as generation
+does: the first ``prefill`` tokens at once, then one token a step, so every prediction after the prefill reads the
+keys and values as the cache stored them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from compress.errors import DataError
+from compress.eval.spec import KVCacheSpec
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,7 @@ class Protocol:
     text: str = ""  # the data's name
     join: str = ""  # how documents were joined ("\n\n" for datasets splits; "" for a file read as is)
     text_sha256: str = ""  # the text's digest, when known: the same name with other contents is another text
+    kv_cache: str = ""  # a quantized KV cache in the loop (KVCacheSpec.describe)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +50,8 @@ class Protocol:
             parts.append(f"first {self.max_tokens} tokens")
         if self.join:
             parts.append(f"documents joined with {self.join!r}")
+        if self.kv_cache:
+            parts.append(f"through a KV cache of {self.kv_cache}, one token a step after the prefill")
         return ", ".join(parts)
 
 
@@ -89,19 +97,48 @@ def windows(ids: torch.Tensor, protocol: Protocol, bos_id: int | None) -> tuple[
 
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, protocol: Protocol, bos_id: int | None = None,
-               batch_size: int = 8, device: torch.device | str | None = None, progress: bool = True) -> PerplexityResult:
-    """Perplexity of ``model`` on the 1-D token tensor ``ids`` under ``protocol``."""
+               batch_size: int = 8, device: torch.device | str | None = None, progress: bool = True,
+               kv: KVCacheSpec | None = None, quantized: bool = True) -> PerplexityResult:
+    """Perplexity of ``model`` on the 1-D token tensor ``ids`` under ``protocol``. With ``kv`` (which
+    ``protocol.kv_cache`` must then describe), through a KV cache as generation runs: quantized as ``kv`` says, or
+    in full precision (transformers' own cache, in the same steps) without ``quantized``."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     wins, scored = windows(ids, protocol, bos_id)
     nll_sum, count = 0.0, 0
     for start in tqdm(range(0, wins.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress or None):
         batch = wins[start : start + batch_size].to(device)
         keep = scored[start : start + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits
+        nll = _token_nll(model, batch) if kv is None else _token_nll_cached(model, batch, kv, quantized)
         for row in range(batch.shape[0]):
             n = int(keep[row])
-            pred = logits[row, -n - 1 : -1].float()
-            target = batch[row, -n:]
-            nll_sum += F.cross_entropy(pred, target, reduction="sum").item()
+            nll_sum += nll[row, -n:].sum().item()
             count += n
     return PerplexityResult(math.exp(nll_sum / count), nll_sum, count, int(wins.shape[0]), protocol)
+
+
+def _token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """NLL [B, L - 1] (float32) of each token after the first of ``batch`` given those before it."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    return torch.stack([F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="none")
+                        for row in range(batch.shape[0])])
+
+
+def _token_nll_cached(model: nn.Module, batch: torch.Tensor, kv: KVCacheSpec, quantized: bool) -> torch.Tensor:
+    """:func:`_token_nll` through a KV cache, quantized as ``kv`` says or in full precision (transformers' own): the
+    first ``kv.prefill`` tokens at once, then one a step."""
+    from transformers import DynamicCache
+
+    from compress.eval.speed import cache_keyword
+    from compress.kv import KVScheme, QuantizedCache
+
+    scheme = KVScheme.named(kv.scheme, kv.group_size, kv.residual)
+    cache = QuantizedCache(model.config, scheme=scheme) if quantized else DynamicCache(config=model.config)
+    prefill = min(kv.prefill, batch.shape[1] - 1)
+    steps = [batch[:, :prefill]] + list(batch[:, prefill:-1].split(1, dim=1))
+    nll, seen = [], 0
+    for step in steps:
+        logits = model(input_ids=step, use_cache=True, **{cache_keyword(model): cache}).logits.float()
+        targets = batch[:, seen + 1 : seen + 1 + step.shape[1]]
+        nll.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets))
+        seen += step.shape[1]
+    return torch.cat(nll, 1)

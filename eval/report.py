@@ -273,6 +273,10 @@ def summary(report: dict) -> str:
     if ppl is not None:
         delta = f" vs {base:.4f} for the baseline ({ppl / base - 1:+.2%})" if base else ""
         lines.append(f"perplexity {ppl:.4f}{delta} [{describe_protocol(report['protocol'])}]")
+    kv = report.get("kv_cache")
+    if kv:
+        lines.append(f"perplexity through the KV cache {kv['perplexity']:.4f} vs {kv['full_cache_perplexity']:.4f} "
+                     f"through a full-precision one ({kv['delta']:+.3%}) [{describe_protocol(kv['protocol'])}]")
     if report.get("kl"):
         lines.append(f"mean KL vs baseline {report['kl']['mean_kl']:.5f} nats, top-1 agreement "
                      f"{report['kl']['top1_agreement']:.2%} over {report['kl']['tokens']} tokens")

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 # EvalSpec fields whose command-line flag is not simply --field-name.
 FLAGS = {"speed.batch_sizes": "--batch-sizes", "speed.configs": "--speed-configs", "speed.prompt_len": "--prompt-len",
-         "speed.new_tokens": "--new-tokens", "speed.repeats": "--repeats", "speculative.draft": "--draft"}
+         "speed.new_tokens": "--new-tokens", "speed.repeats": "--repeats", "speculative.draft": "--draft",
+         "kv_cache.scheme": "--kv-cache", "kv_cache.group_size": "--kv-group-size", "kv_cache.residual": "--kv-residual",
+         "kv_cache.prefill": "--kv-prefill"}
 
 
 def eval_spec(options: dict) -> EvalSpec:

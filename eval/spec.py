@@ -48,6 +48,21 @@ class SpeculativeSpec(Section):
     new_tokens: int = Field(128, ge=1)
 
 
+class KVCacheSpec(Section):
+    """A quantized KV cache in the loop (:mod:`compress.kv`): perplexity is computed by prefilling each window's first
+    ``prefill`` tokens and feeding the rest one token a step, so the stored cache feeds every later prediction."""
+
+    scheme: Literal["fp8", "int8", "int4", "int2"]
+    group_size: int = Field(64, ge=1, description="tokens per key scale and channels per value scale (int schemes)")
+    residual: int = Field(128, ge=0, description="most recent tokens kept in full precision (int schemes)")
+    prefill: int = Field(128, ge=1, description="tokens of each window given at once before the token-by-token part")
+
+    def describe(self) -> str:
+        """e.g. ``int4 (group 64, residual 128), prefill 128``."""
+        layout = "" if self.scheme == "fp8" else f" (group {self.group_size}, residual {self.residual})"
+        return f"{self.scheme}{layout}, prefill {self.prefill}"
+
+
 class EvalSpec(Section):
     """Evaluation of a model against its original (``compress eval``; after ``compress apply`` when a recipe
     has an ``eval:`` section)."""
@@ -68,6 +83,7 @@ class EvalSpec(Section):
     seed: int = 0
     fuse: bool = Field(True, description="run every model with its layers that read the same input fused "
                        "(compress.fuse_projections: q/k/v, gate/up; faster decoding, the same outputs)")
+    kv_cache: KVCacheSpec | None = Field(None, description="evaluate the model with a quantized KV cache")
     speed: SpeedSpec = Field(default_factory=SpeedSpec)
     speculative: SpeculativeSpec = Field(default_factory=SpeculativeSpec)
     output: str | None = Field(None, description="folder for report.json, report.md and report.html")

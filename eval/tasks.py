@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import logging
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -74,6 +74,12 @@ def ppl_task(run: Run) -> dict:
     bos = getattr(run.tokenizer, "bos_token_id", None)
     out: dict = {k: perplexity(m.module, run.ids, protocol, bos, s.batch_size, progress=run.progress).to_dict()
                  for k, m in run.subjects.items()}
+    if s.kv_cache is not None:  # the model through the quantized cache, and through a full-precision one, same steps
+        stated = replace(protocol, kv_cache=s.kv_cache.describe())
+        for key, quantized in (("kv_cache", True), ("full_cache", False)):
+            out[key] = perplexity(run.model.module, run.ids, stated, bos, s.batch_size, progress=run.progress,
+                                  kv=s.kv_cache, quantized=quantized).to_dict()
+        out["kv_cache_delta"] = out["kv_cache"]["perplexity"] / out["full_cache"]["perplexity"] - 1
     if run.baseline is not None:
         out["delta"] = out["model"]["perplexity"] / out["baseline"]["perplexity"] - 1
     return out
@@ -178,4 +184,9 @@ def evaluate_subjects(model: Subject, spec: EvalSpec, tokenizer=None, baseline: 
         report["protocol"] = report["ppl"]["model"]["protocol"]
         if baseline is not None:
             report["baseline"]["perplexity"] = report["ppl"]["baseline"]["perplexity"]
+        if "kv_cache" in report["ppl"]:
+            ppl = report["ppl"]
+            report["kv_cache"] = {"perplexity": ppl["kv_cache"]["perplexity"], "protocol": ppl["kv_cache"]["protocol"],
+                                  "full_cache_perplexity": ppl["full_cache"]["perplexity"],
+                                  "delta": ppl["kv_cache_delta"]}
     return report

@@ -1,0 +1,177 @@
+"""The quantized KV cache (compress.kv, issue 25): quality on a real model, and decode speed at long context.
+
+Quality: perplexity through each cache against the same model through a full-precision cache in the same steps
+(each window's first ``--prefill`` tokens at once, then one token a step)::
+
+    python -m benchmarks.kv_bench quality --model ../shared/models/ref-a --valid valid.txt --windows 64 \\
+        --schemes int8,fp8,int4:32,int2:32,int4:64,int2:64
+
+Speed: a random-weight model of a real shape, one prompt of ``--context`` tokens, then timed decode steps (the
+model's forward on one token, the cache growing) with each cache; and the attention alone, per layer::
+
+    python -m benchmarks.kv_bench speed --shape llama-3-8b --context 32768 --schemes bf16,int4:64,int8:64
+
+Every figure is printed with the median of ``--repeats`` runs and its ratio to bf16's in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks.bench import random_model
+
+
+def _scheme(text: str):
+    """``int4:32`` (name, group size) -> KVScheme; ``bf16`` -> None (transformers' own cache)."""
+    from compress.kv import KVScheme
+
+    if text == "bf16":
+        return None
+    name, _, group = text.partition(":")
+    return KVScheme.named(name, int(group or 64))
+
+
+def _cache(model, scheme):
+    from transformers import DynamicCache
+
+    from compress.kv import QuantizedCache
+
+    return DynamicCache(config=model.config) if scheme is None else QuantizedCache(model.config, scheme=scheme)
+
+
+def quality(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compress.eval.perplexity import Protocol, perplexity
+    from compress.eval.spec import KVCacheSpec
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    ids = AutoTokenizer.from_pretrained(args.model)(open(args.valid).read(), return_tensors="pt").input_ids[0]
+    protocol = Protocol(seq_len=args.seq_len, max_tokens=args.windows * args.seq_len, text=args.valid)
+    plain = perplexity(model, ids, protocol, batch_size=args.batch, progress=False).perplexity
+    print(f"{args.model} {args.dtype} on {args.device}, first {args.windows} windows of {args.seq_len}, prefill "
+          f"{args.prefill}, residual {args.residual}")
+    print(f"plain forward (no cache): {plain:.4f}")
+    full = None
+    for text in args.schemes.split(","):
+        scheme = _scheme(text)
+        spec = KVCacheSpec(scheme=scheme.name, group_size=scheme.group_size, residual=args.residual,
+                           prefill=args.prefill)
+        if full is None:
+            start = time.perf_counter()
+            full = perplexity(model, ids, protocol, batch_size=args.batch, progress=False, kv=spec,
+                              quantized=False).perplexity
+            print(f"full-precision cache: {full:.4f} ({time.perf_counter() - start:.0f} s)")
+        start = time.perf_counter()
+        ppl = perplexity(model, ids, protocol, batch_size=args.batch, progress=False, kv=spec).perplexity
+        print(f"{spec.describe()}: {ppl:.4f} ({ppl / full - 1:+.3%} vs the full-precision cache; "
+              f"{time.perf_counter() - start:.0f} s)")
+
+
+def _time_steps(model, scheme, prompt: torch.Tensor, steps: int, repeats: int) -> tuple[float, int]:
+    """Median seconds a decode step takes after ``prompt``, and the cache's bytes then."""
+    from compress.eval.speed import cache_keyword
+
+    key = cache_keyword(model)
+    times = []
+    for _ in range(repeats):
+        cache = _cache(model, scheme)
+        with torch.no_grad():
+            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{key: cache})
+            token = out.logits[:, -1:].argmax(-1)
+            del out
+            for i in range(steps + 2):  # two warm-up steps
+                if i == 2:
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                token = model(input_ids=token, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / steps)
+    held = cache.stored_bytes() if scheme is not None else sum(
+        layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return statistics.median(times), held
+
+
+def _time_attention(scheme, context: int, heads: int, kv_heads: int, head_dim: int, repeats: int) -> float:
+    """Median seconds of one layer's decode attention over ``context`` tokens (sdpa on bf16 keys for bf16)."""
+    from compress.kv.attention import decode_attention
+    from compress.kv.cache import QuantizedLayer
+
+    k = torch.randn(1, kv_heads, context + 1, head_dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(1, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+    if scheme is None:
+        def run():
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    else:
+        layer = QuantizedLayer(scheme, direct=True)
+        layer.update(k[:, :, :context], v[:, :, :context])
+        view, _ = layer.update(k[:, :, context:], v[:, :, context:])
+
+        def run():
+            return decode_attention(q, view)
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(20):
+            run()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / 20)
+    return statistics.median(times)
+
+
+def speed(args: argparse.Namespace) -> None:
+    model = random_model(args.shape, "cuda", torch.bfloat16)
+    config = model.config
+    prompt = torch.randint(0, config.vocab_size, (args.batch, args.context), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(0))
+    print(f"{args.shape} (random weights, bf16) on {torch.cuda.get_device_name()}, batch {args.batch}, context "
+          f"{args.context}, {args.steps} steps, median of {args.repeats}")
+    rows, base = [], {}
+    for text in args.schemes.split(","):
+        scheme = _scheme(text)
+        attention = _time_attention(scheme, args.context, config.num_attention_heads, config.num_key_value_heads,
+                                    config.head_dim, args.repeats)
+        step, held = _time_steps(model, scheme, prompt, args.steps, args.repeats)
+        torch.cuda.empty_cache()
+        base = base or {"attention": attention, "step": step, "held": held}
+        rows.append((text, attention, step, held))
+        print(f"{text:>8}: attention {attention * 1e6:8.1f} us/layer ({base['attention'] / attention:.2f}x), decode "
+              f"{args.batch / step:8.1f} tok/s ({base['step'] / step:.2f}x), cache {held / 2**20:8.1f} MiB "
+              f"({held / base['held']:.3f}x)", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--model", required=True)
+    q.add_argument("--valid", required=True)
+    q.add_argument("--schemes", default="int8,fp8,int4:32,int2:32")
+    q.add_argument("--windows", type=int, default=64)
+    q.add_argument("--seq-len", type=int, default=1024)
+    q.add_argument("--prefill", type=int, default=128)
+    q.add_argument("--residual", type=int, default=128)
+    q.add_argument("--batch", type=int, default=32)
+    q.add_argument("--dtype", default="bfloat16")
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s = sub.add_parser("speed")
+    s.add_argument("--shape", default="llama-3-8b")
+    s.add_argument("--context", type=int, default=32768)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--steps", type=int, default=32)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--schemes", default="bf16,int4:64")
+    args = parser.parse_args()
+    quality(args) if args.mode == "quality" else speed(args)
+
+
+if __name__ == "__main__":
+    main()

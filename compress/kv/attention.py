@@ -1,0 +1,206 @@
+"""Attention that reads a :class:`compress.kv.cache.QuantizedCache` as stored.
+
+A model's attention gets what the cache's ``update`` returns. Where the model runs transformers' ``sdpa`` attention,
+:func:`install` puts a wrapper in its place (in transformers' registry of attention functions) that takes the
+cache's :class:`~compress.kv.cache.PackedKV` views: a decode step (one query token) on CUDA goes to
+:func:`decode_attention`, a Triton kernel that computes q.K^T and softmax.V from the packed codes and scales (split
+over the tokens, as flash-decoding does, so one long sequence fills the GPU); anything else (prompts, the CPU, a
+model with soft-capping or a sliding window) gets the keys and values dequantized and the original attention. Any
+other input goes to the original attention untouched, so models without a quantized cache run as before.
+
+:func:`decode_reference` is the same computation in PyTorch, the oracle of the kernel's tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from compress.kv.cache import PackedKV
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+UNSUPPORTED = ("softcap", "sliding_window", "s_aux")  # attention options the kernel does not have
+
+
+def install() -> None:
+    """Wrap transformers' ``sdpa`` attention so that it takes packed caches (once per process)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    current = AttentionInterface._global_mapping["sdpa"]
+    if not getattr(current, "reads_packed_kv", False):
+        AttentionInterface.register("sdpa", _reading_packed(current))
+
+
+def reads_packed(config) -> bool:
+    """Whether a model of ``config`` runs an attention that takes packed caches (installing it if needed)."""
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    install()
+    return True
+
+
+def _reading_packed(original):
+    @functools.wraps(original)
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        if not isinstance(key, PackedKV):
+            return original(module, query, key, value, attention_mask, **kwargs)
+        if _kernel_can_run(query, key, kwargs):
+            out = decode_attention(query, key, _keep(attention_mask, key.length), kwargs.get("scaling"))
+            return out.transpose(1, 2).contiguous(), None
+        k, v = key.dequantized()
+        return original(module, query, k, v, attention_mask, **kwargs)
+
+    attention.reads_packed_kv = True
+    return attention
+
+
+def _kernel_can_run(query: torch.Tensor, kv: PackedKV, kwargs: dict) -> bool:
+    return (triton is not None and query.is_cuda and query.shape[2] == 1 and kv.layer.scheme.format == "int"
+            and not kwargs.get("dropout") and all(kwargs.get(name) is None for name in UNSUPPORTED))
+
+
+def _keep(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """Which keys the one query may attend to [B, length] (bool), from transformers' 4-D mask; None: all."""
+    if mask is None:
+        return None
+    row = mask[:, 0, -1, :length]
+    return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+
+
+def decode_reference(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | None = None,
+                     scaling: float | None = None) -> torch.Tensor:
+    """Attention of ``query`` [B, Hq, 1, D] over the cache view ``kv`` (dequantized), in float32: [B, Hq, 1, D]."""
+    k, v = (t.float() for t in kv.dequantized())
+    groups = query.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    scores = (query.float() @ k.transpose(2, 3)) * (scaling or 1 / math.sqrt(query.shape[-1]))
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | None = None,
+                     scaling: float | None = None, block: int = 64) -> torch.Tensor:
+    """:func:`decode_reference` as Triton kernels on CUDA, reading the stored tokens' packed codes: [B, Hq, 1, D] in
+    the query's dtype."""
+    B, Hq, _, D = query.shape
+    layer, s = kv.layer, kv.layer.scheme
+    Hkv = kv.tail_keys.shape[1]
+    groups = Hq // Hkv
+    length, stored = kv.length, kv.stored
+    sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
+    splits = max(1, min(triton.cdiv(length, block), triton.cdiv(2 * sms, B * Hkv)))  # about two programs an SM
+    per_split = triton.cdiv(triton.cdiv(length, splits), block) * block
+    splits = triton.cdiv(length, per_split)
+    q = query.reshape(B, Hkv, groups, D).float().contiguous()
+    acc = torch.empty(B, Hkv, splits, groups, D, device=query.device, dtype=torch.float32)
+    stats = torch.empty(B, Hkv, splits, groups, 2, device=query.device, dtype=torch.float32)
+
+    def part(name: str) -> torch.Tensor:
+        return layer.buffers[name] if stored else kv.tail_keys.new_zeros(1, 1, 1, 1, dtype=torch.uint8)
+
+    kc, ks, kz, vc, vs, vz = (part(n) for n in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero"))
+    tk, tv = kv.tail_keys, kv.tail_values
+    keep_t = keep if keep is not None else q  # unused when HAS_KEEP is False
+    block_h = max(16, triton.next_power_of_2(groups))
+    _decode_kernel[(B * Hkv, splits)](
+        q, kc, ks, kz, vc, vs, vz, tk, tv, keep_t, acc, stats,
+        Hkv, stored, length, per_split, scaling or 1 / math.sqrt(D),
+        kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
+        vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
+        tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
+        keep_t.stride(0) if keep is not None else 0,
+        GROUPS=groups, BLOCK_H=block_h, D=D, BITS=s.bits, GROUP=s.group_size, BLOCK_T=block,
+        HAS_KEEP=keep is not None, num_warps=4)
+    m, l = stats[..., 0], stats[..., 1]  # noqa: E741
+    top = m.amax(2, keepdim=True)
+    weight = torch.exp(m - top).nan_to_num(0.0)  # a split whose keys are all masked weighs nothing
+    out = (acc * weight[..., None]).sum(2) / (l * weight).sum(2)[..., None]
+    return out.reshape(B, Hq, 1, D).to(query.dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _attend(q, k, v, ok, m, l, acc):
+        """One block of keys and values folded into the running softmax (m, l) and output (acc)."""
+        s = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_T], float32 accumulation of float16 products
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l, acc
+
+    @triton.jit
+    def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr, keep_ptr, acc_ptr,
+                       stats_ptr, Hkv, stored, length, per_split, scaling,
+                       kc_b, kc_h, kc_t, ks_b, ks_h, ks_t, vc_b, vc_h, vc_t, vs_b, vs_h, vs_t,
+                       tk_b, tk_h, tk_t, tv_b, tv_h, tv_t, keep_b,
+                       GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_KEEP: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // Hkv
+        h = bh % Hkv
+        splits = tl.num_programs(1)
+        PER: tl.constexpr = 8 // BITS
+        MAXQ: tl.constexpr = (1 << BITS) - 1
+        rows = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + (bh * GROUPS + rows[:, None]) * D + d[None, :], mask=rows[:, None] < GROUPS, other=0.0)
+        q = (q * scaling).to(tl.float16)
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, D], tl.float32)
+        byte = d // PER
+        shift = (d % PER) * BITS
+        start = split * per_split
+        end = tl.minimum(start + per_split, length)
+        # the stored tokens: keys per channel over runs of GROUP tokens, values per token over runs of GROUP channels
+        kc = kc_ptr + b * kc_b + h * kc_h
+        ks = ks_ptr + b * ks_b + h * ks_h
+        kz = kz_ptr + b * ks_b + h * ks_h
+        vc = vc_ptr + b * vc_b + h * vc_h
+        vs = vs_ptr + b * vs_b + h * vs_h
+        vz = vz_ptr + b * vs_b + h * vs_h
+        c = d // GROUP
+        for t0 in range(start, tl.minimum(end, stored), BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = t < tl.minimum(end, stored)
+            codes = (tl.load(kc + t[:, None] * kc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]) & MAXQ
+            g = t // GROUP
+            scale = tl.load(ks + g[:, None] * ks_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            zero = tl.load(kz + g[:, None] * ks_t + d[None, :], mask=ok[:, None], other=0).to(tl.float32)
+            k = ((codes.to(tl.float32) - zero) * scale).to(tl.float16)
+            codes = (tl.load(vc + t[:, None] * vc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]) & MAXQ
+            scale = tl.load(vs + t[:, None] * vs_t + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            zero = tl.load(vz + t[:, None] * vs_t + c[None, :], mask=ok[:, None], other=0).to(tl.float32)
+            v = ((codes.to(tl.float32) - zero) * scale).to(tl.float16)
+            if HAS_KEEP:
+                ok = ok & (tl.load(keep_ptr + b * keep_b + t, mask=ok, other=0) != 0)
+            m, l, acc = _attend(q, k, v, ok, m, l, acc)
+        # the window and the step's new tokens, as they are
+        tk = tk_ptr + b * tk_b + h * tk_h
+        tv = tv_ptr + b * tv_b + h * tv_h
+        for t0 in range(tl.maximum(start, stored), end, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = t < end
+            k = tl.load(tk + (t - stored)[:, None] * tk_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
+            v = tl.load(tv + (t - stored)[:, None] * tv_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
+            if HAS_KEEP:
+                ok = ok & (tl.load(keep_ptr + b * keep_b + t, mask=ok, other=0) != 0)
+            m, l, acc = _attend(q, k, v, ok, m, l, acc)
+        out = ((bh * splits + split) * GROUPS + rows)
+        tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rows[:, None] < GROUPS)
+        tl.store(stats_ptr + out * 2, m, mask=rows < GROUPS)
+        tl.store(stats_ptr + out * 2 + 1, l, mask=rows < GROUPS)
