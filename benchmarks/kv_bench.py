@@ -6,8 +6,9 @@ Quality: perplexity through each cache against the same model through a full-pre
     python -m benchmarks.kv_bench quality --model ../shared/models/ref-a --valid valid.txt --windows 64 \\
         --schemes int8,fp8,int4:32,int2:32,int4:64,int2:64
 
-Speed: a random-weight model of a real shape, one prompt of ``--context`` tokens, then timed decode steps (the
-model's forward on one token, the cache growing) with each cache; and the attention alone, per layer::
+Speed: a random-weight model of a real shape, one prompt of ``--context`` tokens, then timed decode steps with each
+cache: ``eager`` (the model's forward on one token, dynamic caches) and ``compiled`` (static caches, the step compiled
+with CUDA graphs, as the speed task's compiled-step); and the attention alone, per layer::
 
     python -m benchmarks.kv_bench speed --shape llama-3-8b --context 32768 --schemes bf16,int4:64,int8:64
 
@@ -128,24 +129,33 @@ def _time_attention(scheme, context: int, heads: int, kv_heads: int, head_dim: i
 
 
 def speed(args: argparse.Namespace) -> None:
+    from compress.eval.speed import time_compiled_steps
+
     model = random_model(args.shape, "cuda", torch.bfloat16)
     config = model.config
     prompt = torch.randint(0, config.vocab_size, (args.batch, args.context), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(0))
     print(f"{args.shape} (random weights, bf16) on {torch.cuda.get_device_name()}, batch {args.batch}, context "
           f"{args.context}, {args.steps} steps, median of {args.repeats}")
-    rows, base = [], {}
+    base: dict = {}
     for text in args.schemes.split(","):
         scheme = _scheme(text)
-        attention = _time_attention(scheme, args.context, config.num_attention_heads, config.num_key_value_heads,
-                                    config.head_dim, args.repeats)
-        step, held = _time_steps(model, scheme, prompt, args.steps, args.repeats)
+        row = {"attention": _time_attention(scheme, args.context, config.num_attention_heads,
+                                            config.num_key_value_heads, config.head_dim, args.repeats)}
+        if "eager" in args.modes:
+            row["eager"], row["held"] = _time_steps(model, scheme, prompt, args.steps, args.repeats)
+        if "compiled" in args.modes:
+            _, decode = time_compiled_steps(model, args.batch, args.context, args.steps + 1, 1, args.repeats, kv=scheme)
+            row["compiled"] = statistics.median(decode) / args.steps
         torch.cuda.empty_cache()
-        base = base or {"attention": attention, "step": step, "held": held}
-        rows.append((text, attention, step, held))
-        print(f"{text:>8}: attention {attention * 1e6:8.1f} us/layer ({base['attention'] / attention:.2f}x), decode "
-              f"{args.batch / step:8.1f} tok/s ({base['step'] / step:.2f}x), cache {held / 2**20:8.1f} MiB "
-              f"({held / base['held']:.3f}x)", flush=True)
+        base = base or row
+        cells = [f"attention {row['attention'] * 1e6:8.1f} us/layer ({base['attention'] / row['attention']:.2f}x)"]
+        for mode in ("eager", "compiled"):
+            if mode in row:
+                cells.append(f"{mode} decode {args.batch / row[mode]:8.1f} tok/s ({base[mode] / row[mode]:.2f}x)")
+        if "held" in row:
+            cells.append(f"cache {row['held'] / 2**20:8.1f} MiB ({row['held'] / base['held']:.3f}x)")
+        print(f"{text:>8}: " + ", ".join(cells), flush=True)
 
 
 def main() -> None:
@@ -169,6 +179,8 @@ def main() -> None:
     s.add_argument("--steps", type=int, default=32)
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--schemes", default="bf16,int4:64")
+    s.add_argument("--modes", default="eager,compiled", help="eager (the dynamic caches, uncompiled forward) and/or "
+                   "compiled (static caches, compiled step with CUDA graphs)")
     args = parser.parse_args()
     quality(args) if args.mode == "quality" else speed(args)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from compress.eval.spec import KVCacheSpec
 from compress.formats.base import CompressedLinear, layer_modules
 from compress.runtime.fusion import FusedProjection
 from compress.linear import get_bias, is_linear_like, linear_shape
@@ -120,12 +121,37 @@ def peak_generation_bytes(model: nn.Module, prompt_len: int, new_tokens: int, pa
     return torch.cuda.max_memory_allocated(device)
 
 
+@torch.no_grad()
+def quantized_cache_bytes(model: nn.Module, kv: KVCacheSpec, context: int) -> dict:
+    """Bytes per token of a quantized KV cache (scales and the full-precision window included), for one sequence:
+    measured after a forward of ``context`` random tokens through it, and by its arithmetic at that, 4k and 32k tokens;
+    each also as a fraction of the model's own cache."""
+    from compress.eval.speed import cache_keyword
+    from compress.kv import KVScheme, QuantizedCache
+    from compress.kv.cache import attention_shape
+
+    scheme = KVScheme.named(kv.scheme, kv.group_size, kv.residual)
+    cache = QuantizedCache(model.config, scheme=scheme)
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context), device=next(model.parameters()).device)
+    model(input_ids=ids, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+    full = kv_cache_bytes_per_token(model.config, compute_dtype(model))
+    text, kv_heads, head_dim = attention_shape(model.config)
+    at = {n: text.num_hidden_layers * scheme.bytes_per_token(kv_heads, head_dim, n, compute_dtype(model).itemsize)
+          for n in sorted({context, 4096, 32768})}
+    measured = cache.stored_bytes() / context
+    return {"scheme": kv.describe(), "context": context, "bytes_per_token": measured, "vs_full": measured / full,
+            "bytes_per_token_at": {str(n): b for n, b in at.items()},
+            "vs_full_at": {str(n): b / full for n, b in at.items()}}
+
+
 def memory_report(model: nn.Module, ref: str | None, context: int, prompt_len: int = 128,
-                  new_tokens: int = 128, pad_token_id: int = 0) -> dict:
-    """The ``memory`` task for one model: ``context`` is the tested context length (the perplexity window)."""
+                  new_tokens: int = 128, pad_token_id: int = 0, kv: KVCacheSpec | None = None) -> dict:
+    """The ``memory`` task for one model: ``context`` is the tested context length (the perplexity window); with
+    ``kv``, the bytes of that quantized KV cache too."""
     by_dtype = tensor_bytes_by_dtype(model)
     per_token = kv_cache_bytes_per_token(model.config, compute_dtype(model))
     return {
+        **({"kv_cache_quantized": quantized_cache_bytes(model, kv, context)} if kv is not None else {}),
         "checkpoint_bytes": checkpoint_bytes(ref) if ref else None,
         "tensor_bytes_by_dtype": by_dtype,
         "tensor_bytes": sum(by_dtype.values()),

@@ -293,6 +293,11 @@ def summary(report: dict) -> str:
                 f"{name} x{row['layers']} ({row['stored_bytes'] / row['dense_bytes']:.3f}x dense"
                 + (f", {row['sparsity']:.0%} pruned)" if row["sparsity"] else ")")
                 for name, row in layouts.items() if row["dense_bytes"]))
+    kv_memory = memory.get("model", {}).get("kv_cache_quantized")
+    if kv_memory:
+        lines.append(f"KV cache {kv_memory['scheme']}: {kv_memory['bytes_per_token']:,.0f} bytes a token at "
+                     f"{kv_memory['context']} tokens ({kv_memory['vs_full']:.3f}x the full-precision cache's; "
+                     + ", ".join(f"{r:.3f}x at {n}" for n, r in kv_memory["vs_full_at"].items()) + ")")
     for role, rows in ((report.get("speed") or {}).get("rows") or {}).items():
         timed = [r for r in rows if "decode_tok_s" in r]
         if timed:

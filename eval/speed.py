@@ -138,13 +138,19 @@ def decode_step(model: nn.Module, cache: StaticCache, mode: str | None = COMPILE
 
 @torch.no_grad()
 def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, warmup: int,
-                        repeats: int, draft: int = 1) -> tuple[list[float], list[float]]:
+                        repeats: int, draft: int = 1, kv=None) -> tuple[list[float], list[float]]:
     """Prefill and decode seconds of ``warmup + repeats`` greedy runs of the ``compiled-step`` configuration
-    (timed ones only): an eager prefill into a static KV cache, then ``(new_tokens - 1) // draft`` compiled
-    steps of ``draft`` tokens each (``compiled-verify``: draft > 1)."""
+    (timed ones only): an eager prefill into a static KV cache (transformers', or with ``kv`` a
+    :class:`compress.kv.KVScheme` a static quantized one), then ``(new_tokens - 1) // draft`` compiled steps of
+    ``draft`` tokens each (``compiled-verify``: draft > 1)."""
     device = model_device(model)
     ids = random_prompts(model, batch, prompt_len)
-    cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+    if kv is None:
+        cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
+    else:
+        from compress.kv import QuantizedCache
+
+        cache = QuantizedCache(model.config, scheme=kv, max_cache_len=prompt_len + new_tokens)
     positions = torch.arange(prompt_len + new_tokens, device=device)
     step, compiled = decode_step(model, cache, keep=draft)
     prefill, decode = [], []

@@ -23,7 +23,7 @@ from compress.eval.divergence import next_token_divergence
 from compress.eval.perplexity import Protocol, perplexity
 from compress.eval.report import SCHEMA
 from compress.model import config_context
-from compress.eval.spec import EvalSpec
+from compress.eval.spec import EvalSpec, KVCacheSpec
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,8 @@ def samples_task(run: Run) -> dict:
 
 
 def memory_task(run: Run) -> dict:
-    return {k: memory.memory_report(m.module, m.ref, run.seq_len, pad_token_id=run.pad)
+    return {k: memory.memory_report(m.module, m.ref, run.seq_len, pad_token_id=run.pad,
+                                    kv=run.spec.kv_cache if k == "model" else None)
             for k, m in run.subjects.items()}
 
 
@@ -157,6 +158,10 @@ def evaluate_subjects(model: Subject, spec: EvalSpec, tokenizer=None, baseline: 
     """Run ``spec.tasks`` on loaded models; the run's report (JSON-ready, see :mod:`compress.eval.report`)."""
     subjects = {"model": model} if baseline is None else {"model": model, "baseline": baseline}
     spec = with_tasks(spec, baseline is not None)
+    default_kv = getattr(model.module, "kv_cache_scheme", None)  # a checkpoint's kv-cache runtime feature
+    if spec.kv_cache is None and default_kv is not None:
+        log.info("evaluating through the checkpoint's KV cache (%s)", default_kv.scheme)
+        spec = spec.model_copy(update={"kv_cache": KVCacheSpec(**default_kv.model_dump())})
     contexts = {s.label: config_context(s.module.config) for s in subjects.values()}
     seq_len = resolve_seq_len(spec, contexts)
     check_generation_lengths(spec, contexts)

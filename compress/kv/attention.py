@@ -52,7 +52,7 @@ def _reading_packed(original):
         if not isinstance(key, PackedKV):
             return original(module, query, key, value, attention_mask, **kwargs)
         if _kernel_can_run(query, key, kwargs):
-            out = decode_attention(query, key, _keep(attention_mask, key.length), kwargs.get("scaling"))
+            out = decode_attention(query, key, _keep(attention_mask, key.bound), kwargs.get("scaling"))
             return out.transpose(1, 2).contiguous(), None
         k, v = key.dequantized()
         return original(module, query, k, v, attention_mask, **kwargs)
@@ -67,11 +67,25 @@ def _kernel_can_run(query: torch.Tensor, kv: PackedKV, kwargs: dict) -> bool:
 
 
 def _keep(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """Which keys the one query may attend to [B, length] (bool), from transformers' 4-D mask; None: all."""
+    """Which of the first ``length`` keys the one query may attend to [B, length] (bool), from transformers' 4-D
+    mask; None: all."""
     if mask is None:
         return None
     row = mask[:, 0, -1, :length]
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: Triton's interpreter)."""
+    if device.type != "cuda":
+        return 4
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def decode_reference(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | None = None,
@@ -94,34 +108,33 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
     layer, s = kv.layer, kv.layer.scheme
     Hkv = kv.tail_keys.shape[1]
     groups = Hq // Hkv
-    length, stored = kv.length, kv.stored
-    sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 4
-    splits = max(1, min(triton.cdiv(length, block), triton.cdiv(2 * sms, B * Hkv)))  # about two programs an SM
-    per_split = triton.cdiv(triton.cdiv(length, splits), block) * block
-    splits = triton.cdiv(length, per_split)
+    splits = max(1, min(triton.cdiv(kv.bound, block), triton.cdiv(2 * _sm_count(query.device), B * Hkv)))
+    per_split = triton.cdiv(triton.cdiv(kv.bound, splits), block) * block  # about two programs an SM
+    splits = triton.cdiv(kv.bound, per_split)
     q = query.reshape(B, Hkv, groups, D).float().contiguous()
     acc = torch.empty(B, Hkv, splits, groups, D, device=query.device, dtype=torch.float32)
     stats = torch.empty(B, Hkv, splits, groups, 2, device=query.device, dtype=torch.float32)
-
-    def part(name: str) -> torch.Tensor:
-        return layer.buffers[name] if stored else kv.tail_keys.new_zeros(1, 1, 1, 1, dtype=torch.uint8)
-
-    kc, ks, kz, vc, vs, vz = (part(n) for n in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero"))
+    on_device = torch.is_tensor(kv.length)
+    lengths = torch.stack([torch.as_tensor(kv.stored, device=query.device), kv.length]) if on_device else q
+    empty = not on_device and kv.stored == 0
+    kc, ks, kz, vc, vs, vz = (q if empty else layer.buffers[n] for n in ("k", "k_scale", "k_zero", "v", "v_scale",
+                                                                         "v_zero"))
     tk, tv = kv.tail_keys, kv.tail_values
     keep_t = keep if keep is not None else q  # unused when HAS_KEEP is False
     block_h = max(16, triton.next_power_of_2(groups))
     _decode_kernel[(B * Hkv, splits)](
-        q, kc, ks, kz, vc, vs, vz, tk, tv, keep_t, acc, stats,
-        Hkv, stored, length, per_split, scaling or 1 / math.sqrt(D),
+        q, kc, ks, kz, vc, vs, vz, tk, tv, keep_t, acc, stats, lengths,
+        Hkv, 0 if on_device else kv.stored, 0 if on_device else kv.length, per_split, tk.shape[2],
+        scaling or 1 / math.sqrt(D),
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
         keep_t.stride(0) if keep is not None else 0,
         GROUPS=groups, BLOCK_H=block_h, D=D, BITS=s.bits, GROUP=s.group_size, BLOCK_T=block,
-        HAS_KEEP=keep is not None, num_warps=4)
+        HAS_KEEP=keep is not None, ON_DEVICE=on_device, RING=kv.ring, num_warps=4)
     m, l = stats[..., 0], stats[..., 1]  # noqa: E741
     top = m.amax(2, keepdim=True)
-    weight = torch.exp(m - top).nan_to_num(0.0)  # a split whose keys are all masked weighs nothing
+    weight = torch.exp(m - top).nan_to_num(0.0)  # a split with no key (masked, or past the length) weighs nothing
     out = (acc * weight[..., None]).sum(2) / (l * weight).sum(2)[..., None]
     return out.reshape(B, Hq, 1, D).to(query.dtype)
 
@@ -143,12 +156,16 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr, keep_ptr, acc_ptr,
-                       stats_ptr, Hkv, stored, length, per_split, scaling,
+                       stats_ptr, lengths_ptr, Hkv, stored, length, per_split, ring, scaling,
                        kc_b, kc_h, kc_t, ks_b, ks_h, ks_t, vc_b, vc_h, vc_t, vs_b, vs_h, vs_t,
                        tk_b, tk_h, tk_t, tv_b, tv_h, tv_t, keep_b,
                        GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                       GROUP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_KEEP: tl.constexpr):
+                       GROUP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_KEEP: tl.constexpr, ON_DEVICE: tl.constexpr,
+                       RING: tl.constexpr):
         bh = tl.program_id(0)
+        if ON_DEVICE:  # a static cache's lengths, read here: the launch needs no host synchronisation
+            stored = tl.load(lengths_ptr).to(tl.int32)
+            length = tl.load(lengths_ptr + 1).to(tl.int32)
         split = tl.program_id(1)
         b = bh // Hkv
         h = bh % Hkv
@@ -195,8 +212,9 @@ if triton is not None:
         for t0 in range(tl.maximum(start, stored), end, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok = t < end
-            k = tl.load(tk + (t - stored)[:, None] * tk_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
-            v = tl.load(tv + (t - stored)[:, None] * tv_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
+            slot = t % ring if RING else t - stored
+            k = tl.load(tk + slot[:, None] * tk_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
+            v = tl.load(tv + slot[:, None] * tv_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
             if HAS_KEEP:
                 ok = ok & (tl.load(keep_ptr + b * keep_b + t, mask=ok, other=0) != 0)
             m, l, acc = _attend(q, k, v, ok, m, l, acc)

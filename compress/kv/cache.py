@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from compress.errors import UsageError
 from compress.kv import quant
@@ -81,28 +81,71 @@ class KVScheme:
 
 @dataclass
 class PackedKV:
-    """What an attention that reads the cache itself gets from :meth:`QuantizedLayer.update`: the first ``stored``
-    tokens as stored, then ``tail_keys`` / ``tail_values`` [B, H, n, D] in the model's dtype (the window and the
-    step's new tokens)."""
+    """What an attention that reads the cache itself gets from a quantized layer's ``update``: the first ``stored``
+    tokens as stored, then tokens [stored, length) in the model's dtype, from ``tail_keys`` / ``tail_values``
+    [B, H, n, D]: the window and the step's new tokens in order, or with ``ring`` the window kept in a ring (token t
+    at t mod n) by a static layer, whose ``stored`` and ``length`` are then 0-d tensors on the device. ``bound``:
+    an upper bound of ``length`` known on the host (the grid of a kernel, the width of the attention mask)."""
 
-    layer: QuantizedLayer
-    stored: int
+    layer: QuantizedLayer | StaticQuantizedLayer
+    stored: int | torch.Tensor
+    length: int | torch.Tensor
     tail_keys: torch.Tensor
     tail_values: torch.Tensor
-
-    @property
-    def length(self) -> int:
-        return self.stored + self.tail_keys.shape[2]
+    bound: int
+    ring: bool = False
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, H, length, D] in the model's dtype."""
-        if self.stored == 0:
-            return self.tail_keys, self.tail_values
-        k, v = self.layer.dequantize(self.stored)
-        return torch.cat([k, self.tail_keys], 2), torch.cat([v, self.tail_values], 2)
+        stored, length = int(self.stored), int(self.length)
+        k, v = self.tail_keys, self.tail_values
+        if self.ring:
+            slots = torch.arange(stored, length, device=k.device) % k.shape[2]
+            k, v = k.index_select(2, slots), v.index_select(2, slots)
+        if stored == 0:
+            return k, v
+        old_k, old_v = self.layer.dequantize(stored)
+        return torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
 
 
-class QuantizedLayer(DynamicLayer):
+class _Stored:
+    """What both layers share: the quantized parts of a run of tokens, and reading the first ``stored`` back."""
+
+    scheme: KVScheme
+    buffers: dict[str, torch.Tensor]
+    dtype: torch.dtype
+
+    def quantized(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The stored parts of keys and values [B, H, n, D] (n a multiple of the group size for int schemes)."""
+        s = self.scheme
+        if s.format == "fp8":
+            return {"k": quant.fp8_quantize(k, self.fp8_scales[0]), "v": quant.fp8_quantize(v, self.fp8_scales[1])}
+        qk, qv = quant.quantize_keys(k, s.bits, s.group_size), quant.quantize_values(v, s.bits, s.group_size)
+        return {"k": qk.codes, "k_scale": qk.scale, "k_zero": qk.zero, "v": qv.codes, "v_scale": qv.scale,
+                "v_zero": qv.zero}
+
+    def per(self, name: str) -> int:
+        """Tokens a row of buffer ``name`` is for: a key group for key scales, else one."""
+        return self.scheme.group_size if name in ("k_scale", "k_zero") else 1
+
+    def stored_part(self, name: str, stored: int) -> torch.Tensor:
+        """Buffer ``name`` cut to the first ``stored`` tokens (their key groups, for key scales)."""
+        return self.buffers[name][:, :, : stored // self.per(name)]
+
+    def dequantize(self, stored: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``stored`` tokens' keys and values in the model's dtype."""
+        s, part = self.scheme, lambda n: self.stored_part(n, stored)
+        if s.format == "fp8":
+            return (quant.fp8_dequantize(part("k"), self.fp8_scales[0], self.dtype),
+                    quant.fp8_dequantize(part("v"), self.fp8_scales[1], self.dtype))
+        k = quant.dequantize_keys(quant.Quantized(part("k"), part("k_scale"), part("k_zero")), s.bits, s.group_size,
+                                  self.dtype)
+        v = quant.dequantize_values(quant.Quantized(part("v"), part("v_scale"), part("v_zero")), s.bits,
+                                    s.group_size, self.dtype)
+        return k, v
+
+
+class QuantizedLayer(_Stored, DynamicLayer):
     """One decoder layer's quantized keys and values (see the module doc)."""
 
     is_compileable = False
@@ -128,7 +171,8 @@ class QuantizedLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         tail_k = torch.cat([self.keys, key_states], 2)
         tail_v = torch.cat([self.values, value_states], 2)
-        view = PackedKV(self, self.stored, tail_k, tail_v)
+        length = self.stored + tail_k.shape[2]
+        view = PackedKV(self, self.stored, length, tail_k, tail_v, length)
         move = self._to_store(tail_k.shape[2])
         if move:
             self._store(tail_k[:, :, :move], tail_v[:, :, :move])
@@ -143,22 +187,14 @@ class QuantizedLayer(DynamicLayer):
         return g * ((window - r) // g) if window - r >= g else 0
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        s = self.scheme
-        if s.format == "fp8":
-            parts = {"k": quant.fp8_quantize(k, self.fp8_scales[0]), "v": quant.fp8_quantize(v, self.fp8_scales[1])}
-        else:
-            qk, qv = quant.quantize_keys(k, s.bits, s.group_size), quant.quantize_values(v, s.bits, s.group_size)
-            parts = {"k": qk.codes, "k_scale": qk.scale, "k_zero": qk.zero,
-                     "v": qv.codes, "v_scale": qv.scale, "v_zero": qv.zero}
         start, end = self.stored, self.stored + k.shape[2]
-        for name, t in parts.items():
+        for name, t in self.quantized(k, v).items():
             self._write(name, t, start, end)
         self.stored = end
 
     def _write(self, name: str, t: torch.Tensor, start: int, end: int) -> None:
         """Write ``t`` (tokens [start, end) along dim 2, or their key groups for key scales) into its buffer."""
-        per = self.scheme.group_size if name in ("k_scale", "k_zero") else 1
-        lo, hi = start // per, end // per
+        lo, hi = start // self.per(name), end // self.per(name)
         buf = self.buffers.get(name)
         if buf is None or buf.shape[2] < hi:
             grown = t.new_empty((*t.shape[:2], max(hi, 2 * (0 if buf is None else buf.shape[2])), *t.shape[3:]))
@@ -166,23 +202,6 @@ class QuantizedLayer(DynamicLayer):
                 grown[:, :, : buf.shape[2]] = buf
             self.buffers[name] = buf = grown
         buf[:, :, lo:hi] = t
-
-    def stored_part(self, name: str, stored: int) -> torch.Tensor:
-        """Buffer ``name`` cut to the first ``stored`` tokens (their key groups, for key scales)."""
-        per = self.scheme.group_size if name in ("k_scale", "k_zero") else 1
-        return self.buffers[name][:, :, : stored // per]
-
-    def dequantize(self, stored: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``stored`` tokens' keys and values in the model's dtype."""
-        s, part = self.scheme, lambda n: self.stored_part(n, stored)
-        if s.format == "fp8":
-            return (quant.fp8_dequantize(part("k"), self.fp8_scales[0], self.dtype),
-                    quant.fp8_dequantize(part("v"), self.fp8_scales[1], self.dtype))
-        k = quant.dequantize_keys(quant.Quantized(part("k"), part("k_scale"), part("k_zero")), s.bits, s.group_size,
-                                  self.dtype)
-        v = quant.dequantize_values(quant.Quantized(part("v"), part("v_scale"), part("v_zero")), s.bits,
-                                    s.group_size, self.dtype)
-        return k, v
 
     def get_seq_length(self) -> int:
         return self.stored + (self.keys.shape[2] if self.is_initialized else 0)
@@ -220,7 +239,114 @@ class QuantizedLayer(DynamicLayer):
                          "full-precision cache with assistant models")
 
 
-def _attention_config(config):
+class StaticQuantizedLayer(_Stored, CacheLayerMixin):
+    """A :class:`QuantizedLayer` in buffers of fixed size and address, for ``torch.compile`` and CUDA graphs: codes
+    and scales for ``max_cache_len`` tokens, and the window in a ring of ``residual + group_size`` slots. A decode step
+    (one token) runs without host synchronisation or data-dependent shapes: the group a step completes is quantized
+    from the ring and written to its place, and other steps write the same work to a spare group past the end. A
+    prompt (several tokens) runs eagerly. Int schemes only."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, scheme: KVScheme, max_cache_len: int, direct: bool = False):
+        super().__init__()
+        if scheme.format != "int":
+            raise UsageError(f"a static quantized KV cache takes int2/int4/int8, not {scheme.name}: use the dynamic "
+                             "cache (no max_cache_len) for fp8")
+        self.scheme, self.direct, self.max_cache_len = scheme, direct, max_cache_len
+        self.ring = scheme.residual + scheme.group_size
+        self.buffers = {}
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        B, H, _, D = key_states.shape
+        g = self.scheme.group_size
+        capacity = -(-self.max_cache_len // g) * g + g  # and one spare group
+        parts = self.quantized(key_states.new_zeros(B, H, g, D), value_states.new_zeros(B, H, g, D))
+        self.buffers = {name: t.new_zeros((B, H, capacity // self.per(name), *t.shape[3:])) for name, t in parts.items()}
+        self.keys = key_states.new_zeros(B, H, self.ring, D)  # the window's ring
+        self.values = value_states.new_zeros(B, H, self.ring, D)
+        self.length = torch.zeros((), dtype=torch.long, device=self.device)
+        self.spare = torch.arange(capacity - g, capacity, device=self.device)
+        if not torch.compiler.is_compiling():
+            for t in (*self.buffers.values(), self.keys, self.values, self.length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def _stored_of(self, length):
+        g, r = self.scheme.group_size, self.scheme.residual
+        return g * ((length - r).clamp(min=0) // g) if torch.is_tensor(length) else g * (max(0, length - r) // g)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        view = self._step(key_states, value_states) if key_states.shape[2] == 1 else self._prompt(key_states,
+                                                                                                 value_states)
+        return (view, view) if self.direct else view.dequantized()
+
+    def _step(self, k: torch.Tensor, v: torch.Tensor) -> PackedKV:
+        g = self.scheme.group_size
+        before = self.length.clone()
+        self.keys.index_copy_(2, (before % self.ring).view(1), k)
+        self.values.index_copy_(2, (before % self.ring).view(1), v)
+        self.length.add_(1)
+        stored, now = self._stored_of(before), self._stored_of(self.length)
+        group = (now - g).clamp(min=0) + torch.arange(g, device=self.device)  # the group this step completes, if any
+        slots = group % self.ring
+        parts = self.quantized(self.keys.index_select(2, slots), self.values.index_select(2, slots))
+        rows = torch.where(now > stored, group, self.spare)
+        for name, t in parts.items():
+            self.buffers[name].index_copy_(2, rows[:1] // g if self.per(name) > 1 else rows, t)
+        return PackedKV(self, stored, before + 1, self.keys, self.values, self.max_cache_len, ring=True)
+
+    def _prompt(self, k: torch.Tensor, v: torch.Tensor) -> PackedKV:
+        before = int(self.length)
+        if before + k.shape[2] > self.max_cache_len:
+            raise UsageError(f"the static KV cache holds {self.max_cache_len} tokens; {before} are in it and "
+                             f"{k.shape[2]} more came: make max_cache_len larger")
+        stored = self._stored_of(before)
+        slots = torch.arange(stored, before, device=self.device) % self.ring
+        tail_k = torch.cat([self.keys.index_select(2, slots), k], 2)
+        tail_v = torch.cat([self.values.index_select(2, slots), v], 2)
+        length = before + k.shape[2]
+        now = self._stored_of(length)
+        if now > stored:
+            for name, t in self.quantized(tail_k[:, :, : now - stored], tail_v[:, :, : now - stored]).items():
+                self.buffers[name][:, :, stored // self.per(name) : now // self.per(name)] = t
+        window = torch.arange(now, length, device=self.device)
+        self.keys.index_copy_(2, window % self.ring, tail_k[:, :, now - stored :])
+        self.values.index_copy_(2, window % self.ring, tail_v[:, :, now - stored :])
+        self.length.fill_(length)
+        return PackedKV(self, stored, length, tail_k, tail_v, length)
+
+    def get_seq_length(self):
+        return self.length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def stored_bytes(self) -> int:
+        """Bytes of the codes and scales of the tokens stored now, and of the window's ring."""
+        if not self.is_initialized:
+            return 0
+        stored = int(self._stored_of(int(self.length)))
+        return sum(self.stored_part(n, stored).nbytes for n in self.buffers) + self.keys.nbytes + self.values.nbytes
+
+    def reset(self) -> None:
+        if self.is_initialized:
+            self.length.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise UsageError("a quantized KV cache cannot be cropped (assisted generation crops its cache): use a "
+                         "full-precision cache with assistant models")
+
+
+def attention_shape(config) -> tuple:
+    """(the decoder's text config, its KV heads, their dimension); UsageError for a model without attention heads."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_attention_heads", None)
     if not heads or not getattr(text, "num_hidden_layers", None):
@@ -242,11 +368,12 @@ class QuantizedCache(Cache):
     packed cache directly (:mod:`compress.kv.attention`); elsewhere the attention gets the cache dequantized."""
 
     def __init__(self, config, bits: int = 4, group_size: int = 64, residual: int = 128,
-                 format: Literal["int", "fp8"] = "int", scheme: KVScheme | None = None):
+                 format: Literal["int", "fp8"] = "int", scheme: KVScheme | None = None,
+                 max_cache_len: int | None = None):
         from compress.kv.attention import reads_packed
 
         self.scheme = scheme or KVScheme(format, 8 if format == "fp8" else bits, group_size, residual)
-        text, _, head_dim = _attention_config(config)
+        text, _, head_dim = attention_shape(config)
         if self.scheme.format == "int" and head_dim % self.scheme.group_size:
             raise UsageError(f"kv cache group_size {self.scheme.group_size} does not divide the attention heads' "
                              f"dimension {head_dim} ({type(config).__name__}): use a divisor of {head_dim}, such as "
@@ -256,7 +383,11 @@ class QuantizedCache(Cache):
             raise UsageError(f"a quantized KV cache needs every layer to be full attention; {type(config).__name__} "
                              f"has {', '.join(sorted(types - {'full_attention'}))} layers: use its own cache")
         direct = reads_packed(config)
-        super().__init__(layers=[QuantizedLayer(self.scheme, direct) for _ in range(text.num_hidden_layers)])
+        if max_cache_len is None:
+            layers = [QuantizedLayer(self.scheme, direct) for _ in range(text.num_hidden_layers)]
+        else:
+            layers = [StaticQuantizedLayer(self.scheme, max_cache_len, direct) for _ in range(text.num_hidden_layers)]
+        super().__init__(layers=layers)
 
     def stored_bytes(self) -> int:
         """Bytes the cache holds now, over all layers."""
