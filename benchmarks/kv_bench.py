@@ -27,21 +27,29 @@ from benchmarks.bench import random_model
 
 
 def _scheme(text: str):
-    """``int4:32`` (name, group size) -> KVScheme; ``bf16`` -> None (transformers' own cache)."""
+    """``int4:32`` (name, group size) -> KVScheme; ``bf16`` -> None (transformers' own cache); ``quanto:4`` or
+    ``hqq:4`` -> (backend, bits) of transformers' QuantizedCache (group 64, residual 128), eager only."""
     from compress.kv import KVScheme
 
     if text == "bf16":
         return None
     name, _, group = text.partition(":")
+    if name in ("quanto", "hqq"):
+        return name, int(group or 4)
     return KVScheme.named(name, int(group or 64))
 
 
 def _cache(model, scheme):
     from transformers import DynamicCache
+    from transformers import QuantizedCache as TransformersQuantizedCache
 
     from compress.kv import QuantizedCache
 
-    return DynamicCache(config=model.config) if scheme is None else QuantizedCache(model.config, scheme=scheme)
+    if scheme is None:
+        return DynamicCache(config=model.config)
+    if isinstance(scheme, tuple):
+        return TransformersQuantizedCache(scheme[0], model.config, nbits=scheme[1], q_group_size=64, residual_length=128)
+    return QuantizedCache(model.config, scheme=scheme)
 
 
 def quality(args: argparse.Namespace) -> None:
@@ -92,8 +100,10 @@ def _time_steps(model, scheme, prompt: torch.Tensor, steps: int, repeats: int) -
                 token = model(input_ids=token, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) / steps)
-    held = cache.stored_bytes() if scheme is not None else sum(
-        layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    if hasattr(cache, "stored_bytes"):
+        held = cache.stored_bytes()
+    else:  # transformers' caches: their layers' tensors (a quantized one's packed tensors too, where it has them)
+        held = sum(t.nbytes for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t))
     return statistics.median(times), held
 
 
@@ -140,16 +150,18 @@ def speed(args: argparse.Namespace) -> None:
     base: dict = {}
     for text in args.schemes.split(","):
         scheme = _scheme(text)
-        row = {"attention": _time_attention(scheme, args.context, config.num_attention_heads,
-                                            config.num_key_value_heads, config.head_dim, args.repeats)}
+        peer = isinstance(scheme, tuple)  # transformers' own quantized cache: its forward only, no compile
+        row = {} if peer else {"attention": _time_attention(scheme, args.context, config.num_attention_heads,
+                                                            config.num_key_value_heads, config.head_dim, args.repeats)}
         if "eager" in args.modes:
             row["eager"], row["held"] = _time_steps(model, scheme, prompt, args.steps, args.repeats)
-        if "compiled" in args.modes:
+        if "compiled" in args.modes and not peer:
             _, decode = time_compiled_steps(model, args.batch, args.context, args.steps + 1, 1, args.repeats, kv=scheme)
             row["compiled"] = statistics.median(decode) / args.steps
         torch.cuda.empty_cache()
         base = base or row
-        cells = [f"attention {row['attention'] * 1e6:8.1f} us/layer ({base['attention'] / row['attention']:.2f}x)"]
+        cells = [f"attention {row['attention'] * 1e6:8.1f} us/layer ({base['attention'] / row['attention']:.2f}x)"
+                 ] if "attention" in row else []
         for mode in ("eager", "compiled"):
             if mode in row:
                 cells.append(f"{mode} decode {args.batch / row[mode]:8.1f} tok/s ({base[mode] / row[mode]:.2f}x)")

@@ -63,6 +63,8 @@ def _reading_packed(original):
 
 def _kernel_can_run(query: torch.Tensor, kv: PackedKV, kwargs: dict) -> bool:
     return (triton is not None and query.is_cuda and query.shape[2] == 1 and kv.layer.scheme.format == "int"
+            and kv.layer.scheme.group_size >= 16  # a block of the kernel's products is at least 16 tokens
+            and query.shape[-1] & (query.shape[-1] - 1) == 0  # a power-of-two head dimension (Triton's tiles)
             and not kwargs.get("dropout") and all(kwargs.get(name) is None for name in UNSUPPORTED))
 
 
@@ -108,6 +110,7 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
     layer, s = kv.layer, kv.layer.scheme
     Hkv = kv.tail_keys.shape[1]
     groups = Hq // Hkv
+    block = min(block, s.group_size)  # a block within one key group
     splits = max(1, min(triton.cdiv(kv.bound, block), triton.cdiv(2 * _sm_count(query.device), B * Hkv)))
     per_split = triton.cdiv(triton.cdiv(kv.bound, splits), block) * block  # about two programs an SM
     splits = triton.cdiv(kv.bound, per_split)
@@ -142,9 +145,9 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
 if triton is not None:
 
     @triton.jit
-    def _attend(q, k, v, ok, m, l, acc):
-        """One block of keys and values folded into the running softmax (m, l) and output (acc)."""
-        s = tl.dot(q, tl.trans(k))  # [BLOCK_H, BLOCK_T], float32 accumulation of float16 products
+    def _attend(s, v, ok, m, l, acc):
+        """A block's scores ``s`` [BLOCK_H, BLOCK_T] and values ``v`` [BLOCK_T, D] (float16) folded into the running
+        softmax (m, l) and output (acc)."""
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -175,7 +178,8 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_H)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + (bh * GROUPS + rows[:, None]) * D + d[None, :], mask=rows[:, None] < GROUPS, other=0.0)
-        q = (q * scaling).to(tl.float16)
+        q = q * scaling
+        q16 = q.to(tl.float16)
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
@@ -190,22 +194,26 @@ if triton is not None:
         vc = vc_ptr + b * vc_b + h * vc_h
         vs = vs_ptr + b * vs_b + h * vs_h
         vz = vz_ptr + b * vs_b + h * vs_h
-        c = d // GROUP
-        for t0 in range(start, tl.minimum(end, stored), BLOCK_T):
+        NG: tl.constexpr = D // GROUP
+        j = tl.arange(0, NG)
+        for t0 in range(start, tl.minimum(end, stored), BLOCK_T):  # BLOCK_T divides GROUP: one key group a block
             t = t0 + tl.arange(0, BLOCK_T)
             ok = t < tl.minimum(end, stored)
+            # keys: q.k = (q * scale).codes - (q * scale).zero, the group's scale and zero point taken once
             codes = (tl.load(kc + t[:, None] * kc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]) & MAXQ
-            g = t // GROUP
-            scale = tl.load(ks + g[:, None] * ks_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            zero = tl.load(kz + g[:, None] * ks_t + d[None, :], mask=ok[:, None], other=0).to(tl.float32)
-            k = ((codes.to(tl.float32) - zero) * scale).to(tl.float16)
+            g = t0 // GROUP
+            qs = q * tl.load(ks + g * ks_t + d).to(tl.float32)[None, :]
+            bias = tl.sum(qs * tl.load(kz + g * ks_t + d).to(tl.float32)[None, :], 1)
+            s = tl.dot(qs.to(tl.float16), tl.trans(codes.to(tl.float16))) - bias[:, None]
+            # values: each token's runs of GROUP channels with their own scale and zero point
             codes = (tl.load(vc + t[:, None] * vc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]) & MAXQ
-            scale = tl.load(vs + t[:, None] * vs_t + c[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            zero = tl.load(vz + t[:, None] * vs_t + c[None, :], mask=ok[:, None], other=0).to(tl.float32)
-            v = ((codes.to(tl.float32) - zero) * scale).to(tl.float16)
+            scale = tl.load(vs + t[:, None] * vs_t + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            zero = tl.load(vz + t[:, None] * vs_t + j[None, :], mask=ok[:, None], other=0).to(tl.float32)
+            v = tl.reshape(codes.to(tl.float32), (BLOCK_T, NG, GROUP))
+            v = tl.reshape((v - zero[:, :, None]) * scale[:, :, None], (BLOCK_T, D)).to(tl.float16)
             if HAS_KEEP:
                 ok = ok & (tl.load(keep_ptr + b * keep_b + t, mask=ok, other=0) != 0)
-            m, l, acc = _attend(q, k, v, ok, m, l, acc)
+            m, l, acc = _attend(s, v, ok, m, l, acc)
         # the window and the step's new tokens, as they are
         tk = tk_ptr + b * tk_b + h * tk_h
         tv = tv_ptr + b * tv_b + h * tv_h
@@ -217,7 +225,7 @@ if triton is not None:
             v = tl.load(tv + slot[:, None] * tv_t + d[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
             if HAS_KEEP:
                 ok = ok & (tl.load(keep_ptr + b * keep_b + t, mask=ok, other=0) != 0)
-            m, l, acc = _attend(q, k, v, ok, m, l, acc)
+            m, l, acc = _attend(tl.dot(q16, tl.trans(k)), v, ok, m, l, acc)
         out = ((bh * splits + split) * GROUPS + rows)
         tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rows[:, None] < GROUPS)
         tl.store(stats_ptr + out * 2, m, mask=rows < GROUPS)
