@@ -127,8 +127,15 @@ def _token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 
 def _token_nll_cached(model: nn.Module, batch: torch.Tensor, kv: KVCacheSpec, quantized: bool) -> torch.Tensor:
-    """:func:`_token_nll` through a KV cache, quantized as ``kv`` says or in full precision (transformers' own): the
-    first ``kv.prefill`` tokens at once, then one a step."""
+    """:func:`_token_nll` through a KV cache (:func:`cached_logits`)."""
+    logits = cached_logits(model, batch, kv, quantized)[:, :-1].float()
+    return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none").view_as(batch[:, 1:])
+
+
+def cached_logits(model: nn.Module, batch: torch.Tensor, kv: KVCacheSpec, quantized: bool = True) -> torch.Tensor:
+    """The logits [B, L, vocab] of ``batch`` [B, L] computed as generation does, through a KV cache quantized as
+    ``kv`` says (or in full precision, transformers' own cache, without ``quantized``): the first ``kv.prefill``
+    tokens at once, then one a step."""
     from transformers import DynamicCache
 
     from compress.eval.speed import cache_keyword
@@ -137,11 +144,6 @@ def _token_nll_cached(model: nn.Module, batch: torch.Tensor, kv: KVCacheSpec, qu
     scheme = KVScheme.named(kv.scheme, kv.group_size, kv.residual)
     cache = QuantizedCache(model.config, scheme=scheme) if quantized else DynamicCache(config=model.config)
     prefill = min(kv.prefill, batch.shape[1] - 1)
-    steps = [batch[:, :prefill]] + list(batch[:, prefill:-1].split(1, dim=1))
-    nll, seen = [], 0
-    for step in steps:
-        logits = model(input_ids=step, use_cache=True, **{cache_keyword(model): cache}).logits.float()
-        targets = batch[:, seen + 1 : seen + 1 + step.shape[1]]
-        nll.append(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets))
-        seen += step.shape[1]
-    return torch.cat(nll, 1)
+    steps = [batch[:, :prefill]] + list(batch[:, prefill:].split(1, dim=1))
+    return torch.cat([model(input_ids=step, use_cache=True, **{cache_keyword(model): cache}).logits
+                      for step in steps], 1)

@@ -7,9 +7,11 @@ evaluated model and its baseline sit side by side under ``model`` / ``baseline``
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -87,16 +89,36 @@ def ppl_task(run: Run) -> dict:
 
 def kl_task(run: Run) -> dict:
     tokens = min(run.spec.kl_tokens, run.spec.max_tokens or run.spec.kl_tokens)
+    kv = run.spec.kv_cache
     result = next_token_divergence(run.model.module, run.baseline.module, run.ids, run.seq_len, tokens,
-                                   run.spec.batch_size, run.progress)
-    return {**result.to_dict(), "seq_len": run.seq_len}
+                                   run.spec.batch_size, run.progress, kv)
+    return {**result.to_dict(), "seq_len": run.seq_len, **({"kv_cache": kv.describe()} if kv else {})}
 
 
 def samples_task(run: Run) -> dict:
     prompts = read_prompts(run.spec.prompts) or samples.DEFAULT_PROMPTS
     baseline = run.baseline.module if run.baseline else None
-    return samples.side_by_side(run.model.module, run.tokenizer, prompts, run.spec.max_new_tokens, run.spec.seed,
-                                baseline, run.progress)
+    with generating_through(run.model.module, run.spec.kv_cache):
+        result = samples.side_by_side(run.model.module, run.tokenizer, prompts, run.spec.max_new_tokens,
+                                      run.spec.seed, baseline, run.progress)
+    return {**result, **({"kv_cache": run.spec.kv_cache.describe()} if run.spec.kv_cache else {})}
+
+
+@contextlib.contextmanager
+def generating_through(model: nn.Module, kv: KVCacheSpec | None) -> Iterator[None]:
+    """While active, ``model.generate`` uses a quantized KV cache as ``kv`` says (the ``kv-cache`` runtime
+    feature), unless the model has that feature on already."""
+    if kv is None or getattr(model, "kv_cache_scheme", None) is not None:
+        yield
+        return
+    from compress.runtime import features
+
+    feature = features.get("kv-cache")
+    feature.enable(model, feature.Config(scheme=kv.scheme, group_size=kv.group_size, residual=kv.residual))
+    try:
+        yield
+    finally:
+        feature.disable(model)
 
 
 def memory_task(run: Run) -> dict:

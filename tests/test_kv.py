@@ -203,6 +203,25 @@ def test_compress_eval_reports_the_cache(tiny_dirs, tmp_path) -> None:
     assert "through the KV cache" in result.output
 
 
+def test_kl_and_samples_run_through_the_cache(tiny_dirs, tmp_path) -> None:
+    """With --kv-cache the kl and samples tasks read the model through the quantized cache: int8 against the same
+    model as baseline gives a KL near zero (not exactly zero), and the report says which cache."""
+    from compress_cli import cli
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(3000)))
+    out = tmp_path / "r.json"
+    model = str(tiny_dirs["llama"])
+    result = CliRunner().invoke(cli, ["eval", model, "--baseline", model, "--data", str(text), "--seq-len", "64",
+                                      "--max-tokens", "640", "--tasks", "kl,samples", "--kv-cache", "int8",
+                                      "--kv-group-size", "16", "--kv-residual", "8", "--kv-prefill", "8",
+                                      "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert 0 < report["kl"]["mean_kl"] < 1e-3 and report["kl"]["kv_cache"].startswith("int8 (group 16, residual 8)")
+    assert report["samples"]["kv_cache"].startswith("int8")
+
+
 def test_the_memory_task_measures_the_cache_as_its_arithmetic_says(tiny_dirs, tmp_path) -> None:
     """The bytes a token the cache holds after a 200-token forward equal KVScheme.bytes_per_token's arithmetic (tiny
     llama: 2 layers, 2 KV heads of 32, float32). Against a float32 cache the ratios are not the issue's (which are
