@@ -80,8 +80,9 @@ def _keep(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
 _SMS: dict[int, int] = {}
 
 
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (4 elsewhere: Triton's interpreter)."""
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: Triton's interpreter); asked once a device, so a
+    compiled step reads a constant."""
     if device.type != "cuda":
         return 4
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -111,7 +112,7 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
     Hkv = kv.tail_keys.shape[1]
     groups = Hq // Hkv
     block = min(block, s.group_size)  # a block within one key group
-    splits = max(1, min(triton.cdiv(kv.bound, block), triton.cdiv(2 * _sm_count(query.device), B * Hkv)))
+    splits = max(1, min(triton.cdiv(kv.bound, block), triton.cdiv(2 * sm_count(query.device), B * Hkv)))
     per_split = triton.cdiv(triton.cdiv(kv.bound, splits), block) * block  # about two programs an SM
     splits = triton.cdiv(kv.bound, per_split)
     q = query.reshape(B, Hkv, groups, D).float().contiguous()

@@ -268,6 +268,10 @@ class StaticQuantizedLayer(_Stored, CacheLayerMixin):
         self.keys = key_states.new_zeros(B, H, self.ring, D)  # the window's ring
         self.values = value_states.new_zeros(B, H, self.ring, D)
         self.length = torch.zeros((), dtype=torch.long, device=self.device)
+        if self.direct:  # the kernel's grid reads the device's multiprocessors: known before a step is compiled
+            from compress.kv.attention import sm_count
+
+            sm_count(self.device)
         self.spare = torch.arange(capacity - g, capacity, device=self.device)
         if not torch.compiler.is_compiling():
             for t in (*self.buffers.values(), self.keys, self.values, self.length):
