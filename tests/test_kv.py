@@ -287,6 +287,27 @@ for bits, group, residual, heads, groups, prompt in [(2, 16, 16, 2, 3, 150), (4,
         ref = decode_reference(q, view, mask)
         out = decode_attention(q, view, mask, block=32)
         worst = max(worst, (out - ref).abs().max().item())
+for prompt in (300, 1):  # fp8: every token stored at once, a scale a head
+    layer = QuantizedLayer(KVScheme("fp8", 8, 64, 128), direct=True)
+    k, v = torch.randn(2, 2, prompt + 1, 64) * 3, torch.randn(2, 2, prompt + 1, 64)
+    layer.update(k[:, :, :prompt], v[:, :, :prompt])
+    view, _ = layer.update(k[:, :, prompt:], v[:, :, prompt:])
+    q = torch.randn(2, 4, 1, 64)
+    worst = max(worst, (decode_attention(q, view, block=32) - decode_reference(q, view)).abs().max().item())
+import triton
+import triton.language as tl
+from compress.kv.attention import _e4m3
+
+@triton.jit
+def decode_bytes(x_ptr, y_ptr):
+    i = tl.arange(0, 256)
+    tl.store(y_ptr + i, _e4m3(tl.load(x_ptr + i)))
+
+codes = torch.arange(256, dtype=torch.uint8)
+decoded = torch.empty(256)
+decode_bytes[(1,)](codes, decoded)
+finite = (codes & 0x7F) != 0x7F  # 0x7f and 0xff are NaN in E4M3 (the cache never stores them)
+assert torch.equal(decoded[finite], codes.view(torch.float8_e4m3fn).float()[finite]), "e4m3 decoder"
 from compress.kv.cache import StaticQuantizedLayer
 for bits in (2, 4):  # a static layer's views: the window in a ring, the lengths on the device
     layer = StaticQuantizedLayer(KVScheme("int", bits, 16, 24), 400, direct=True)
@@ -303,8 +324,9 @@ print("worst", worst)
 
 def test_decode_kernel_matches_its_oracle_in_the_interpreter() -> None:
     """The Triton decode kernel (run by Triton's interpreter) against dequantize-then-attend in float32: 2/4/8 bits,
-    grouped-query heads, a mask, a view with nothing stored yet, several splits, and a static layer's views (the
-    window in a ring, the lengths read on the device, splits past the length)."""
+    grouped-query heads, a mask, a view with nothing stored yet, several splits, fp8 (and the kernel's E4M3 decoder
+    against torch's on every byte), and a static layer's views (the window in a ring, the lengths read on the
+    device, splits past the length)."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", KERNEL_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -312,12 +334,13 @@ def test_decode_kernel_matches_its_oracle_in_the_interpreter() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_decode_kernel_on_cuda_matches_dequantize_then_attend(bits: int) -> None:
+@pytest.mark.parametrize("bits", [2, 4, 8, "fp8"])
+def test_decode_kernel_on_cuda_matches_dequantize_then_attend(bits) -> None:
     from compress.kv.attention import decode_attention, decode_reference
 
     torch.manual_seed(0)
-    layer = QuantizedLayer(KVScheme("int", bits, 32, 128), direct=True)
+    scheme = KVScheme("fp8", 8) if bits == "fp8" else KVScheme("int", bits, 32, 128)
+    layer = QuantizedLayer(scheme, direct=True)
     k = torch.randn(1, 8, 5001, 128, device="cuda", dtype=torch.bfloat16) * 3
     v = torch.randn(1, 8, 5001, 128, device="cuda", dtype=torch.bfloat16)
     layer.update(k[:, :, :5000], v[:, :, :5000])

@@ -62,8 +62,9 @@ def _reading_packed(original):
 
 
 def _kernel_can_run(query: torch.Tensor, kv: PackedKV, kwargs: dict) -> bool:
-    return (triton is not None and query.is_cuda and query.shape[2] == 1 and kv.layer.scheme.format == "int"
-            and kv.layer.scheme.group_size >= 16  # a block of the kernel's products is at least 16 tokens
+    scheme = kv.layer.scheme
+    return (triton is not None and query.is_cuda and query.shape[2] == 1
+            and (scheme.format == "fp8" or scheme.group_size >= 16)  # a block's products: at least 16 tokens
             and query.shape[-1] & (query.shape[-1] - 1) == 0  # a power-of-two head dimension (Triton's tiles)
             and not kwargs.get("dropout") and all(kwargs.get(name) is None for name in UNSUPPORTED))
 
@@ -111,7 +112,9 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
     layer, s = kv.layer, kv.layer.scheme
     Hkv = kv.tail_keys.shape[1]
     groups = Hq // Hkv
-    block = min(block, s.group_size)  # a block within one key group
+    fp8 = s.format == "fp8"
+    group = D if fp8 else s.group_size
+    block = min(block, group)  # a block within one key group
     splits = max(1, min(triton.cdiv(kv.bound, block), triton.cdiv(2 * sm_count(query.device), B * Hkv)))
     per_split = triton.cdiv(triton.cdiv(kv.bound, splits), block) * block  # about two programs an SM
     splits = triton.cdiv(kv.bound, per_split)
@@ -121,8 +124,13 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
     on_device = torch.is_tensor(kv.length)
     lengths = torch.stack([torch.as_tensor(kv.stored, device=query.device), kv.length]) if on_device else q
     empty = not on_device and kv.stored == 0
-    kc, ks, kz, vc, vs, vz = (q if empty else layer.buffers[n] for n in ("k", "k_scale", "k_zero", "v", "v_scale",
-                                                                         "v_zero"))
+    if fp8:  # codes read as bytes; one scale a head (the kernel's scale "rows" are then heads)
+        kc, vc = (q if empty else layer.buffers[n].view(torch.uint8) for n in ("k", "v"))
+        ks, vs = (q if empty else t.view(1, -1, 1).expand(B, -1, 1) for t in layer.fp8_scales)
+        kz = vz = q
+    else:
+        kc, ks, kz, vc, vs, vz = (q if empty else layer.buffers[n] for n in ("k", "k_scale", "k_zero", "v", "v_scale",
+                                                                             "v_zero"))
     tk, tv = kv.tail_keys, kv.tail_values
     keep_t = keep if keep is not None else q  # unused when HAS_KEEP is False
     block_h = max(16, triton.next_power_of_2(groups))
@@ -134,7 +142,7 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
         keep_t.stride(0) if keep is not None else 0,
-        GROUPS=groups, BLOCK_H=block_h, D=D, BITS=s.bits, GROUP=s.group_size, BLOCK_T=block,
+        GROUPS=groups, BLOCK_H=block_h, D=D, BITS=s.bits, GROUP=group, BLOCK_T=block, FP8=fp8,
         HAS_KEEP=keep is not None, ON_DEVICE=on_device, RING=kv.ring, num_warps=4)
     m, l = stats[..., 0], stats[..., 1]  # noqa: E741
     top = m.amax(2, keepdim=True)
@@ -144,6 +152,15 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
 
 
 if triton is not None:
+
+    @triton.jit
+    def _e4m3(x):
+        """float8_e4m3fn codes (read as bytes) as float32: sign, 4 exponent bits (bias 7), 3 mantissa bits."""
+        x = x.to(tl.int32)
+        e = (x >> 3) & 15
+        m = (x & 7).to(tl.float32) / 8.0
+        value = tl.where(e == 0, m * 0.015625, (1.0 + m) * tl.exp2((e - 7).to(tl.float32)))
+        return tl.where((x & 128) != 0, -value, value)
 
     @triton.jit
     def _attend(s, v, ok, m, l, acc):
@@ -164,8 +181,8 @@ if triton is not None:
                        kc_b, kc_h, kc_t, ks_b, ks_h, ks_t, vc_b, vc_h, vc_t, vs_b, vs_h, vs_t,
                        tk_b, tk_h, tk_t, tv_b, tv_h, tv_t, keep_b,
                        GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
-                       GROUP: tl.constexpr, BLOCK_T: tl.constexpr, HAS_KEEP: tl.constexpr, ON_DEVICE: tl.constexpr,
-                       RING: tl.constexpr):
+                       GROUP: tl.constexpr, BLOCK_T: tl.constexpr, FP8: tl.constexpr, HAS_KEEP: tl.constexpr,
+                       ON_DEVICE: tl.constexpr, RING: tl.constexpr):
         bh = tl.program_id(0)
         if ON_DEVICE:  # a static cache's lengths, read here: the launch needs no host synchronisation
             stored = tl.load(lengths_ptr).to(tl.int32)
@@ -200,18 +217,26 @@ if triton is not None:
         for t0 in range(start, tl.minimum(end, stored), BLOCK_T):  # BLOCK_T divides GROUP: one key group a block
             t = t0 + tl.arange(0, BLOCK_T)
             ok = t < tl.minimum(end, stored)
-            # keys: q.k = (q * scale).codes - (q * scale).zero, the group's scale and zero point taken once
-            codes = (tl.load(kc + t[:, None] * kc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]) & MAXQ
-            g = t0 // GROUP
-            qs = q * tl.load(ks + g * ks_t + d).to(tl.float32)[None, :]
-            bias = tl.sum(qs * tl.load(kz + g * ks_t + d).to(tl.float32)[None, :], 1)
-            s = tl.dot(qs.to(tl.float16), tl.trans(codes.to(tl.float16))) - bias[:, None]
-            # values: each token's runs of GROUP channels with their own scale and zero point
-            codes = (tl.load(vc + t[:, None] * vc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]) & MAXQ
-            scale = tl.load(vs + t[:, None] * vs_t + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            zero = tl.load(vz + t[:, None] * vs_t + j[None, :], mask=ok[:, None], other=0).to(tl.float32)
-            v = tl.reshape(codes.to(tl.float32), (BLOCK_T, NG, GROUP))
-            v = tl.reshape((v - zero[:, :, None]) * scale[:, :, None], (BLOCK_T, D)).to(tl.float16)
+            if FP8:  # E4M3 codes with one scale a head: the keys' folded into the query, the values' applied
+                codes = tl.load(kc + t[:, None] * kc_t + d[None, :], mask=ok[:, None], other=0)
+                s = tl.dot((q * tl.load(ks)).to(tl.float16), tl.trans(_e4m3(codes).to(tl.float16)))
+                codes = tl.load(vc + t[:, None] * vc_t + d[None, :], mask=ok[:, None], other=0)
+                v = (_e4m3(codes) * tl.load(vs)).to(tl.float16)
+            else:
+                # keys: q.k = (q * scale).codes - (q * scale).zero, the group's scale and zero point taken once
+                codes = (tl.load(kc + t[:, None] * kc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]
+                         ) & MAXQ
+                g = t0 // GROUP
+                qs = q * tl.load(ks + g * ks_t + d).to(tl.float32)[None, :]
+                bias = tl.sum(qs * tl.load(kz + g * ks_t + d).to(tl.float32)[None, :], 1)
+                s = tl.dot(qs.to(tl.float16), tl.trans(codes.to(tl.float16))) - bias[:, None]
+                # values: each token's runs of GROUP channels with their own scale and zero point
+                codes = (tl.load(vc + t[:, None] * vc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]
+                         ) & MAXQ
+                scale = tl.load(vs + t[:, None] * vs_t + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+                zero = tl.load(vz + t[:, None] * vs_t + j[None, :], mask=ok[:, None], other=0).to(tl.float32)
+                v = tl.reshape(codes.to(tl.float32), (BLOCK_T, NG, GROUP))
+                v = tl.reshape((v - zero[:, :, None]) * scale[:, :, None], (BLOCK_T, D)).to(tl.float16)
             if HAS_KEEP:
                 ok = ok & (tl.load(keep_ptr + b * keep_b + t, mask=ok, other=0) != 0)
             m, l, acc = _attend(s, v, ok, m, l, acc)
