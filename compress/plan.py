@@ -146,6 +146,7 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
                     masks[name] = (masks[name][0], scheme)
             planned_stage.append(PlannedStep(step.where, step.method, step.config, list(sel.modules), kernels, notes))
         planned.append(planned_stage)
+    problems += _runtime_problems(recipe, model)
     seq_len = _seq_len(recipe, model, problems)
     if problems:
         raise RecipeError(problems, f"{source} (against {type(model).__name__})")
@@ -155,6 +156,18 @@ def plan(recipe: Recipe, stages: list[list[ResolvedStep]], model: nn.Module, sou
         for name in stored:
             step.kernels.pop(name, None)
     return Plan(recipe, planned, seq_len, stored)
+
+
+def _runtime_problems(recipe: Recipe, model: nn.Module) -> list[Problem]:
+    """Each runtime feature's problems with ``model`` (its arguments were checked with the recipe)."""
+    from compress.runtime import features
+
+    problems = []
+    for i, entry in enumerate(recipe.runtime or []):
+        feature = features.get(entry.feature)
+        for p in feature.check_model(model, feature.Config.model_validate(entry.args)):
+            problems.append(Problem(f"runtime[{i}].args.{p.where}" if p.where else f"runtime[{i}]", p.message))
+    return problems
 
 
 LOADED = "the checkpoint the model was loaded from"  # who stored a layer that was stored before the recipe

@@ -401,13 +401,21 @@ def test_a_checkpoint_carries_its_kv_cache(tmp_path) -> None:
         QuantizedLayer.update = original
 
 
-def test_a_kv_cache_the_model_cannot_take_is_refused_before_anything_runs() -> None:
+@pytest.mark.parametrize("args,where", [({"scheme": "int3"}, r"runtime\[0\]\.args\.scheme"),
+                                        ({"scheme": "int4", "group_size": 24}, r"runtime\[0\]\.args\.group_size: .*"
+                                                                               r"does not divide .* dimension 32")])
+def test_a_kv_cache_the_model_cannot_take_is_refused_before_anything_runs(args: dict, where: str) -> None:
+    """Checked with the recipe (its arguments, then against the model on the meta device), before any weight is
+    read or changed."""
     import compress
 
+    model = make_tiny("llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
     recipe = {"steps": [{"method": "rtn", "args": {"bits": 8, "group_size": 64}}],
-              "runtime": [{"feature": "kv-cache", "args": {"scheme": "int3"}}]}
-    with pytest.raises(UsageError, match=r"runtime\[0\]\.args\.scheme"):
-        compress.apply(make_tiny("llama"), recipe, device="cpu")
+              "runtime": [{"feature": "kv-cache", "args": args}]}
+    with pytest.raises(UsageError, match=where):
+        compress.apply(model, recipe, device="cpu")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 @pytest.mark.gpu

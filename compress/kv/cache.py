@@ -361,6 +361,22 @@ def attention_shape(config) -> tuple:
     return text, kv_heads, head_dim
 
 
+def check_model(config, scheme: KVScheme):
+    """UsageError if a model of ``config`` cannot take a cache of ``scheme`` (no attention heads, a layer that is not
+    full attention, a group size that does not divide the heads' dimension); else the decoder's text config."""
+    text, _, head_dim = attention_shape(config)
+    if scheme.format == "int" and head_dim % scheme.group_size:
+        divisors = [d for d in (16, 32, 64, 128) if head_dim % d == 0]
+        raise UsageError(f"kv cache group_size {scheme.group_size} does not divide the attention heads' dimension "
+                         f"{head_dim} ({type(config).__name__}): use a divisor of {head_dim}"
+                         + (f", such as {max(divisors)}" if divisors else ""))
+    types = set(getattr(text, "layer_types", None) or ["full_attention"])
+    if types - {"full_attention"}:
+        raise UsageError(f"a quantized KV cache needs every layer to be full attention; {type(config).__name__} "
+                         f"has {', '.join(sorted(types - {'full_attention'}))} layers: use its own cache")
+    return text
+
+
 class QuantizedCache(Cache):
     """A KV cache that stores keys per channel and values per token in 2, 4 or 8 bits with a full-precision window
     (KIVI), or both in FP8 E4M3 with a scale per head::
@@ -369,7 +385,8 @@ class QuantizedCache(Cache):
 
     ``config`` is the model's config (it must have only full-attention layers); ``group_size`` must divide the
     attention heads' dimension. Where the model runs transformers' ``sdpa`` attention, decode steps on CUDA read the
-    packed cache directly (:mod:`compress.kv.attention`); elsewhere the attention gets the cache dequantized."""
+    packed cache directly (:mod:`compress.kv.attention`); elsewhere the attention gets the cache dequantized. With
+    ``max_cache_len`` its layers are static (:class:`StaticQuantizedLayer`, for ``torch.compile``)."""
 
     def __init__(self, config, bits: int = 4, group_size: int = 64, residual: int = 128,
                  format: Literal["int", "fp8"] = "int", scheme: KVScheme | None = None,
@@ -377,15 +394,7 @@ class QuantizedCache(Cache):
         from compress.kv.attention import reads_packed
 
         self.scheme = scheme or KVScheme(format, 8 if format == "fp8" else bits, group_size, residual)
-        text, _, head_dim = attention_shape(config)
-        if self.scheme.format == "int" and head_dim % self.scheme.group_size:
-            raise UsageError(f"kv cache group_size {self.scheme.group_size} does not divide the attention heads' "
-                             f"dimension {head_dim} ({type(config).__name__}): use a divisor of {head_dim}, such as "
-                             f"{max(d for d in (16, 32, 64, 128) if head_dim % d == 0) if head_dim % 16 == 0 else 1}")
-        types = set(getattr(text, "layer_types", None) or ["full_attention"])
-        if types - {"full_attention"}:
-            raise UsageError(f"a quantized KV cache needs every layer to be full attention; {type(config).__name__} "
-                             f"has {', '.join(sorted(types - {'full_attention'}))} layers: use its own cache")
+        text = check_model(config, self.scheme)
         direct = reads_packed(config)
         if max_cache_len is None:
             layers = [QuantizedLayer(self.scheme, direct) for _ in range(text.num_hidden_layers)]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 import torch.nn as nn
 
-from compress.errors import PluginError
+from compress.errors import PluginError, Problem
 from compress.methods import MethodConfig
 from compress.entry_points import EntryPointRegistry
 
@@ -38,6 +38,11 @@ class RuntimeFeature(ABC):
     @abstractmethod
     def disable(self, model: nn.Module) -> None:
         """Turn it off again (before saving or moving the model)."""
+
+    def check_model(self, model: nn.Module, config: FeatureConfig) -> list[Problem]:
+        """Problems with running on ``model`` (on the meta device: checked with the recipe, before any weight is
+        read); none by default."""
+        return []
 
 
 def _feature(obj: object, origin: str) -> RuntimeFeature:

@@ -16,6 +16,7 @@ from typing import Literal
 import torch.nn as nn
 from pydantic import Field
 
+from compress.errors import Problem, UsageError
 from compress.runtime import FeatureConfig, RuntimeFeature
 
 CACHE_KEYWORDS = ("cache", "past_key_values")  # generate's keyword for a cache: ``cache`` from transformers 5.2x
@@ -36,7 +37,6 @@ class KVCacheFeature(RuntimeFeature):
         from compress.kv import KVScheme, QuantizedCache
 
         scheme = KVScheme.named(config.scheme, config.group_size, config.residual)
-        QuantizedCache(model.config, scheme=scheme)  # refuses a model or group size it cannot serve, now
         keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         generate = type(model).generate
 
@@ -48,6 +48,16 @@ class KVCacheFeature(RuntimeFeature):
 
         model.generate = generate_with_cache
         model.kv_cache_scheme = config
+
+    def check_model(self, model: nn.Module, config: KVCacheConfig) -> list[Problem]:
+        from compress.kv import KVScheme
+        from compress.kv.cache import check_model
+
+        try:
+            check_model(model.config, KVScheme.named(config.scheme, config.group_size, config.residual))
+        except UsageError as exc:
+            return [Problem("group_size" if "group_size" in str(exc) else "", str(exc))]
+        return []
 
     def disable(self, model: nn.Module) -> None:
         for attribute in ("generate", "kv_cache_scheme"):
