@@ -139,9 +139,18 @@ def quantized_cache_bytes(model: nn.Module, kv: KVCacheSpec, context: int) -> di
     at = {n: text.num_hidden_layers * scheme.bytes_per_token(kv_heads, head_dim, n, compute_dtype(model).itemsize)
           for n in sorted({context, 4096, 32768})}
     measured = cache.stored_bytes() / context
-    return {"scheme": kv.describe(), "context": context, "bytes_per_token": measured, "vs_full": measured / full,
-            "bytes_per_token_at": {str(n): b for n, b in at.items()},
-            "vs_full_at": {str(n): b / full for n, b in at.items()}}
+    out = {"scheme": kv.describe(), "context": context, "bytes_per_token": measured, "vs_full": measured / full,
+           "bytes_per_token_at": {str(n): b for n, b in at.items()},
+           "vs_full_at": {str(n): b / full for n, b in at.items()}}
+    device = next(model.parameters()).device
+    if device.type == "cuda":  # how many sequences of 8k tokens the GPU's free memory holds, cache alone
+        del cache
+        free = torch.cuda.mem_get_info(device)[0]
+        per_sequence = {"full": full * 8192, "quantized": text.num_hidden_layers * scheme.bytes_per_token(
+            kv_heads, head_dim, 8192, compute_dtype(model).itemsize) * 8192}
+        out["sequences_of_8192_in_free_memory"] = {"free_bytes": free,
+                                                   **{k: int(free // b) for k, b in per_sequence.items()}}
+    return out
 
 
 def memory_report(model: nn.Module, ref: str | None, context: int, prompt_len: int = 128,
