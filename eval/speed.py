@@ -173,16 +173,18 @@ def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_token
 
 @torch.no_grad()
 def time_generation(model: nn.Module, config: str, batch: int, prompt_len: int, new_tokens: int, warmup: int,
-                    repeats: int, pad_token_id: int = 0) -> dict:
-    """One row of the speed table: medians of prefill and decode time, as seconds and tokens per second."""
+                    repeats: int, pad_token_id: int = 0, kv=None) -> dict:
+    """One row of the speed table: medians of prefill and decode time, as seconds and tokens per second. With
+    ``kv`` (a :class:`compress.kv.KVScheme`; ``dynamic`` and the compiled steps only), through that quantized cache."""
     device = model_device(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     draft = DRAFT_TOKENS if config == "compiled-verify" else 1
     if config in ("compiled-step", "compiled-verify"):
-        prefill, decode = time_compiled_steps(model, batch, prompt_len, new_tokens, warmup, repeats, draft)
+        prefill, decode = time_compiled_steps(model, batch, prompt_len, new_tokens, warmup, repeats, draft, kv)
     else:
-        prefill, decode = _time_generate(model, config, batch, prompt_len, new_tokens, warmup, repeats, pad_token_id)
+        prefill, decode = _time_generate(model, config, batch, prompt_len, new_tokens, warmup, repeats, pad_token_id,
+                                         kv)
     prefill_s, decode_s = statistics.median(prefill), statistics.median(decode)
     steps = (new_tokens - 1) // draft
     return {
@@ -196,8 +198,9 @@ def time_generation(model: nn.Module, config: str, batch: int, prompt_len: int, 
 
 
 def _time_generate(model: nn.Module, config: str, batch: int, prompt_len: int, new_tokens: int, warmup: int,
-                   repeats: int, pad_token_id: int) -> tuple[list[float], list[float]]:
-    """Prefill and decode seconds of the timed runs of ``generate`` in ``config``."""
+                   repeats: int, pad_token_id: int, kv=None) -> tuple[list[float], list[float]]:
+    """Prefill and decode seconds of the timed runs of ``generate`` in ``config`` (a fresh quantized cache a run
+    with ``kv``)."""
     device = model_device(model)
     ids = random_prompts(model, batch, prompt_len)
     clock = StepClock(device)
@@ -207,6 +210,10 @@ def _time_generate(model: nn.Module, config: str, batch: int, prompt_len: int, n
     prefill, decode = [], []
     for run in range(warmup + repeats):
         synchronize(device)
+        if kv is not None:
+            from compress.kv import QuantizedCache
+
+            kwargs[cache_keyword(model)] = QuantizedCache(model.config, scheme=kv)
         clock.start()
         model.generate(ids, **kwargs)
         if run >= warmup:
@@ -233,9 +240,14 @@ def _recompile_headroom():
     return contextlib.nullcontext()
 
 
-def speed_table(model: nn.Module, spec: SpeedSpec, pad_token_id: int = 0, progress: bool = True) -> list[dict]:
-    """Rows for every configuration x batch size of ``spec``. A row that runs out of GPU memory is reported
-    as skipped (with the reason) rather than ending the benchmark."""
+KV_CONFIGS = ("dynamic", "compiled-step", "compiled-verify")  # the configurations a quantized KV cache runs in
+
+
+def speed_table(model: nn.Module, spec: SpeedSpec, pad_token_id: int = 0, progress: bool = True, kv=None
+                ) -> list[dict]:
+    """Rows for every configuration x batch size of ``spec`` (through the quantized KV cache ``kv``, a
+    :class:`compress.kv.KVScheme`, where given). A row that runs out of GPU memory is reported as skipped (with the
+    reason) rather than ending the benchmark."""
     device = model_device(model)
     rows = []
     cells = [(c, b) for c in spec.configs for b in spec.batch_sizes]
@@ -244,9 +256,12 @@ def speed_table(model: nn.Module, spec: SpeedSpec, pad_token_id: int = 0, progre
             if config in COMPILED and device.type != "cuda":
                 rows.append(skipped_row(config, batch, spec, "torch.compile with CUDA graphs needs a CUDA device"))
                 continue
+            if kv is not None and config not in KV_CONFIGS:
+                rows.append(skipped_row(config, batch, spec, f"a quantized KV cache runs in {', '.join(KV_CONFIGS)}"))
+                continue
             try:
                 rows.append(time_generation(model, config, batch, spec.prompt_len, _new_tokens(config, spec),
-                                            spec.warmup, spec.repeats, pad_token_id))
+                                            spec.warmup, spec.repeats, pad_token_id, kv))
             except torch.OutOfMemoryError:
                 log.warning("speed: %s at batch %d ran out of GPU memory; skipped", config, batch)
                 torch.cuda.empty_cache()

@@ -130,8 +130,20 @@ def memory_task(run: Run) -> dict:
 def speed_task(run: Run) -> dict:
     s = run.spec.speed
     return {"settings": s.model_dump(mode="json"),
-            "rows": {k: speed.speed_table(m.module, s, run.pad, run.progress) for k, m in run.subjects.items()},
+            "rows": {k: speed.speed_table(m.module, s, run.pad, run.progress,
+                                          _kv_scheme(run) if k == "model" else None)
+                     for k, m in run.subjects.items()},
             "mixed": {k: throughput.mixed_throughput(m.module, s, run.pad) for k, m in run.subjects.items()}}
+
+
+def _kv_scheme(run: Run):
+    """The run's quantized KV cache as a :class:`compress.kv.KVScheme`, or None."""
+    kv = run.spec.kv_cache
+    if kv is None:
+        return None
+    from compress.kv import KVScheme
+
+    return KVScheme.named(kv.scheme, kv.group_size, kv.residual)
 
 
 def speculative_prompts(ids: torch.Tensor, count: int, length: int) -> list[torch.Tensor]:

@@ -441,3 +441,22 @@ def test_compiled_steps_through_a_static_quantized_cache() -> None:
             out.append(token)
         tokens[name] = torch.cat(out, 1)
     assert (tokens["static"] == tokens["dynamic"]).float().mean() > 0.95
+
+
+def test_the_speed_task_times_generation_through_the_cache(tiny_dirs, tmp_path, monkeypatch) -> None:
+    """--kv-cache with the speed task: the dynamic configuration generates through the quantized cache (timed), the
+    configurations it cannot run in are reported skipped with the reason."""
+    from compress_cli import cli
+
+    seen = []
+    original = QuantizedLayer.update
+    monkeypatch.setattr(QuantizedLayer, "update", lambda self, *a, **k: seen.append(1) or original(self, *a, **k))
+    out = tmp_path / "r.json"
+    model = str(tiny_dirs["llama"])
+    result = CliRunner().invoke(cli, ["eval", model, "--tasks", "speed", "--kv-cache", "int4", "--kv-group-size", "16",
+                                      "--speed-configs", "dynamic,static", "--batch-sizes", "1", "--prompt-len", "40",
+                                      "--new-tokens", "8", "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["config"]: r for r in json.loads(out.read_text())["speed"]["rows"]["model"]}
+    assert rows["dynamic"]["decode_tok_s"] > 0 and seen  # timed, through the quantized cache
+    assert "a quantized KV cache runs in dynamic" in rows["static"]["skipped"]
