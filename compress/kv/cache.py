@@ -10,6 +10,8 @@ Every step's attention sees the tokens it brings, and the window, in full precis
 stored: a token is first read quantized by the step after the one that moved it out of the window. That holds for a
 prompt too, so a prompt's own attention is exact (as in KIVI).
 
+:class:`StaticQuantizedLayer` holds the same in buffers of fixed size and address, for ``torch.compile``.
+
 What :meth:`QuantizedLayer.update` hands to the attention: the keys and values as the model's dtype (the stored
 part dequantized), or, where the model's attention reads the packed cache itself (:mod:`compress.kv.attention`),
 a :class:`PackedKV` that says where everything lies.
@@ -17,7 +19,6 @@ a :class:`PackedKV` that says where everything lies.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,8 +27,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from compress.errors import UsageError
 from compress.kv import quant
-
-log = logging.getLogger(__name__)
 
 BITS = (2, 4, 8)
 NAMES = ("fp8", "int8", "int4", "int2")
@@ -96,16 +95,28 @@ class PackedKV:
     ring: bool = False
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, H, length, D] in the model's dtype."""
+        """Keys and values [B, H, length, D] in the model's dtype; for a ring view [B, H, bound, D], whatever lies
+        past the length (the attention's mask covers ``bound`` keys and hides those), with no host synchronisation
+        (so a compiled step can take this path)."""
+        if self.ring:
+            return self._dequantized_ring()
         stored, length = int(self.stored), int(self.length)
         k, v = self.tail_keys, self.tail_values
-        if self.ring:
-            slots = torch.arange(stored, length, device=k.device) % k.shape[2]
-            k, v = k.index_select(2, slots), v.index_select(2, slots)
         if stored == 0:
             return k, v
         old_k, old_v = self.layer.dequantize(stored)
         return torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
+
+    def _dequantized_ring(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.layer.scheme.group_size
+        whole = -(-self.bound // g) * g  # every group up to the bound (the buffers hold them)
+        positions = torch.arange(self.bound, device=self.tail_keys.device)
+        exact = (positions >= self.stored)[None, None, :, None]
+        slots = positions % self.tail_keys.shape[2]
+        out = []
+        for stored, ring in zip(self.layer.dequantize(whole), (self.tail_keys, self.tail_values)):
+            out.append(torch.where(exact, ring.index_select(2, slots), stored[:, :, : self.bound]))
+        return out[0], out[1]
 
 
 class _Stored:
