@@ -95,7 +95,7 @@ def sm_count(device: torch.device) -> int:
 def decode_reference(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | None = None,
                      scaling: float | None = None) -> torch.Tensor:
     """Attention of ``query`` [B, Hq, 1, D] over the cache view ``kv`` (dequantized), in float32: [B, Hq, 1, D]."""
-    k, v = (t.float() for t in kv.dequantized())
+    k, v = (t[:, :, : int(kv.length)].float() for t in kv.dequantized())  # a ring view's: the whole bound
     groups = query.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scores = (query.float() @ k.transpose(2, 3)) * (scaling or 1 / math.sqrt(query.shape[-1]))
