@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 import click
@@ -17,6 +18,9 @@ import click
 
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose == 0 else logging.DEBUG
+    if os.environ.get("RANK", "0") not in ("", "0"):  # a launcher's other processes: the main one reports progress
+        level = max(level, logging.WARNING)
+        os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "matplotlib", "ContinuousBatchingLogger"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from compress import layouts, runtime
+from compress import distributed, layouts, runtime
 from compress.checkpoint_files import any_quantization_config, check_files
 from compress.errors import CheckpointError, UsageError
 from compress.formats import compressed_modules
@@ -176,8 +176,12 @@ def save(model: nn.Module, output: str | Path, tokenizer=None, steps: list[dict]
          recipe: dict | None = None, overwrite: bool = False) -> Path:
     """Write ``model`` (compressed in memory) as a checkpoint directory at ``output``, atomically.
 
-    ``steps`` and ``recipe`` default to what :func:`compress.apply` recorded on the model.
+    ``steps`` and ``recipe`` default to what :func:`compress.apply` recorded on the model. Under a launcher of
+    several processes only the main one writes; the others return the same path and write nothing.
     """
+    if not distributed.is_main():
+        log.debug("%s: only the main process writes %s", distributed.describe(), output)
+        return Path(output).expanduser().resolve()
     if is_fused(model):
         raise UsageError(f"cannot save to {Path(output).expanduser().resolve()}: the model's projections are fused "
                          "for inference (compress.fuse_projections); call compress.unfuse_projections(model) first")

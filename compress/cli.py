@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from compress import distributed
+
 if TYPE_CHECKING:
     from compress.recipe import Recipe
 
@@ -125,6 +127,12 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
     checked = check_recipe(recipe, _overrides(model, calib, **{"output": _cwd_path(output), "model.device": device,
                                                                "training.dataset": _cwd_path(data)}), _sections())
     target = Path(checked.recipe.output or _default_output(checked.recipe.model.path, recipe)).resolve()
+    if not distributed.is_main():  # another process of `accelerate launch`: trains its share, writes nothing
+        _help_the_main_process(checked, target, resume)
+        return
+    if distributed.world_size() > 1 and not checked.plan.trains():
+        click.echo(f"{distributed.world_size()} processes were launched, but the recipe has no training stage: "
+                   "this process compresses alone and the others stop")
     recover_leftovers(target)  # an interrupted --overwrite's old checkpoint goes back first
     if target.exists() and not overwrite:
         stored = read_quantization_config(target) if (target / "config.json").exists() else None
@@ -151,6 +159,16 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
         from compress.eval.runner import run_recipe_eval
 
         click.echo(run_recipe_eval(checked.recipe, target))
+
+
+def _help_the_main_process(checked, target: Path, resume: bool) -> None:
+    """``compress apply`` in a process other than the main one: take part in the recipe's training stages (each
+    process trains on its share of every batch) and leave the output, the work folder and the printing to the
+    main process. A recipe without training has nothing to share: the process stops at once."""
+    from compress.api import run_checked
+
+    if checked.plan.trains():
+        run_checked(checked, target.parent / f".{target.name}.work", resume)
 
 
 def peak_rss() -> int:

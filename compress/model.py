@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from compress.distributed import process_device
 from compress.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,15 @@ def check_device(name: object) -> str | None:
 
 
 def resolve_device(name: str) -> str:
-    """``auto``: the first CUDA GPU when there is one, else the CPU. UsageError for a name that is not a device
+    """``auto``: the first CUDA GPU when there is one, else the CPU; under a launcher of several processes, ``cuda``
+    is each process's own GPU (:func:`compress.distributed.process_device`). UsageError for a name that is not a device
     (see :func:`check_device`) and for a CUDA device this machine does not have."""
     problem = check_device(name)
     if problem:
         raise UsageError(problem)
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = process_device(name)  # several processes: each its own GPU
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {name!r} was asked for, but this machine has no CUDA GPU; use --device cpu")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():

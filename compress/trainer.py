@@ -281,10 +281,11 @@ def _loop(model, loss_fn, context, accelerator, optimizer, schedule, params, mas
                 rows = [_sample_order(data.samples, spec.seed, passes, first + i) for i in range(spec.batch_size)]
                 with accelerator.autocast():
                     loss, parts = loss_fn(model, data.take(rows).model_inputs(device))
-                if not torch.isfinite(loss.detach()).all():
-                    raise TrainingError(_nonfinite_message(label, step, total, float(loss.detach()), parts, context))
+                seen = _mean_over_processes(accelerator, loss.detach())  # every process stops on one's NaN
+                if not torch.isfinite(seen).all():
+                    raise TrainingError(_nonfinite_message(label, step, total, float(seen), parts, context))
                 accelerator.backward(loss / spec.grad_accum)
-                step_loss += float(loss.detach()) / spec.grad_accum
+                step_loss += float(seen) / spec.grad_accum
             if spec.clip is not None:
                 accelerator.clip_grad_norm_(list(params.values()), spec.clip)
             optimizer.step()
@@ -314,6 +315,14 @@ def _loop(model, loss_fn, context, accelerator, optimizer, schedule, params, mas
     if eval_after is not None:
         log.info("%s: held-out loss %.4f after %d steps (%.4f before)", label, eval_after, total, eval_before)
     return TrainReport(total - start, (total - start) * step_tokens, seconds, eval_before, eval_after, losses, times)
+
+
+def _mean_over_processes(accelerator, value: torch.Tensor) -> torch.Tensor:
+    """``value`` averaged over the processes of a launched run (itself in a single process): the loss every
+    process logs and checks, so that a NaN in one stops them all with the same message."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(value.float().reshape(1), reduction="mean")[0]
 
 
 def _nonfinite_message(label: str, step: int, total: int, loss: float, parts: dict[str, float],
