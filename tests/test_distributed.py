@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import compress
 from compress import distributed
+from compress.formats.sparse import Sparse24Linear
 from compress.model import resolve_device
 from conftest import make_tiny
 from test_cli import run
@@ -92,7 +93,8 @@ def test_two_processes_train_as_one_with_the_same_global_batch(tiny_dirs, calib_
     launched = _launch(tmp_path, _recipe(tmp_path, tiny_dirs["llama"], calib_text, BATCH // 2), two)
     assert launched.returncode == 0, launched.stderr[-3000:]
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    assert set(a) == set(b)
+    assert set(a) == set(b)  # the same layout, loaded by one process
+    assert isinstance(compress.load(two, device="cpu").model.layers[0].mlp.down_proj, Sparse24Linear)
     for name in a:  # the same windows, gradients averaged over the processes: equal up to the sum's order
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-6, msg=name)
     trained = load_file(tiny_dirs["llama"] / "model.safetensors")["model.layers.0.input_layernorm.weight"]
