@@ -90,7 +90,8 @@ def _time_steps(model, scheme, prompt: torch.Tensor, steps: int, repeats: int) -
     for _ in range(repeats):
         cache = _cache(model, scheme)
         with torch.no_grad():
-            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{key: cache})
+            for start in range(0, prompt.shape[1], 2048):  # the prompt in chunks: a batch's activations stay small
+                out = model(input_ids=prompt[:, start:start + 2048], use_cache=True, logits_to_keep=1, **{key: cache})
             token = out.logits[:, -1:].argmax(-1)
             del out
             for i in range(steps + 2):  # two warm-up steps
