@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import compress
 from compress import distributed
+from compress.formats.corrected import CorrectedLinear
 from compress.formats.sparse import Sparse24Linear
 from compress.model import resolve_device
 from conftest import make_tiny
@@ -55,14 +56,24 @@ compress_cli.main()
 """
 
 
-def _recipe(tmp_path: Path, model: Path, calib: Path, batch: int) -> Path:
-    path = tmp_path / f"batch-{batch}.yaml"
+# A one-shot stage, then a training stage: distillation of a 2:4 model, or LoRA on a GPTQ 4-bit one (QLoRA's path
+# with the stored layers kept as the base, which runs on the CPU).
+STAGES = {
+    "distill": [{"steps": [{"method": "magnitude", "args": {"structure": "2:4"}}]},
+                {"steps": [{"method": "distill"}]}],
+    "lora": [{"steps": [{"method": "gptq", "args": {"bits": 4, "group_size": 32}}]},
+             {"steps": [{"method": "qlora", "args": {"base": "keep", "save": "beside", "r": 4, "alpha": 8,
+                                                     "dropout": 0.0}}]}],
+}
+
+
+def _recipe(tmp_path: Path, model: Path, calib: Path, batch: int, kind: str = "distill") -> Path:
+    path = tmp_path / f"{kind}-batch-{batch}.yaml"
     path.write_text(yaml.safe_dump({
         "model": {"path": str(model), "device": "cpu"},
         "calibration": {"dataset": str(calib), "samples": 8, "seq_len": 32},
-        "training": {**TRAINING, "batch_size": batch},
-        "stages": [{"steps": [{"method": "magnitude", "args": {"structure": "2:4"}}]},
-                   {"steps": [{"method": "distill"}]}]}))
+        "training": {**TRAINING, "batch_size": batch, "dataset": str(calib)},
+        "stages": STAGES[kind]}))
     return path
 
 
@@ -86,19 +97,32 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
 
-def test_two_processes_train_as_one_with_the_same_global_batch(tiny_dirs, calib_text, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind, trained, layer", [
+    ("distill", "model.layers.0.input_layernorm.weight", Sparse24Linear),
+    ("lora", "model.layers.0.mlp.down_proj.B", CorrectedLinear),  # the adapter kept beside the 4-bit layer
+])
+def test_two_processes_train_as_one_with_the_same_global_batch(kind: str, trained: str, layer: type, tiny_dirs,
+                                                               calib_text, tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
-    alone = run(["apply", str(_recipe(tmp_path, tiny_dirs["llama"], calib_text, BATCH)), "--output", str(one)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process: GPTQ's sums in the same order, so the same codes
+    try:
+        alone = run(["apply", str(_recipe(tmp_path, tiny_dirs["llama"], calib_text, BATCH, kind)), "--output", str(one)])
+    finally:
+        torch.set_num_threads(threads)
     assert alone.exit_code == 0, alone.output
-    launched = _launch(tmp_path, _recipe(tmp_path, tiny_dirs["llama"], calib_text, BATCH // 2), two)
+    launched = _launch(tmp_path, _recipe(tmp_path, tiny_dirs["llama"], calib_text, BATCH // 2, kind), two)
     assert launched.returncode == 0, launched.stderr[-3000:]
     a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
     assert set(a) == set(b)  # the same layout, loaded by one process
-    assert isinstance(compress.load(two, device="cpu").model.layers[0].mlp.down_proj, Sparse24Linear)
+    assert isinstance(compress.load(two, device="cpu").model.layers[0].mlp.down_proj, layer)
     for name in a:  # the same windows, gradients averaged over the processes: equal up to the sum's order
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-6, msg=name)
-    trained = load_file(tiny_dirs["llama"] / "model.safetensors")["model.layers.0.input_layernorm.weight"]
-    assert not torch.equal(b["model.layers.0.input_layernorm.weight"], trained)  # it did train
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
+    if kind == "distill":  # it did train: a norm moved, or the adapter's B (zeros at the start) did
+        start = load_file(tiny_dirs["llama"] / "model.safetensors")[trained]
+        assert not torch.equal(b[trained], start)
+    else:
+        assert b[trained].abs().max() > 0
     # the main process alone writes and reports
     assert launched.stdout.count(f"wrote {two}") == 1, launched.stdout
     assert launched.stderr.count("before training") == launched.stderr.count("after 4 steps") == 1, launched.stderr
