@@ -127,8 +127,9 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
     checked = check_recipe(recipe, _overrides(model, calib, **{"output": _cwd_path(output), "model.device": device,
                                                                "training.dataset": _cwd_path(data)}), _sections())
     target = Path(checked.recipe.output or _default_output(checked.recipe.model.path, recipe)).resolve()
+    work_dir = target.parent / f".{target.name}.work"  # resumable or scratch state, until the checkpoint is written
     if not distributed.is_main():  # another process of `accelerate launch`: trains its share, writes nothing
-        _help_the_main_process(checked, target, resume)
+        _help_the_main_process(checked, work_dir, resume)
         return
     if distributed.world_size() > 1 and not checked.plan.trains():
         click.echo(f"{distributed.world_size()} processes were launched, but the recipe has no training stage: "
@@ -142,7 +143,6 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
         raise UsageError(f"output {target} already exists and was not made by this recipe; pass --overwrite "
                          "to replace it, or choose another --output")
     start = time.perf_counter()
-    work_dir = target.parent / f".{target.name}.work"  # resumable or scratch state, until the checkpoint is written
     _check_resume(work_dir, resume)
     if streams(checked):  # block by block from the checkpoint's files, written as it goes
         compressed, tokenizer = run_streamed(checked, target, overwrite, work_dir)
@@ -161,14 +161,14 @@ def apply_cmd(recipe: str, model: str | None, calib: str | None, output: str | N
         click.echo(run_recipe_eval(checked.recipe, target))
 
 
-def _help_the_main_process(checked, target: Path, resume: bool) -> None:
+def _help_the_main_process(checked, work_dir: Path, resume: bool) -> None:
     """``compress apply`` in a process other than the main one: take part in the recipe's training stages (each
     process trains on its share of every batch) and leave the output, the work folder and the printing to the
     main process. A recipe without training has nothing to share: the process stops at once."""
     from compress.api import run_checked
 
     if checked.plan.trains():
-        run_checked(checked, target.parent / f".{target.name}.work", resume)
+        run_checked(checked, work_dir, resume)
 
 
 def peak_rss() -> int:
