@@ -17,7 +17,15 @@ the same then ``int4`` (the kept codes only), ``factored50`` = every linear laye
 holding half its parameters (the ``factored`` format of the ``lowrank`` method), ``int4-lr32`` = ``int4`` with a
 rank-32 correction beside each layer (the ``corrected`` format of ``lowrank-correct``); the factors of these two are
 random, as the weights are (fitting them would take minutes and change no timing), ``nf4`` / ``llm.int8`` = bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; bf16 or a compress format
-with ``+fused`` (``int4+fused``) has its q/k/v and gate/up layers fused (``compress.fuse_projections``).
+with ``+fused`` (``int4+fused``) has its q/k/v and gate/up layers fused (``compress.fuse_projections``);
+``torchao-int4`` / ``torchao-int8`` = torchao's ``quantize_`` with ``Int4WeightOnlyConfig`` (group 128, the
+tinygemm layout that torch's own ``_weight_int4pack_mm`` runs) / ``Int8WeightOnlyConfig`` (a scale per row), every
+linear layer and the head as torchao does by default, compiled like ours with torchao's recommended inductor settings
+(set for those formats only: the settings of the rest of the run are restored after each); torchao comes from
+``PYTHONPATH`` (``make-devdeps.sh --torchao``).
+
+``--batch-sizes 1,8,32,64`` adds decode at each batch size over 1 (tok/s summed over the batch, the first decode
+configuration, 128-token prompts), shown as ``bN`` with its ratio to the first format's at the same batch.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import gc
 import json
 
 import torch
+import torch._inductor.config
 import torch.nn as nn
 
 import compress
@@ -50,6 +59,7 @@ STEPS = {
 
 
 RANDOM_FACTORS = ("factored50", "int4-lr32")  # built by with_random_factors
+TORCHAO = ("torchao-int4", "torchao-int8")  # built by to_torchao
 
 
 def copy_bandwidth() -> float:
@@ -67,6 +77,15 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / sorted(times[5:])[len(times[5:]) // 2]
 
 
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor holds: for a tensor subclass (torchao's quantized weights) the sum over the inner tensors it
+    flattens to, not its logical shape times its logical dtype."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(stored_bytes(getattr(t, name)) for name in names)
+    return t.numel() * t.element_size()
+
+
 def bytes_read_per_token(model: nn.Module) -> int:
     """Weight bytes a decode step reads: every parameter and buffer except the input embedding table (only one
     row per token is read) unless it is tied to the output head; kernel layouts counted as stored on the GPU."""
@@ -77,7 +96,7 @@ def bytes_read_per_token(model: nn.Module) -> int:
         if id(t) in seen or (t is embed and not tied) or t.device.type != "cuda":
             continue
         seen.add(id(t))
-        total += t.numel() * t.element_size()
+        total += stored_bytes(t)
     return total
 
 
@@ -102,6 +121,17 @@ def to_bitsandbytes(model: nn.Module, kind: str) -> None:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, new)
         del module, w
+
+
+def to_torchao(model: nn.Module, fmt: str) -> None:
+    """torchao's weight-only quantization of every linear layer (the head included), as its README shows it."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    if fmt == "torchao-int4":
+        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    else:
+        config = Int8WeightOnlyConfig()
+    quantize_(model, config)
 
 
 @torch.no_grad()
@@ -141,17 +171,20 @@ def build(shape: str, fmt: str) -> nn.Module:
         compress.apply(model, steps, device="cuda")
     elif fmt in ("nf4", "llm.int8"):
         to_bitsandbytes(model, fmt)
-    elif fmt != "bf16":
-        raise SystemExit(f"unknown format {fmt!r}")
+    elif fmt in TORCHAO:
+        to_torchao(model, fmt)
     gc.collect()
     torch.cuda.empty_cache()
     return model
 
 
 def split_format(fmt: str) -> tuple[str, bool]:
-    """``int4+fused`` -> ("int4", True); ``int4`` -> ("int4", False). Exits with a message for a suffix other than
-    ``+fused``, or ``+fused`` on a format that cannot fuse (bitsandbytes)."""
+    """``int4+fused`` -> ("int4", True); ``int4`` -> ("int4", False). Exits with a message for an unknown format, a
+    suffix other than ``+fused``, or ``+fused`` on a format that cannot fuse (bitsandbytes, torchao)."""
     name, _, suffix = fmt.partition("+")
+    known = (*STEPS, *RANDOM_FACTORS, *TORCHAO, "nf4", "llm.int8", "bf16")
+    if name not in known:
+        raise SystemExit(f"unknown format {fmt!r}: choose from {', '.join(known)}")
     if suffix and (suffix != "fused" or name not in (*STEPS, *RANDOM_FACTORS, "bf16")):
         raise SystemExit(f"unknown format {fmt!r}: only bf16 and compress formats take '+fused'")
     return name, bool(suffix)
@@ -165,7 +198,20 @@ def summary(row: dict, base: dict) -> str:
         parts.append(f"prefill {row['prefill_tok_s']:8.0f} tok/s ({row['prefill_tok_s'] / base['prefill_tok_s']:.2f}x)")
     parts.append(f"peak {row['peak_gpu_bytes'] / 2**30:.2f} GiB ({row['peak_gpu_bytes'] / base['peak_gpu_bytes']:.2f}x)")
     parts += [f"{c} {v:.1f} ({v / base['decode'].get(c, v):.2f}x)" for c, v in row["decode"].items()]
+    parts += [f"b{b} {v:.1f} ({v / base['batches'].get(b, v):.2f}x)" for b, v in row["batches"].items()]
     return "  ".join(parts)
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """``"1,8,32"`` -> [8, 32]: the batch sizes over 1 (batch 1 is every row's headline). Exits with a message on
+    anything but positive integers."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = [0]
+    if any(b < 1 for b in sizes):
+        raise SystemExit(f"--batch-sizes {text!r}: give positive integers separated by commas, e.g. 1,8,32,64")
+    return [b for b in dict.fromkeys(sizes) if b > 1]
 
 
 def main() -> None:
@@ -176,16 +222,20 @@ def main() -> None:
     parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--decode-configs", default="compiled-step,static-compile",
                         help="speed configurations for decode (the first is the headline and sets the floor fraction)")
+    parser.add_argument("--batch-sizes", default="1",
+                        help="decode batch sizes (comma-separated); those over 1 run the first decode configuration")
     parser.add_argument("--json")
     args = parser.parse_args()
     formats = [(fmt, *split_format(fmt)) for fmt in args.formats.split(",")]  # checked before any GPU work
+    batches = parse_batch_sizes(args.batch_sizes)
     torch._dynamo.config.recompile_limit = 64
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
     for fmt, name, fusion in formats:
+        inductor = torch._inductor.config.save_config()  # torchao's formats set their own; put back after each
         model = build(args.shape, name)
-        row = {"format": fmt, "bytes_per_token": bytes_read_per_token(model), "decode": {}}
+        row = {"format": fmt, "bytes_per_token": bytes_read_per_token(model), "decode": {}, "batches": {}}
         if fusion:
             compress.fuse_projections(model)  # after counting the bytes: the fused layers' views share them
         for config in args.decode_configs.split(","):
@@ -197,6 +247,11 @@ def main() -> None:
             row["decode"][config] = decode["decode_tok_s"]
             row.setdefault("decode_tok_s", decode["decode_tok_s"])
             row["peak_gpu_bytes"] = max(row.get("peak_gpu_bytes", 0), decode["peak_gpu_bytes"])
+        headline = "dynamic" if fmt in ("nf4", "llm.int8") else args.decode_configs.split(",")[0]
+        for batch in batches:
+            decode = time_generation(model, headline, batch, 128, 256, warmup=2, repeats=args.repeats)
+            row["batches"][batch] = decode["decode_tok_s"]
+            row["peak_gpu_bytes"] = max(row["peak_gpu_bytes"], decode["peak_gpu_bytes"])
         row["floor_fraction"] = (row["bytes_per_token"] / bandwidth) / (1 / row["decode_tok_s"])
         if not args.no_prefill:
             prefill = time_generation(model, "dynamic", 8, 512, 2, warmup=1, repeats=args.repeats)
@@ -207,6 +262,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         torch._dynamo.reset()
+        torch._inductor.config.load_config(inductor)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"shape": args.shape, "copy_bandwidth": bandwidth, "rows": rows}, fh, indent=2)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 from transformers import StaticCache
 
 import compress
@@ -160,10 +161,52 @@ def test_format_bench_line_gives_ratios_and_omits_untimed_prefill() -> None:
     from benchmarks.format_bench import summary
 
     base = {"format": "bf16", "decode_tok_s": 140.0, "floor_fraction": 0.7, "peak_gpu_bytes": 16 * 2**30,
-            "decode": {"compiled-step": 140.0}}
+            "decode": {"compiled-step": 140.0}, "batches": {32: 4000.0}}
     row = {"format": "int8", "decode_tok_s": 224.0, "floor_fraction": 0.57, "peak_gpu_bytes": 8 * 2**30,
-           "decode": {"compiled-step": 224.0}}
+           "decode": {"compiled-step": 224.0}, "batches": {32: 5000.0}}
     line = summary(row, base)
     assert "224.0 tok/s (1.60x bf16, 57% of floor)" in line and "(0.50x)" in line and "prefill" not in line
+    assert "b32 5000.0 (1.25x)" in line
     base["prefill_tok_s"], row["prefill_tok_s"] = 30000.0, 27000.0
     assert "prefill    27000 tok/s (0.90x)" in summary(row, base)
+
+
+def test_format_bench_checks_formats_and_batch_sizes_before_any_gpu_work() -> None:
+    from benchmarks.format_bench import parse_batch_sizes, split_format
+
+    assert parse_batch_sizes("1,8,32,8,64") == [8, 32, 64]
+    assert split_format("torchao-int4") == ("torchao-int4", False)
+    for bad in ("1,x", "0,8", "-8"):
+        with pytest.raises(SystemExit, match="positive integers"):
+            parse_batch_sizes(bad)
+    with pytest.raises(SystemExit, match="choose from .*torchao-int8"):
+        split_format("int3")
+    with pytest.raises(SystemExit, match="only bf16 and compress formats"):
+        split_format("torchao-int4+fused")
+
+
+class _Packed(torch.Tensor):
+    """A wrapper tensor subclass as torchao's quantized weights are: a logical bf16 [out, in] shape over packed
+    inner tensors."""
+
+    @staticmethod
+    def __new__(cls, codes: torch.Tensor, scales: torch.Tensor, shape: tuple[int, int]):
+        out = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=torch.bfloat16)
+        out.codes, out.scales = codes, scales
+        return out
+
+    def __tensor_flatten__(self):
+        return ["codes", "scales"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"{func} on a packed weight")
+
+
+def test_format_bench_counts_a_tensor_subclass_by_its_inner_tensors() -> None:
+    from benchmarks.format_bench import stored_bytes
+
+    packed = _Packed(torch.zeros(64, 128, dtype=torch.uint8), torch.zeros(64, 2, dtype=torch.bfloat16), (64, 256))
+    assert stored_bytes(packed) == 64 * 128 + 64 * 2 * 2  # not 64 x 256 x 2 bytes of its logical shape
+    assert stored_bytes(torch.zeros(3, 5, dtype=torch.bfloat16)) == 30
+    assert stored_bytes(nn.Parameter(torch.zeros(4))) == 16
