@@ -89,7 +89,7 @@ def main() -> None:
                 "bf16 cublas": (lambda: F.linear(x, w), 2 * n * k),
                 "int4 tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, tg[0], 128, tg[1]), n * k // 2),
             }
-            if m <= gemv.DOT_BLOCK_M:  # the op, and each of its two kernels (gemv.takes_dot picks between them)
+            if m <= gemv.DOT_MAX_TOKENS:  # the op, and each of its two kernels (gemv.takes_dot picks between them)
                 int4_args = (layer4.qweight, layer4.scales, None, 128, 8.0)
                 kernels["int4 op"] = (lambda: gemv.gemv_int4(x, *int4_args), n * k // 2)
                 kernels["int4 one-token kernel"] = (lambda: gemv.one_token_int4(x, *int4_args), n * k // 2)

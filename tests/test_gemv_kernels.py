@@ -57,6 +57,14 @@ for out_f, in_f, bits, sym, group in [(40, 256, 4, True, 128), (24, 384, 4, Fals
                         x, layer.qweight, layer.scales, layer.zeros, group, float(layer.int_scheme.sym_zero)))
                     assert y.shape == (tokens, out_f) and y.dtype == dtype
                     worst = max(worst, rel(y, ref))
+    for tokens in (40, 100):  # batched decode: the tensor-core tile grows to 64 and 128 tokens
+        x = torch.randn(tokens, in_f, generator=gen).half()
+        ref = x.float() @ ref_w.t()
+        for config in DOT_TILES:
+            y = run(gemv._dot_int4_kernel, config, lambda: gemv.dot_int4(
+                x, layer.qweight, layer.scales, layer.zeros, group, float(layer.int_scheme.sym_zero)))
+            assert y.shape == (tokens, out_f) and y.dtype == torch.float16
+            worst = max(worst, rel(y, ref))
 for out_f, in_f, kind in [(40, 256, "int8"), (24, 1000, "uint8"), (9, 300, "fp8"), (33, 512, "fp8-tensor")]:
     w = torch.randn(out_f, in_f, generator=gen)
     if kind.startswith("fp8"):
@@ -71,8 +79,8 @@ for out_f, in_f, kind in [(40, 256, "int8"), (24, 1000, "uint8"), (9, 300, "fp8"
                 torch.bfloat16),
                (gemv.dot_8bit, gemv._dot_8bit_kernel, DOT_TILES,
                 torch.float16)]
-    for tokens in (1, 5):
-        for path, kernel, configs, dtype in kernels:
+    for tokens in (1, 5, 40):
+        for path, kernel, configs, dtype in kernels[1:] if tokens > 8 else kernels:
             x = torch.randn(tokens, in_f, generator=gen).to(dtype)
             ref = x.float() @ ref_w.t()
             for config in configs:
@@ -191,14 +199,14 @@ def test_sparse24_kernels_match_dense_matmul() -> None:
 
 def test_tensor_core_kernel_takes() -> None:
     """The ops' choice of kernel: the tensor-core kernel from DOT_MIN_TOKENS tokens (DOT_MIN_TOKENS_8BIT for the
-    8-bit op; SMALL_DOT_MIN_TOKENS on small layers) to DOT_BLOCK_M, and only for 16-bit activations."""
+    8-bit op; SMALL_DOT_MIN_TOKENS on small layers) to DOT_MAX_TOKENS, and only for 16-bit activations."""
     from compress.kernels import gemv
 
     big, small = gemv.SMALL_LAYER, gemv.SMALL_LAYER - 1
     assert not gemv.takes_dot(1, big, torch.bfloat16)
     assert gemv.takes_dot(gemv.DOT_MIN_TOKENS, big, torch.bfloat16)
-    assert gemv.takes_dot(gemv.DOT_BLOCK_M, big, torch.float16)
-    assert not gemv.takes_dot(gemv.DOT_BLOCK_M + 1, big, torch.bfloat16)
+    assert gemv.takes_dot(gemv.DOT_MAX_TOKENS, big, torch.float16)
+    assert not gemv.takes_dot(gemv.DOT_MAX_TOKENS + 1, big, torch.bfloat16)
     assert not gemv.takes_dot(gemv.SMALL_DOT_MIN_TOKENS - 1, small, torch.bfloat16)
     assert gemv.takes_dot(gemv.SMALL_DOT_MIN_TOKENS, small, torch.bfloat16)
     assert not gemv.takes_dot(4, big, torch.float32)

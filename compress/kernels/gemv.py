@@ -58,7 +58,7 @@ except ImportError:  # CPU-only installs
     triton = None
 
 #: Calls with up to this many tokens take the kernels; more (prefill) dequantize once and use a dense matmul.
-#: 4-bit calls with 16-bit activations take them up to DOT_BLOCK_M tokens (the tensor-core kernel's tile; H100,
+#: 4-bit calls with 16-bit activations take them up to DOT_MAX_TOKENS tokens (the tensor-core kernel; H100,
 #: 16 tokens, Llama-3-8B shapes: 1.8-3.6x faster than dequantizing for cuBLAS).
 MAX_TOKENS = 8
 #: 4-bit calls with at least this many tokens (and 16-bit activations) take the tensor-core kernel, which
@@ -73,7 +73,11 @@ DOT_MIN_TOKENS = 2
 DOT_MIN_TOKENS_8BIT = 3
 SMALL_DOT_MIN_TOKENS = 5
 SMALL_LAYER = 2**23  # weights (N * K) below which a layer is small
-DOT_BLOCK_M = 16  # the tensor-core tile's rows, the most tokens it takes
+DOT_BLOCK_M = 16  # the tensor-core tile's fewest rows (tokens): calls of more take the next power of two
+#: The most tokens the 4-bit tensor-core kernel takes: batched decode (32-64 sequences a step), long drafts being
+#: verified and small prefill chunks, where dequantizing the whole weight for cuBLAS writes and reads it again in
+#: 16 bits, 4.5 times the bytes of the codes.
+DOT_MAX_TOKENS = 128
 DOT_DTYPES = (torch.bfloat16, torch.float16)  # activations the tensor-core kernel takes
 
 
@@ -82,7 +86,7 @@ def takes_dot(tokens: int, weights: int, dtype: torch.dtype, min_tokens: int = D
     runs the op's tensor-core kernel rather than its one-token kernel (``min_tokens``: the op's threshold on
     layers that are not small, DOT_MIN_TOKENS for 4 bits, DOT_MIN_TOKENS_8BIT for 8)."""
     first = min_tokens if weights >= SMALL_LAYER else SMALL_DOT_MIN_TOKENS
-    return first <= tokens <= DOT_BLOCK_M and dtype in DOT_DTYPES
+    return first <= tokens <= DOT_MAX_TOKENS and dtype in DOT_DTYPES
 
 
 def _dot_grid(n: int):
@@ -90,9 +94,9 @@ def _dot_grid(n: int):
 
 
 def available(x: torch.Tensor, four_bit: bool = False) -> bool:
-    """Whether the kernels can take input ``x`` [..., K]: on CUDA, with at most MAX_TOKENS tokens (DOT_BLOCK_M
+    """Whether the kernels can take input ``x`` [..., K]: on CUDA, with at most MAX_TOKENS tokens (DOT_MAX_TOKENS
     for the 4-bit op, ``four_bit``, with 16-bit ``x``)."""
-    limit = DOT_BLOCK_M if four_bit and x.dtype in DOT_DTYPES else MAX_TOKENS
+    limit = DOT_MAX_TOKENS if four_bit and x.dtype in DOT_DTYPES else MAX_TOKENS
     return triton is not None and x.is_cuda and x.numel() <= limit * x.shape[-1]
 
 
@@ -272,11 +276,20 @@ if triton is not None:
     # activations' 16-bit type, and let the tensor cores multiply it by all the tokens at once (padded to
     # BLOCK_M); programs also split K (SPLIT_K, a run-time argument: one compiled kernel serves every split) so
     # that narrow layers still fill the GPU, adding their partial sums atomically into a zeroed float32 output.
+    # BLOCK_M (the tokens padded to a power of two from DOT_BLOCK_M) is part of the autotuning key: 16 tokens and
+    # 64 want different tiles. Eight warps only pay where the tile is large (BLOCK_M >= 64): pruned below that.
     def _dot_configs():
-        return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=4, num_stages=st)
-                for bn in (64, 128) for sk in (1, 2, 4, 8) for st in (2, 3, 4)]
+        return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
+                for bn in (64, 128) for sk in (1, 2, 4, 8) for st in (2, 3, 4) for w in (4, 8)]
 
-    @triton.autotune(configs=_dot_configs(), key=["N", "K"], do_bench=_bench_graphed, reset_to_zero=["y_ptr"])
+    def _prune_dot_configs(configs, named_args, **kwargs):
+        wide = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", DOT_BLOCK_M)) >= 64
+        return [c for c in configs if wide or c.num_warps == 4]
+
+    _DOT_PRUNE = {"early_config_prune": _prune_dot_configs}
+
+    @triton.autotune(configs=_dot_configs(), key=["N", "K", "BLOCK_M"], prune_configs_by=_DOT_PRUNE,
+                     do_bench=_bench_graphed, reset_to_zero=["y_ptr"])
     @triton.jit(do_not_specialize=["SPLIT_K"])
     def _dot_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, groups, zero_const, GROUP: tl.constexpr,
                          HAS_ZERO: tl.constexpr, PTX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -315,7 +328,8 @@ if triton is not None:
             acc += part * s[:, None]
         tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=nmask[:, None] & mmask[None, :], sem="relaxed")
 
-    @triton.autotune(configs=_dot_configs(), key=["N", "K"], do_bench=_bench_graphed, reset_to_zero=["y_ptr"])
+    @triton.autotune(configs=_dot_configs(), key=["N", "K", "BLOCK_M"], prune_configs_by=_DOT_PRUNE,
+                     do_bench=_bench_graphed, reset_to_zero=["y_ptr"])
     @triton.jit(do_not_specialize=["SPLIT_K"])
     def _dot_8bit_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT_K):
@@ -360,12 +374,12 @@ def _one_token(kernel, x: torch.Tensor, x_arg: torch.Tensor, weight: torch.Tenso
 def _tensor_cores(kernel, x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                   *extra, **meta) -> torch.Tensor:
     """Runs a tensor-core ``kernel`` (its split-K programs add into a zeroed float32 output) on ``x`` [M, K]:
-    [M, N] in ``x``'s dtype."""
+    [M, N] in ``x``'s dtype. The tile holds the tokens padded to a power of two, at least DOT_BLOCK_M."""
     M, K = x.shape
     N = weight.shape[0]
     y32 = torch.zeros(M, N, device=x.device, dtype=torch.float32)
     kernel[_dot_grid(N)](x, weight, scales, zeros if zeros is not None else scales, y32, M, N, K, *extra,
-                         BLOCK_M=DOT_BLOCK_M, **meta)
+                         BLOCK_M=max(DOT_BLOCK_M, triton.next_power_of_2(M)), **meta)
     return y32.to(x.dtype)
 
 
@@ -395,7 +409,7 @@ def one_token_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 def dot_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              group_size: int, zero_const: float) -> torch.Tensor:
-    """:func:`gemv_int4` by the tensor-core kernel (``x`` contiguous, 16-bit, at most DOT_BLOCK_M tokens)."""
+    """:func:`gemv_int4` by the tensor-core kernel (``x`` contiguous, 16-bit, at most DOT_MAX_TOKENS tokens)."""
     return _tensor_cores(_dot_int4_kernel, x, qweight, scales, zeros, scales.shape[1], zero_const,
                          GROUP=group_size, HAS_ZERO=zeros is not None, PTX=_ptx(x))
 
@@ -462,7 +476,7 @@ def one_token_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
 def dot_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              kind: int) -> torch.Tensor:
     """:func:`gemv_8bit` by the tensor-core kernel (arguments as :func:`one_token_8bit`; ``x`` 16-bit, at most
-    DOT_BLOCK_M tokens)."""
+    DOT_MAX_TOKENS tokens)."""
     return _tensor_cores(_dot_8bit_kernel, x, weight, scales, zeros, KIND=kind)
 
 
