@@ -117,7 +117,11 @@ def test_two_processes_train_as_one_with_the_same_global_batch(kind: str, traine
     assert set(a) == set(b)  # the same layout, loaded by one process
     assert isinstance(compress.load(two, device="cpu").model.layers[0].mlp.down_proj, layer)
     for name in a:  # the same windows, gradients averaged over the processes: equal up to the sum's order
-        torch.testing.assert_close(b[name], a[name], rtol=0, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
+        apart = ((b[name].float() - a[name].float()).abs() > 2e-6).float().mean().item()
+        # Adam's first steps move an element by about lr whatever its gradient's size, so an element whose gradient
+        # is near zero may land elsewhere when the sum's order changes; processes that did not average their
+        # gradients would leave most trained elements apart
+        assert apart <= 0.01, f"{name}: {apart:.1%} of the elements differ by more than 2e-6"
     if kind == "distill":  # it did train: a norm moved, or the adapter's B (zeros at the start) did
         start = load_file(tiny_dirs["llama"] / "model.safetensors")[trained]
         assert not torch.equal(b[trained], start)
