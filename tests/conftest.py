@@ -117,7 +117,7 @@ def calib_text(tmp_path_factory) -> Path:
 PINNED_TILES = {
     "_gemv_int4_kernel": {"BLOCK_N": 4, "BLOCK_K": 256},
     "_gemv_8bit_kernel": {"BLOCK_N": 8, "BLOCK_K": 512},
-    "_dot_int4_kernel": {"BLOCK_N": 64, "SPLIT_K": 2},
+    "_dot_int4_kernel": {"BLOCK_N": 64, "SPLIT_K": 2, "X_ROWS": 1},
     "_dot_8bit_kernel": {"BLOCK_N": 64, "SPLIT_K": 2},
 }
 

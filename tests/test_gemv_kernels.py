@@ -32,6 +32,8 @@ def rel(y, ref):
     return float((y.float() - ref).norm() / ref.norm())
 
 DOT_TILES = ({"BLOCK_N": 64, "SPLIT_K": 1}, {"BLOCK_N": 128, "SPLIT_K": 3})  # both tensor-core kernels' tiles
+# the 4-bit one's, with each way of reading the activations
+DOT_INT4_TILES = tuple({**tile, "X_ROWS": rows} for tile, rows in zip(DOT_TILES, (0, 1)))
 
 worst = 0.0
 gen = torch.Generator().manual_seed(0)
@@ -45,7 +47,7 @@ for out_f, in_f, bits, sym, group in [(40, 256, 4, True, 128), (24, 384, 4, Fals
                 # x read as words of two bfloat16 or float16, or float32 in two loads
                 (torch.bfloat16, torch.float16, torch.float32)),
                # in float16 only: the interpreter's tl.dot multiplies bfloat16's bits as integers
-               (gemv.dot_int4, gemv._dot_int4_kernel, DOT_TILES,
+               (gemv.dot_int4, gemv._dot_int4_kernel, DOT_INT4_TILES,
                 (torch.float16,))]
     for tokens in (1, 2, 7):
         for path, kernel, configs, dtypes in kernels:
@@ -60,7 +62,7 @@ for out_f, in_f, bits, sym, group in [(40, 256, 4, True, 128), (24, 384, 4, Fals
     for tokens in (40, 100):  # batched decode: the tensor-core tile grows to 64 and 128 tokens
         x = torch.randn(tokens, in_f, generator=gen).half()
         ref = x.float() @ ref_w.t()
-        for config in DOT_TILES:
+        for config in (*DOT_INT4_TILES, {**DOT_INT4_TILES[0], "X_ROWS": 1}):
             y = run(gemv._dot_int4_kernel, config, lambda: gemv.dot_int4(
                 x, layer.qweight, layer.scales, layer.zeros, group, float(layer.int_scheme.sym_zero)))
             assert y.shape == (tokens, out_f) and y.dtype == torch.float16
@@ -195,6 +197,22 @@ def test_sparse24_kernels_match_dense_matmul() -> None:
     calls, worst = int(out[out.index("calls") + 1]), float(out[-1])
     assert calls == 40  # every forward took a kernel
     assert worst <= 1e-2, worst  # fp32 accumulation; the bf16 output's rounding (2**-9 relative) dominates
+
+
+def test_tensor_core_candidates_follow_the_tile_of_tokens() -> None:
+    """Tiles of 16 tokens keep the candidates tuned for them (four warps, the activations in two strided loads);
+    tiles of 32 and more tokens try eight warps and the 4-bit kernel's contiguous activation rows, through the
+    autotuner's own pruning hook."""
+    from compress.kernels import gemv
+
+    for kernel in (gemv._dot_int4_kernel, gemv._dot_8bit_kernel):
+        kernel.nargs = {}
+        few, many = kernel.prune_configs({"BLOCK_M": 16}), kernel.prune_configs({"BLOCK_M": 64})
+        assert few == gemv.dot_configs_for(kernel, 16) and many == gemv.dot_configs_for(kernel, 128)
+        assert {c.num_warps for c in few} == {4} and {c.num_warps for c in many} == {4, 8}
+        assert not any(c.kwargs.get("X_ROWS") for c in few)
+        assert any(c.kwargs.get("X_ROWS") for c in many) == (kernel is gemv._dot_int4_kernel)
+        assert len(kernel.configs) == len(few) + len(many)
 
 
 def test_tensor_core_kernel_takes() -> None:

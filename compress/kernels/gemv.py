@@ -276,24 +276,40 @@ if triton is not None:
     # activations' 16-bit type, and let the tensor cores multiply it by all the tokens at once (padded to
     # BLOCK_M); programs also split K (SPLIT_K, a run-time argument: one compiled kernel serves every split) so
     # that narrow layers still fill the GPU, adding their partial sums atomically into a zeroed float32 output.
-    # BLOCK_M (the tokens padded to a power of two from DOT_BLOCK_M) is part of the autotuning key: 16 tokens and
-    # 64 want different tiles. Eight warps only pay where the tile is large (BLOCK_M >= 64): pruned below that.
-    def _dot_configs():
-        return [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=st)
-                for bn in (64, 128) for sk in (1, 2, 4, 8) for st in (2, 3, 4) for w in (4, 8)]
+    # BLOCK_M (the tokens padded to a power of two from DOT_BLOCK_M) is part of the autotuning key, and the
+    # candidates depend on it: tiles of 16 tokens choose among the first set of :func:`_dot_configs`, tiles of 32
+    # and more among the second (eight warps too, and X_ROWS: the 4-bit kernel's other way of reading the
+    # activations, which every row block reads again and which grow with the tokens).
+    def _dot_configs(x_rows: bool = False) -> tuple[list, list]:
+        few = [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, **({"X_ROWS": 0} if x_rows else {})}, num_warps=4,
+                             num_stages=st)
+               for bn in (64, 128) for sk in (1, 2, 4, 8) for st in (2, 3, 4)]
+        many = [triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, **({"X_ROWS": xr} if x_rows else {})}, num_warps=w,
+                              num_stages=3)
+                for bn in (64, 128) for sk in (1, 2, 4) for w in (4, 8) for xr in ((0, 1) if x_rows else (0,))]
+        return few, many
 
-    def _prune_dot_configs(configs, named_args, **kwargs):
-        wide = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", DOT_BLOCK_M)) >= 64
-        return [c for c in configs if wide or c.num_warps == 4]
+    def dot_configs_for(kernel, block_m: int) -> list:
+        """A tensor-core kernel's candidates for a tile of ``block_m`` tokens."""
+        return kernel.few_tokens if block_m <= DOT_BLOCK_M else kernel.many_tokens
 
-    _DOT_PRUNE = {"early_config_prune": _prune_dot_configs}
+    def _autotuned_dot(x_rows: bool = False):
+        few, many = _dot_configs(x_rows)
 
-    @triton.autotune(configs=_dot_configs(), key=["N", "K", "BLOCK_M"], prune_configs_by=_DOT_PRUNE,
-                     do_bench=_bench_graphed, reset_to_zero=["y_ptr"])
+        def decorate(fn):
+            kernel = triton.autotune(
+                configs=few + many, key=["N", "K", "BLOCK_M"], do_bench=_bench_graphed, reset_to_zero=["y_ptr"],
+                prune_configs_by={"early_config_prune": lambda configs, nargs, **kw: dot_configs_for(
+                    kernel, kw.get("BLOCK_M", nargs.get("BLOCK_M", DOT_BLOCK_M)))})(fn)
+            kernel.few_tokens, kernel.many_tokens = few, many
+            return kernel
+        return decorate
+
+    @_autotuned_dot(x_rows=True)
     @triton.jit(do_not_specialize=["SPLIT_K"])
     def _dot_int4_kernel(x_ptr, q_ptr, s_ptr, z_ptr, y_ptr, M, N, K, groups, zero_const, GROUP: tl.constexpr,
                          HAS_ZERO: tl.constexpr, PTX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         SPLIT_K):
+                         X_ROWS: tl.constexpr, SPLIT_K):
         # The weight tile is the tensor cores' left operand ([BLOCK_N rows, K] times x's [K, BLOCK_M tokens]): on
         # Hopper, wgmma reads it from registers, where the codes were turned into 16 bits, and only the small x
         # tile goes through shared memory. One group a step: BASE + code minus BASE + zero is a small integer,
@@ -319,8 +335,14 @@ if triton is not None:
             for c in tl.static_range(0, GB, CB):  # large groups in chunks of CB bytes a row
                 b = g * GB + c + j
                 packed = tl.load(q_ptr + n[:, None] * KB + b[None, :], mask=nmask[:, None], other=0)
-                xe = tl.load(x_ptr + m[None, :] * K + 2 * b[:, None], mask=mmask[None, :], other=0.0)
-                xo = tl.load(x_ptr + m[None, :] * K + 2 * b[:, None] + 1, mask=mmask[None, :], other=0.0)
+                if X_ROWS:  # each token's 2 CB inputs in one contiguous load, split into even and odd
+                    kx = 2 * (g * GB + c) + tl.arange(0, 2 * CB)
+                    xx = tl.load(x_ptr + m[:, None] * K + kx[None, :], mask=mmask[:, None], other=0.0)
+                    xe, xo = tl.split(tl.reshape(xx, (BLOCK_M, CB, 2)))
+                    xe, xo = tl.trans(xe), tl.trans(xo)
+                else:  # the even and the odd inputs in two strided loads, laid out as the dot takes them
+                    xe = tl.load(x_ptr + m[None, :] * K + 2 * b[:, None], mask=mmask[None, :], other=0.0)
+                    xo = tl.load(x_ptr + m[None, :] * K + 2 * b[:, None] + 1, mask=mmask[None, :], other=0.0)
                 lo, hi = _based_halves(packed, IS_BF16, PTX)
                 part = tl.dot(lo - offset, xe, part)
                 part = tl.dot(hi - offset, xo, part)
@@ -328,8 +350,7 @@ if triton is not None:
             acc += part * s[:, None]
         tl.atomic_add(y_ptr + m[None, :] * N + n[:, None], acc, mask=nmask[:, None] & mmask[None, :], sem="relaxed")
 
-    @triton.autotune(configs=_dot_configs(), key=["N", "K", "BLOCK_M"], prune_configs_by=_DOT_PRUNE,
-                     do_bench=_bench_graphed, reset_to_zero=["y_ptr"])
+    @_autotuned_dot()
     @triton.jit(do_not_specialize=["SPLIT_K"])
     def _dot_8bit_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, M, N, K, KIND: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, SPLIT_K):
