@@ -138,11 +138,13 @@ def decode_step(model: nn.Module, cache: StaticCache, mode: str | None = COMPILE
 
 @torch.no_grad()
 def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, warmup: int,
-                        repeats: int, draft: int = 1, kv=None) -> tuple[list[float], list[float]]:
+                        repeats: int, draft: int = 1, kv=None, prefill_chunk: int | None = None
+                        ) -> tuple[list[float], list[float]]:
     """Prefill and decode seconds of ``warmup + repeats`` greedy runs of the ``compiled-step`` configuration
     (timed ones only): an eager prefill into a static KV cache (transformers', or with ``kv`` a
-    :class:`compress.kv.KVScheme` a static quantized one), then ``(new_tokens - 1) // draft`` compiled steps of
-    ``draft`` tokens each (``compiled-verify``: draft > 1)."""
+    :class:`compress.kv.KVScheme` a static quantized one), in chunks of ``prefill_chunk`` tokens where given (long
+    prompts at large batches, whose activations would not fit at once), then ``(new_tokens - 1) // draft``
+    compiled steps of ``draft`` tokens each (``compiled-verify``: draft > 1)."""
     device = model_device(model)
     ids = random_prompts(model, batch, prompt_len)
     if kv is None:
@@ -158,7 +160,9 @@ def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_token
         cache.reset()
         synchronize(device)
         start = cuda_mark()
-        token = step(ids, positions[:prompt_len])  # the first draft: the prompt's last greedy tokens
+        chunk = prefill_chunk or prompt_len
+        for s in range(0, prompt_len, chunk):  # the last chunk's greedy tokens are the first draft
+            token = step(ids[:, s:s + chunk], positions[s:min(s + chunk, prompt_len)])
         first = cuda_mark()
         for i in range(prompt_len, prompt_len + new_tokens - draft, draft):
             torch.compiler.cudagraph_mark_step_begin()

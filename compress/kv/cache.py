@@ -126,6 +126,7 @@ class _Stored:
     buffers: dict[str, torch.Tensor]
     dtype: torch.dtype
 
+    @torch.no_grad()  # codes and scales keep no autograd history (rounding has no gradient; nextafter no formula)
     def quantized(self, k: torch.Tensor, v: torch.Tensor) -> dict[str, torch.Tensor]:
         """The stored parts of keys and values [B, H, n, D] (n a multiple of the group size for int schemes)."""
         s = self.scheme
@@ -293,6 +294,7 @@ class StaticQuantizedLayer(_Stored, CacheLayerMixin):
         g, r = self.scheme.group_size, self.scheme.residual
         return g * ((length - r).clamp(min=0) // g) if torch.is_tensor(length) else g * (max(0, length - r) // g)
 
+    @torch.no_grad()  # an inference cache at fixed addresses: its in-place writes keep no autograd history
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
