@@ -167,19 +167,26 @@ def speed(args: argparse.Namespace) -> None:
         if "eager" in args.modes:
             row["eager"], row["held"] = _time_steps(model, scheme, prompt, args.steps, args.repeats)
         if "compiled" in args.modes and not peer:
+            if "eager" in args.modes:  # what is measured so far, in case the compiled run does not finish
+                print(f"{text:>8}: " + _cells(row, base or row, args.batch) + " (compiled: running)", flush=True)
             _, decode = time_compiled_steps(model, args.batch, args.context, args.steps + 1, 1, args.repeats, kv=scheme,
                                             prefill_chunk=prefill_chunk(args.batch))
             row["compiled"] = statistics.median(decode) / args.steps
         torch.cuda.empty_cache()
         base = base or row
-        cells = [f"attention {row['attention'] * 1e6:8.1f} us/layer ({base['attention'] / row['attention']:.2f}x)"
-                 ] if "attention" in row else []
-        for mode in ("eager", "compiled"):
-            if mode in row:
-                cells.append(f"{mode} decode {args.batch / row[mode]:8.1f} tok/s ({base[mode] / row[mode]:.2f}x)")
-        if "held" in row:
-            cells.append(f"cache {row['held'] / 2**20:8.1f} MiB ({row['held'] / base['held']:.3f}x)")
-        print(f"{text:>8}: " + ", ".join(cells), flush=True)
+        print(f"{text:>8}: " + _cells(row, base, args.batch), flush=True)
+
+
+def _cells(row: dict, base: dict, batch: int) -> str:
+    """One scheme's figures, with their ratios to the first scheme's."""
+    cells = [f"attention {row['attention'] * 1e6:8.1f} us/layer ({base['attention'] / row['attention']:.2f}x)"
+             ] if "attention" in row else []
+    for mode in ("eager", "compiled"):
+        if mode in row and mode in base:
+            cells.append(f"{mode} decode {batch / row[mode]:8.1f} tok/s ({base[mode] / row[mode]:.2f}x)")
+    if "held" in row:
+        cells.append(f"cache {row['held'] / 2**20:8.1f} MiB ({row['held'] / base['held']:.3f}x)")
+    return ", ".join(cells)
 
 
 def main() -> None:
