@@ -374,10 +374,11 @@ class StepWork:
             raise PluginError(f"method step {self.label!r}: layer {name} {problem}; the plugin's author must fix it")
 
 
-def _progress(blocks: list, labels: str) -> Iterator:
+def _progress(blocks: list, labels: str, device: torch.device) -> Iterator:
     """``blocks`` one by one, shown as a progress bar where stderr is a terminal, and logged at INFO as each is done
     (every block of a model of up to 20, else about every 5% and the last), so that a log file or CI sees the job
-    is alive; where the bar shows, the log lines go above it."""
+    is alive, with the peak GPU memory so far on CUDA (when it was reached, and how near the device's limit); where
+    the bar shows, the log lines go above it."""
     every = max(1, math.ceil(len(blocks) / 20))
     start = time.perf_counter()
     bar = tqdm(blocks, desc=labels, unit="block", disable=None)
@@ -385,7 +386,10 @@ def _progress(blocks: list, labels: str) -> Iterator:
         for i, block in enumerate(bar, start=1):
             yield block
             if i % every == 0 or i == len(blocks):
-                log.info("%s: block %d of %d done, %.1f s elapsed", labels, i, len(blocks), time.perf_counter() - start)
+                peak = (f", peak GPU memory so far {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+                        if device.type == "cuda" else "")
+                log.info("%s: block %d of %d done, %.1f s elapsed%s", labels, i, len(blocks),
+                         time.perf_counter() - start, peak)
 
 
 def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: CalibrationSet | None,
@@ -412,7 +416,7 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
     names = blocks.names()
     in_blocks: set[str] = set()
     last = len(blocks.modules) - 1
-    for i, (name, block) in enumerate(_progress(list(zip(names, blocks.modules)), ", ".join(s.label for s in steps))):
+    for i, (name, block) in enumerate(_progress(list(zip(names, blocks.modules)), ", ".join(s.label for s in steps), device)):
         if stream is not None:
             stream.load(name, block)
         home = _module_device(block)
