@@ -89,10 +89,11 @@ def main() -> None:
                 "bf16 cublas": (lambda: F.linear(x, w), 2 * n * k),
                 "int4 tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, tg[0], 128, tg[1]), n * k // 2),
             }
+            int4_args = (layer4.qweight, layer4.scales, None, 128, 8.0)
             if m <= gemv.DOT_MAX_TOKENS:  # the op, and each of its two kernels (gemv.takes_dot picks between them)
-                int4_args = (layer4.qweight, layer4.scales, None, 128, 8.0)
                 kernels["int4 op"] = (lambda: gemv.gemv_int4(x, *int4_args), n * k // 2)
                 kernels["int4 one-token kernel"] = (lambda: gemv.one_token_int4(x, *int4_args), n * k // 2)
+            if m <= gemv.DOT_MAX_TILE:  # the tensor-core kernel, also where the op does not send calls to it yet
                 kernels["int4 tensor-core kernel"] = (lambda: gemv.dot_int4(x, *int4_args), n * k // 2)
             if m <= cuda_int4.MAX_TOKENS:  # the CUDA kernel at each block size
                 for warps in (4, 8, 16):

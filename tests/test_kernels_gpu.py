@@ -35,9 +35,9 @@ def test_int_layer_matches_dequantized_reference(out_f, in_f, bits, symmetric, g
     reference = layer.dequantized_weight(torch.float32)
     torch.testing.assert_close(reference, quant.dequantize_weight(layer.codes(), layer.scales, layer.zero_points(),
                                                                   scheme, torch.float32))  # the Triton dequantizer
-    # 8-bit: up to gemv.MAX_TOKENS the decode kernel; 4-bit: 1-2 the one-token kernel, 3 to 128 the tensor-core
-    # kernel (tiles of 16, 32, 64, 128 tokens); more: dequantize + matmul
-    for tokens in (1, 7, 8, 9, 16, 17, 33, 64, 100, 128, 129, 333):
+    # 8-bit: up to gemv.MAX_TOKENS the decode kernel; 4-bit: 1-2 the one-token kernel, 3 to 16 the tensor-core
+    # kernel; more: dequantize + matmul
+    for tokens in (1, 7, 8, 9, 16, 17, 64, 333):
         x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=torch.bfloat16)
         y = layer(x)
         assert torch.isfinite(y).all()
@@ -85,9 +85,9 @@ def test_decode_kernel_is_taken_where_it_applies(scheme, kernel, monkeypatch) ->
                                           ("rtn", {"bits": 4, "group_size": 128}), ("int8", {}),
                                           ("fp8", {"activations": "dynamic"}), ("fp8", {"activations": "none"})])
 # the decode kernels (compress.kernels.gemv): 1 the one-token kernels, 5 the tensor-core kernels (on these small
-# layers, takes_dot); 16 and 64: the 4-bit tensor-core kernel still, dequantize + matmul for 8 bits. 4 bits in groups
-# of 128: the CUDA kernel (compress.kernels.cuda_int4) at 1 and 5 tokens
-@pytest.mark.parametrize("tokens", [1, 5, 16, 64])
+# layers, takes_dot); 16: the 4-bit tensor-core kernel still, dequantize + matmul for 8 bits. 4 bits in groups of
+# 128: the CUDA kernel (compress.kernels.cuda_int4) at 1 and 5 tokens
+@pytest.mark.parametrize("tokens", [1, 5, 16])
 def test_compiled_decode_has_no_graph_breaks(method, args, tokens) -> None:
     torch._dynamo.reset()  # each case compiles new modules: earlier cases' recompiles must not hit dynamo's limit
     model = make_tiny("llama", dtype=torch.bfloat16).cuda()

@@ -74,10 +74,13 @@ DOT_MIN_TOKENS_8BIT = 3
 SMALL_DOT_MIN_TOKENS = 5
 SMALL_LAYER = 2**23  # weights (N * K) below which a layer is small
 DOT_BLOCK_M = 16  # the tensor-core tile's fewest rows (tokens): calls of more take the next power of two
-#: The most tokens the 4-bit tensor-core kernel takes: batched decode (32-64 sequences a step), long drafts being
-#: verified and small prefill chunks, where dequantizing the whole weight for cuBLAS writes and reads it again in
-#: 16 bits, 4.5 times the bytes of the codes.
-DOT_MAX_TOKENS = 128
+#: The most tokens the 4-bit tensor-core kernel computes (:func:`dot_int4`): batched decode (32-64 sequences a
+#: step), long drafts being verified, small prefill chunks, where dequantizing the whole weight for cuBLAS writes
+#: and reads it again in 16 bits, 4.5 times the bytes of the codes.
+DOT_MAX_TILE = 128
+#: The most tokens the ops send to the tensor-core kernels. Calls of 17 to DOT_MAX_TILE tokens will take them once
+#: their speed there is measured on a GPU (``benchmarks.kernel_bench --tokens 32,64,128``); not yet.
+DOT_MAX_TOKENS = 16
 DOT_DTYPES = (torch.bfloat16, torch.float16)  # activations the tensor-core kernel takes
 
 
@@ -430,7 +433,7 @@ def one_token_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 def dot_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              group_size: int, zero_const: float) -> torch.Tensor:
-    """:func:`gemv_int4` by the tensor-core kernel (``x`` contiguous, 16-bit, at most DOT_MAX_TOKENS tokens)."""
+    """:func:`gemv_int4` by the tensor-core kernel (``x`` contiguous, 16-bit, at most DOT_MAX_TILE tokens)."""
     return _tensor_cores(_dot_int4_kernel, x, qweight, scales, zeros, scales.shape[1], zero_const,
                          GROUP=group_size, HAS_ZERO=zeros is not None, PTX=_ptx(x))
 

@@ -40,8 +40,8 @@ from compress.runtime import RuntimeFeature
 log = logging.getLogger(__name__)
 
 #: Calls with up to this many tokens (decode steps, drafts being verified) run a group as one layer; more run the
-#: members separately. The 4-bit decode kernels take up to 128 tokens (compress.kernels.gemv.DOT_MAX_TOKENS).
-FUSE_MAX_TOKENS = 128
+#: members separately. The 4-bit decode kernels take up to 16 tokens (compress.kernels.gemv.DOT_MAX_TOKENS).
+FUSE_MAX_TOKENS = 16
 
 
 class _Group:
