@@ -416,7 +416,8 @@ def run_stage(model: nn.Module, blocks: Blocks, steps: list[StepWork], calib: Ca
     names = blocks.names()
     in_blocks: set[str] = set()
     last = len(blocks.modules) - 1
-    for i, (name, block) in enumerate(_progress(list(zip(names, blocks.modules)), ", ".join(s.label for s in steps), device)):
+    labels = ", ".join(s.label for s in steps)
+    for i, (name, block) in enumerate(_progress(list(zip(names, blocks.modules)), labels, device)):
         if stream is not None:
             stream.load(name, block)
         home = _module_device(block)
