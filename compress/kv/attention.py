@@ -196,7 +196,7 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_H)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + (bh * GROUPS + rows[:, None]) * D + d[None, :], mask=rows[:, None] < GROUPS, other=0.0)
-        q = q * scaling
+        q = (q * scaling).to(tl.float32)  # under torch.compile a float argument may arrive as float64
         q16 = q.to(tl.float16)
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_H], tl.float32)
