@@ -247,7 +247,7 @@ def main() -> None:
             row["decode"][config] = decode["decode_tok_s"]
             row.setdefault("decode_tok_s", decode["decode_tok_s"])
             row["peak_gpu_bytes"] = max(row.get("peak_gpu_bytes", 0), decode["peak_gpu_bytes"])
-        headline = "dynamic" if fmt in ("nf4", "llm.int8") else args.decode_configs.split(",")[0]
+        headline = next(iter(row["decode"]))  # the first configuration this format ran
         for batch in batches:
             decode = time_generation(model, headline, batch, 128, 256, warmup=2, repeats=args.repeats)
             row["batches"][batch] = decode["decode_tok_s"]
