@@ -156,11 +156,11 @@ def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_token
     positions = torch.arange(prompt_len + new_tokens, device=device)
     step, compiled = decode_step(model, cache, keep=draft)
     prefill, decode = [], []
+    chunk = prefill_chunk or prompt_len
     for run in range(warmup + repeats):
         cache.reset()
         synchronize(device)
         start = cuda_mark()
-        chunk = prefill_chunk or prompt_len
         for s in range(0, prompt_len, chunk):  # the last chunk's greedy tokens are the first draft
             token = step(ids[:, s:s + chunk], positions[s:min(s + chunk, prompt_len)])
         first = cuda_mark()

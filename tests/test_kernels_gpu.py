@@ -226,8 +226,8 @@ def test_every_tile_config_matches_reference(kernel_name, tokens, monkeypatch) -
     expected = [[x.float() @ layer.dequantized_weight(torch.float32).t() for x in xs] for _, layer in cases]
     for i, x in enumerate(xs):
         # the tensor-core kernels' candidates depend on the tile of tokens (16, or 64 for 40 tokens)
-        block_m = max(gemv.DOT_BLOCK_M, 1 << (x.shape[0] - 1).bit_length())
-        for config in gemv.dot_configs_for(kernel, block_m) if "dot" in kernel_name else list(kernel.configs):
+        tile = gemv.dot_tile(x.shape[0])
+        for config in gemv.dot_configs_for(kernel, tile) if "dot" in kernel_name else list(kernel.configs):
             use_tiles(monkeypatch, kernel, [config])
             for (op, q), wants in zip(cases, expected):
                 if x.shape[0] > gemv.DOT_MAX_TOKENS:  # more tokens than the op sends to the kernel: called directly

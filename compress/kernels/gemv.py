@@ -92,6 +92,12 @@ def takes_dot(tokens: int, weights: int, dtype: torch.dtype, min_tokens: int = D
     return first <= tokens <= DOT_MAX_TOKENS and dtype in DOT_DTYPES
 
 
+def dot_tile(tokens: int) -> int:
+    """The tensor-core kernels' tile of tokens (their BLOCK_M) for a call of ``tokens``: the next power of two, at
+    least DOT_BLOCK_M."""
+    return max(DOT_BLOCK_M, 1 << (tokens - 1).bit_length())
+
+
 def _dot_grid(n: int):
     return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
@@ -403,7 +409,7 @@ def _tensor_cores(kernel, x: torch.Tensor, weight: torch.Tensor, scales: torch.T
     N = weight.shape[0]
     y32 = torch.zeros(M, N, device=x.device, dtype=torch.float32)
     kernel[_dot_grid(N)](x, weight, scales, zeros if zeros is not None else scales, y32, M, N, K, *extra,
-                         BLOCK_M=max(DOT_BLOCK_M, triton.next_power_of_2(M)), **meta)
+                         BLOCK_M=dot_tile(M), **meta)
     return y32.to(x.dtype)
 
 
