@@ -72,8 +72,9 @@ def test_gptq_asymmetric_objective_corrects_input_error() -> None:
 
 
 def test_damped_factors_are_the_damped_hessians_and_its_inverses() -> None:
-    """L L^T = H + damp * mean(diag) * I and U^T U its inverse; an input that is always zero counts as 1 on the
-    diagonal (so the damping's mean and the factors see a positive entry there); L is not kept when not asked for."""
+    """L L^T = H + damp * mean(diag) * I and U^T U its inverse (U the inverse's upper Cholesky factor, also with the
+    inputs reordered); an input that is always zero counts as 1 on the diagonal (so the damping's mean and the factors
+    see a positive entry there)."""
     from compress.solvers.hessian import damped_factors
 
     x = _correlated_inputs(512, 32).double()
@@ -83,11 +84,14 @@ def test_damped_factors_are_the_damped_hessians_and_its_inverses() -> None:
     fixed = H.clone()
     fixed[5, 5] = 1
     damped = fixed + 0.01 * torch.diag(fixed).mean() * torch.eye(32, dtype=H.dtype)
-    L, U, damp = damped_factors(H, 0.01, "layer", dead=dead)
+    L, damp = damped_factors(H, 0.01, "layer", dead=dead)
+    U, _ = damped_factors(H, 0.01, "layer", inverse=True, dead=dead)
     assert damp == 0.01 and torch.allclose(L @ L.t(), damped) and torch.allclose(U.t() @ U, torch.linalg.inv(damped))
     assert torch.equal(L, L.tril()) and torch.equal(U, U.triu())
-    none, only_U, _ = damped_factors(H, 0.01, "layer", lower=False, dead=dead)
-    assert none is None and torch.equal(only_U, U)
+    assert torch.allclose(U, torch.linalg.cholesky(torch.linalg.inv(damped), upper=True))  # the factor itself
+    order = torch.randperm(32)
+    U_ordered, _ = damped_factors(H, 0.01, "layer", inverse=True, dead=dead[order], order=order)
+    assert torch.allclose(U_ordered, torch.linalg.cholesky(torch.linalg.inv(damped[order][:, order]), upper=True))
     assert torch.equal(H[5], torch.zeros(32, dtype=H.dtype))  # H itself is left as it was
 
 

@@ -51,18 +51,22 @@ class Hessian:
                 self.C.addmm_(reference.t(), rows)
 
 
-def damped_factors(H: torch.Tensor, damp: float, label: str, inverse: bool = True, lower: bool = True,
-                   dead: torch.Tensor | None = None, order: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
-    """Lower Cholesky factor L of H + damp * mean(diag H) * I (if ``lower``), the upper Cholesky factor of its
-    inverse (if ``inverse``), and the damping used: raised tenfold until both factorizations succeed (a nearly
-    singular H can factor and still give an inverse that does not). CalibrationError, naming ``label``, when none
-    does. ``dead`` (bool [in]): inputs that are always zero, whose diagonal entries count as 1 (before the damping
-    and its mean), as the sweeps' zeroed weights there need. With ``order`` (a permutation of the inputs), the
-    factors are those of H with its rows and columns in that order (``dead`` given in that order too).
+def damped_factors(H: torch.Tensor, damp: float, label: str, inverse: bool = False,
+                   dead: torch.Tensor | None = None, order: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+    """The lower Cholesky factor L of H + damp * mean(diag H) * I, or with ``inverse`` the upper Cholesky factor U
+    of its inverse (U^T U = (H + damp...)^-1, what GPTQ's and SparseGPT's sweeps walk), and the damping used: raised
+    tenfold until the factorization succeeds. CalibrationError, naming ``label``, when none does. ``dead`` (bool
+    [in]): inputs that are always zero, whose diagonal entries count as 1 (before the damping and its mean), as the
+    sweeps' zeroed weights there need. With ``order`` (a permutation of the inputs), the factor is that of H with its
+    rows and columns in that order (``dead`` given in that order too).
 
-    Beside H it holds at most two [in, in] matrices (the factors are computed in place, a permuted H gathered straight
-    into the first; 0.8 GB each at a 14,336-wide layer in float32), one when only the inverse's factor is asked for."""
+    U is never built from an explicit inverse: with J the matrix that reverses the inputs' order, U = J L'^-1 J where
+    L' is the lower factor of J H J (a triangular solve against the identity, in place), so beside H it holds at most
+    two [in, in] matrices (0.8 GB each at a 14,336-wide layer in float32), one for L. (``torch.cholesky_inverse``
+    would be a third, and on CUDA a fourth: cuSOLVER's path clones its input.)"""
+    if inverse:
+        order = (torch.arange(H.shape[0], device=H.device) if order is None else order).flip(0)
+        dead = None if dead is None else dead.flip(0)
     diagonal = torch.diag(H) if order is None else torch.diag(H)[order]  # a copy: [in] floats
     diagonal = diagonal if dead is None else diagonal.masked_fill(dead, 1)
     mean_diag = diagonal.mean()
@@ -75,20 +79,32 @@ def damped_factors(H: torch.Tensor, damp: float, label: str, inverse: bool = Tru
         L.diagonal().copy_(diagonal + damp * mean_diag)
         info = torch.empty((), dtype=torch.int32, device=H.device)
         torch.linalg.cholesky_ex(L, out=(L, info))
-        U = None
-        if int(info) == 0 and inverse:
-            U = torch.cholesky_inverse(L)
-            if not lower:
-                L = None
-            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
+        if int(info) == 0 and not inverse:
+            return L, damp
         if int(info) == 0:
-            return L if lower else None, U, damp
+            U = torch.zeros_like(L)  # column-major, as L
+            U.diagonal().fill_(1)
+            torch.linalg.solve_triangular(L, U, upper=False, out=U)  # L'^-1, written over the identity
+            del L
+            _reverse(U.t().reshape(-1))  # J X J: a column-major matrix's storage, reversed (a view of U's memory)
+            if bool(torch.isfinite(U.diagonal()).all()):
+                return U, damp
         if attempt < MAX_DAMP_RETRIES:
-            log.warning("%s: Hessian or its inverse not positive definite with damp=%g; retrying with damp=%g",
-                        label, damp, damp * 10)
+            log.warning("%s: Hessian not positive definite with damp=%g; retrying with damp=%g", label, damp,
+                        damp * 10)
             damp *= 10
     raise CalibrationError(f"{label}: Hessian stays singular up to damp={damp:g}; the calibration data may be "
                            "too small or degenerate for this layer: give more samples, or ignore the layer")
+
+
+def _reverse(flat: torch.Tensor, chunk: int = CHUNK_ELEMENTS // 4) -> None:
+    """Reverse the 1-D tensor ``flat`` in place, swapping its ends a chunk at a time (a chunk's copy at most)."""
+    n = flat.numel()
+    for a in range(0, n // 2, chunk):
+        b = min(a + chunk, n // 2)
+        front = flat[a:b].clone()
+        flat[a:b] = flat[n - b : n - a].flip(0)
+        flat[n - b : n - a] = front.flip(0)
 
 
 def original_target(weight: torch.Tensor, hessian: Hessian, reference: torch.Tensor, damp: float,
@@ -101,7 +117,7 @@ def original_target(weight: torch.Tensor, hessian: Hessian, reference: torch.Ten
     target = reference.float() @ hessian.C
     target -= weight.float() @ hessian.H
     hessian.C = None
-    L = damped_factors(hessian.H, damp, label, inverse=False)[0]
+    L = damped_factors(hessian.H, damp, label)[0]
     target = torch.cholesky_solve(target.t(), L).t()
     del L
     return target.add_(weight.float())

@@ -26,7 +26,7 @@ def factor(weight: torch.Tensor, rank: int, H: torch.Tensor | None = None, damp:
         rank = rank if energy is None else min(rank, rank_for_energy(S, energy))
         root = S[:rank].sqrt()
         return root[:, None] * Vh[:rank], U[:, :rank] * root
-    L, _, _ = damped_factors(H.float(), damp, label, inverse=False)
+    L, _ = damped_factors(H.float(), damp, label)
     U, S, Vh = torch.linalg.svd(W @ L, full_matrices=False)
     rank = rank if energy is None else min(rank, rank_for_energy(S, energy))
     root = S[:rank].sqrt()

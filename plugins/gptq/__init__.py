@@ -100,7 +100,7 @@ class GPTQ(IntMethod):
             GPTQ._quantize_corrected(work, group, layers, rows, weight, hessian, config)
             return
         result = gptq(weight, hessian.H, config.int_scheme(), layers[0].weight.dtype, config.damp,
-                      config.block_size, config.act_order, config.mse, label, keep)
+                      config.block_size, config.act_order, config.mse, label, keep, overwrite=True)
         parts = zip(group, layers, result.codes.split(rows), result.scale.split(rows), result.zero.split(rows))
         for name, layer, codes, scale, zero in parts:
             work.replace(name, quantize_layer(layer, config.int_scheme(), work.device, scale, zero, codes))

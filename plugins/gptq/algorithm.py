@@ -44,21 +44,23 @@ def _group_qparams(w: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, mse: 
 @torch.no_grad()
 def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.dtype, damp: float = 0.01,
          block_size: int = 128, act_order: bool = False, mse: bool = False, label: str = "layer",
-         keep: torch.Tensor | None = None) -> GPTQResult:
+         keep: torch.Tensor | None = None, overwrite: bool = False) -> GPTQResult:
     """Quantize ``weight`` [out, in] with the GPTQ column sweep given its inputs' Hessian ``H`` [in, in].
 
     ``keep`` (bool [out, in], a pruner's mask) pins the weights where it is False to zero. To fit the uncompressed
     model's outputs instead of the layer's own (GPTAQ), pass the weight that best gives them
-    (:func:`compress.solvers.hessian.original_target`).
+    (:func:`compress.solvers.hessian.original_target`). With ``overwrite``, a float32 ``weight`` is the sweep's
+    working copy (its values are lost): no second copy is held while H is factored (0.23 GB at a 14,336-wide down
+    projection).
     """
-    W = weight.to(torch.float32).clone()
+    W = weight if overwrite and weight.dtype == torch.float32 else weight.to(torch.float32, copy=True)
     out_f, columns = W.shape
     dead = torch.diag(H) == 0
     W[:, dead] = 0
     importance = torch.diag(H).masked_fill(dead, 1)
     perm = torch.argsort(importance, descending=True) if act_order else None
     if perm is None:
-        _, U, damp = damped_factors(H, damp, label, lower=False, dead=dead)
+        U, damp = damped_factors(H, damp, label, inverse=True, dead=dead)
     gs = scheme.group_size if scheme.granularity == "group" else columns
     scale = torch.empty(out_f, scheme.groups_per_row(columns), dtype=torch.float32, device=W.device)  # exact in dtype
     zero = torch.empty_like(scale)
@@ -72,9 +74,10 @@ def gptq(weight: torch.Tensor, H: torch.Tensor, scheme: IntScheme, dtype: torch.
         scale.copy_(s.float().expand_as(scale))
         zero.copy_(z.expand_as(zero))
     if perm is not None:
-        W, importance = W[:, perm], importance[perm]
+        W.copy_(W[:, perm])  # in place: the permuted copy is gone before H is factored
+        importance = importance[perm]
         keep = None if keep is None else keep[:, perm]
-        _, U, damp = damped_factors(H, damp, label, lower=False, dead=dead[perm], order=perm)
+        U, damp = damped_factors(H, damp, label, inverse=True, dead=dead[perm], order=perm)
     group_of = (perm if perm is not None else torch.arange(columns, device=W.device)) // gs
     codes = torch.empty(out_f, columns, dtype=torch.uint8, device=W.device)
 

@@ -134,7 +134,7 @@ class LowRank(Method):
                 for name in group:
                     weight = get_weight(work.targets[name]).float().to(work.device)
                     if hessian is not None:
-                        weight = weight @ damped_factors(hessian.H, config.damp, name, inverse=False)[0]
+                        weight = weight @ damped_factors(hessian.H, config.damp, name)[0]
                     spectra[name] = (*linear_shape(work.targets[name]), torch.linalg.svdvals(weight).pow(2).cpu())
 
         survey(measure)

@@ -30,7 +30,7 @@ def sparsegpt(weight: torch.Tensor, H: torch.Tensor, pattern: Pattern, sparsity:
     W = weight.to(torch.float32).clone()
     dead = torch.diag(H) == 0
     W[:, dead] = 0
-    _, U, _ = damped_factors(H, damp, label, lower=False, dead=dead)
+    U, _ = damped_factors(H, damp, label, inverse=True, dead=dead)
     keep = torch.empty_like(W, dtype=torch.bool)
 
     def settle(i1: int, i2: int) -> torch.Tensor:
