@@ -118,12 +118,14 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
     splits = max(1, min(triton.cdiv(kv.bound, block), triton.cdiv(2 * sm_count(query.device), B * Hkv)))
     per_split = triton.cdiv(triton.cdiv(kv.bound, splits), block) * block  # about two programs an SM
     splits = triton.cdiv(kv.bound, per_split)
-    q = query.reshape(B, Hkv, groups, D).float().contiguous()
+    if query.stride(-1) != 1:
+        query = query.contiguous()
     acc = torch.empty(B, Hkv, splits, groups, D, device=query.device, dtype=torch.float32)
     stats = torch.empty(B, Hkv, splits, groups, 2, device=query.device, dtype=torch.float32)
     on_device = torch.is_tensor(kv.length)
-    lengths = torch.stack([torch.as_tensor(kv.stored, device=query.device), kv.length]) if on_device else q
+    stored, length = (torch.as_tensor(kv.stored, device=query.device), kv.length) if on_device else (acc, acc)
     empty = not on_device and kv.stored == 0
+    q = acc  # stands in for a buffer the kernel does not read
     if fp8:  # codes read as bytes; one scale a head (the kernel's scale "rows" are then heads)
         kc, vc = (q if empty else layer.buffers[n].view(torch.uint8) for n in ("k", "v"))
         ks, vs = (q if empty else t.view(1, -1, 1).expand(B, -1, 1) for t in layer.fp8_scales)
@@ -135,20 +137,19 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
     keep_t = keep if keep is not None else q  # unused when HAS_KEEP is False
     block_h = max(16, triton.next_power_of_2(groups))
     _decode_kernel[(B * Hkv, splits)](
-        q, kc, ks, kz, vc, vs, vz, tk, tv, keep_t, acc, stats, lengths,
+        query, kc, ks, kz, vc, vs, vz, tk, tv, keep_t, acc, stats, stored, length,
         Hkv, 0 if on_device else kv.stored, 0 if on_device else kv.length, per_split, tk.shape[2],
-        scaling or 1 / math.sqrt(D),
+        scaling or 1 / math.sqrt(D), query.stride(0), query.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
         keep_t.stride(0) if keep is not None else 0,
         GROUPS=groups, BLOCK_H=block_h, D=D, BITS=s.bits, GROUP=group, BLOCK_T=block, FP8=fp8,
         HAS_KEEP=keep is not None, ON_DEVICE=on_device, RING=kv.ring, num_warps=4)
-    m, l = stats[..., 0], stats[..., 1]  # noqa: E741
-    top = m.amax(2, keepdim=True)
-    weight = torch.exp(m - top).nan_to_num(0.0)  # a split with no key (masked, or past the length) weighs nothing
-    out = (acc * weight[..., None]).sum(2) / (l * weight).sum(2)[..., None]
-    return out.reshape(B, Hq, 1, D).to(query.dtype)
+    out = torch.empty(B, 1, Hq, D, device=query.device, dtype=query.dtype)  # as the attention hands it on
+    _merge_kernel[(B * Hq,)](acc, stats, out, splits, GROUPS=groups, D=D, BLOCK_S=triton.next_power_of_2(splits),
+                             num_warps=4)
+    return out.transpose(1, 2)
 
 
 if triton is not None:
@@ -177,7 +178,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr, keep_ptr, acc_ptr,
-                       stats_ptr, lengths_ptr, Hkv, stored, length, per_split, ring, scaling,
+                       stats_ptr, stored_ptr, length_ptr, Hkv, stored, length, per_split, ring, scaling, q_b, q_h,
                        kc_b, kc_h, kc_t, ks_b, ks_h, ks_t, vc_b, vc_h, vc_t, vs_b, vs_h, vs_t,
                        tk_b, tk_h, tk_t, tv_b, tv_h, tv_t, keep_b,
                        GROUPS: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr,
@@ -185,8 +186,8 @@ if triton is not None:
                        ON_DEVICE: tl.constexpr, RING: tl.constexpr):
         bh = tl.program_id(0)
         if ON_DEVICE:  # a static cache's lengths, read here: the launch needs no host synchronisation
-            stored = tl.load(lengths_ptr).to(tl.int32)
-            length = tl.load(lengths_ptr + 1).to(tl.int32)
+            stored = tl.load(stored_ptr).to(tl.int32)
+            length = tl.load(length_ptr).to(tl.int32)
         split = tl.program_id(1)
         b = bh // Hkv
         h = bh % Hkv
@@ -195,7 +196,8 @@ if triton is not None:
         MAXQ: tl.constexpr = (1 << BITS) - 1
         rows = tl.arange(0, BLOCK_H)
         d = tl.arange(0, D)
-        q = tl.load(q_ptr + (bh * GROUPS + rows[:, None]) * D + d[None, :], mask=rows[:, None] < GROUPS, other=0.0)
+        q = tl.load(q_ptr + b * q_b + (h * GROUPS + rows[:, None]) * q_h + d[None, :], mask=rows[:, None] < GROUPS,
+                    other=0.0).to(tl.float32)
         q = (q * scaling).to(tl.float32)  # under torch.compile a float argument may arrive as float64
         q16 = q.to(tl.float16)
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -256,3 +258,21 @@ if triton is not None:
         tl.store(acc_ptr + out[:, None] * D + d[None, :], acc, mask=rows[:, None] < GROUPS)
         tl.store(stats_ptr + out * 2, m, mask=rows < GROUPS)
         tl.store(stats_ptr + out * 2 + 1, l, mask=rows < GROUPS)
+
+    @triton.jit
+    def _merge_kernel(acc_ptr, stats_ptr, out_ptr, splits, GROUPS: tl.constexpr, D: tl.constexpr,
+                      BLOCK_S: tl.constexpr):
+        """One query head's splits merged by their softmax statistics, written as the attention's output [B, 1, Hq,
+        D]; a split with no key (masked, or past the length) weighs nothing."""
+        row = tl.program_id(0)  # b * Hq + query head; the splits' rows are (b * Hkv + kv head) * splits + split
+        bh = row // GROUPS
+        split = tl.arange(0, BLOCK_S)
+        ok = split < splits
+        at = (bh * splits + split) * GROUPS + row % GROUPS
+        m = tl.load(stats_ptr + at * 2, mask=ok, other=float("-inf"))
+        l = tl.load(stats_ptr + at * 2 + 1, mask=ok, other=0.0)
+        weight = tl.where(m == float("-inf"), 0.0, tl.exp(m - tl.max(m, 0)))
+        d = tl.arange(0, D)
+        acc = tl.load(acc_ptr + at[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        out = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
+        tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
