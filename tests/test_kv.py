@@ -108,6 +108,20 @@ def test_a_static_layer_holds_what_a_dynamic_one_holds(bits: int) -> None:
         static.update(k[:, :, :200], v[:, :, :200])
 
 
+def test_a_prompt_in_chunks_through_a_static_cache_gives_the_dynamic_caches_logits() -> None:
+    """A long prompt fed in chunks (as kv_bench and servers prefill): the static cache's mask spans the whole cache,
+    the keys only the tokens so far; the logits equal those through the dynamic cache fed the same chunks."""
+    model = make_tiny("llama")
+    ids = torch.randint(3, 500, (2, 96), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for max_cache_len in (None, 128):
+        cache = QuantizedCache(model.config, bits=4, group_size=16, residual=16, max_cache_len=max_cache_len)
+        with torch.no_grad():
+            logits.append(torch.cat([model(ids[:, i : i + 32], past_key_values=cache,
+                                           cache_position=torch.arange(i, i + 32)).logits for i in range(0, 96, 32)], 1))
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
 def test_a_static_cache_step_compiles_whole() -> None:
     """The decode step through a static quantized cache traces as one graph (torch.compile fullgraph: a graph break
     raises; the eager backend, so no compiler is needed) and gives the eager step's tokens."""

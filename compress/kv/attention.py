@@ -55,6 +55,8 @@ def _reading_packed(original):
             out = decode_attention(query, key, _keep(attention_mask, key.bound), kwargs.get("scaling"))
             return out.transpose(1, 2).contiguous(), None
         k, v = key.dequantized()
+        if attention_mask is not None and attention_mask.shape[-1] > k.shape[2]:  # a static cache's prompt: its
+            attention_mask = attention_mask[..., : k.shape[2]]  # mask spans the whole cache, the keys the tokens so far
         return original(module, query, k, v, attention_mask, **kwargs)
 
     attention.reads_packed_kv = True
