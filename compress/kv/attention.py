@@ -166,6 +166,18 @@ if triton is not None:
         return tl.where((x & 128) != 0, -value, value)
 
     @triton.jit
+    def _unpack(packed, BITS: tl.constexpr):
+        """Bytes [T, W] as the codes they pack [T, W * 8 / BITS], lowest bits first (interleaved: no gather)."""
+        if BITS == 4:
+            codes = tl.interleave(packed & 15, packed >> 4)
+        elif BITS == 2:
+            codes = tl.interleave(tl.interleave(packed & 3, (packed >> 4) & 3),
+                                  tl.interleave((packed >> 2) & 3, packed >> 6))
+        else:
+            codes = packed
+        return codes
+
+    @triton.jit
     def _attend(s, v, ok, m, l, acc):
         """A block's scores ``s`` [BLOCK_H, BLOCK_T] and values ``v`` [BLOCK_T, D] (float16) folded into the running
         softmax (m, l) and output (acc)."""
@@ -195,7 +207,6 @@ if triton is not None:
         h = bh % Hkv
         splits = tl.num_programs(1)
         PER: tl.constexpr = 8 // BITS
-        MAXQ: tl.constexpr = (1 << BITS) - 1
         rows = tl.arange(0, BLOCK_H)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + b * q_b + (h * GROUPS + rows[:, None]) * q_h + d[None, :], mask=rows[:, None] < GROUPS,
@@ -205,8 +216,7 @@ if triton is not None:
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, D], tl.float32)
-        byte = d // PER
-        shift = (d % PER) * BITS
+        w = tl.arange(0, D // PER)  # a token's bytes: loaded whole (vectorised), then unpacked
         start = split * per_split
         end = tl.minimum(start + per_split, length)
         # the stored tokens: keys per channel over runs of GROUP tokens, values per token over runs of GROUP channels
@@ -228,15 +238,13 @@ if triton is not None:
                 v = (_e4m3(codes) * tl.load(vs)).to(tl.float16)
             else:
                 # keys: q.k = (q * scale).codes - (q * scale).zero, the group's scale and zero point taken once
-                codes = (tl.load(kc + t[:, None] * kc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]
-                         ) & MAXQ
+                codes = _unpack(tl.load(kc + t[:, None] * kc_t + w[None, :], mask=ok[:, None], other=0), BITS)
                 g = t0 // GROUP
                 qs = q * tl.load(ks + g * ks_t + d).to(tl.float32)[None, :]
                 bias = tl.sum(qs * tl.load(kz + g * ks_t + d).to(tl.float32)[None, :], 1)
                 s = tl.dot(qs.to(tl.float16), tl.trans(codes.to(tl.float16))) - bias[:, None]
                 # values: each token's runs of GROUP channels with their own scale and zero point
-                codes = (tl.load(vc + t[:, None] * vc_t + byte[None, :], mask=ok[:, None], other=0) >> shift[None, :]
-                         ) & MAXQ
+                codes = _unpack(tl.load(vc + t[:, None] * vc_t + w[None, :], mask=ok[:, None], other=0), BITS)
                 scale = tl.load(vs + t[:, None] * vs_t + j[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
                 zero = tl.load(vz + t[:, None] * vs_t + j[None, :], mask=ok[:, None], other=0).to(tl.float32)
                 v = tl.reshape(codes.to(tl.float32), (BLOCK_T, NG, GROUP))
