@@ -117,8 +117,9 @@ def test_a_prompt_in_chunks_through_a_static_cache_gives_the_dynamic_caches_logi
     for max_cache_len in (None, 128):
         cache = QuantizedCache(model.config, bits=4, group_size=16, residual=16, max_cache_len=max_cache_len)
         with torch.no_grad():
-            logits.append(torch.cat([model(ids[:, i : i + 32], past_key_values=cache,
-                                           cache_position=torch.arange(i, i + 32)).logits for i in range(0, 96, 32)], 1))
+            chunks = [model(ids[:, i : i + 32], past_key_values=cache, cache_position=torch.arange(i, i + 32)).logits
+                      for i in range(0, 96, 32)]
+        logits.append(torch.cat(chunks, 1))
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
 
 

@@ -124,19 +124,19 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
         query = query.contiguous()
     acc = torch.empty(B, Hkv, splits, groups, D, device=query.device, dtype=torch.float32)
     stats = torch.empty(B, Hkv, splits, groups, 2, device=query.device, dtype=torch.float32)
+    unused = acc  # stands in for a buffer the kernel does not read
     on_device = torch.is_tensor(kv.length)
-    stored, length = (torch.as_tensor(kv.stored, device=query.device), kv.length) if on_device else (acc, acc)
+    stored, length = (torch.as_tensor(kv.stored, device=query.device), kv.length) if on_device else (unused, unused)
     empty = not on_device and kv.stored == 0
-    q = acc  # stands in for a buffer the kernel does not read
     if fp8:  # codes read as bytes; one scale a head (the kernel's scale "rows" are then heads)
-        kc, vc = (q if empty else layer.buffers[n].view(torch.uint8) for n in ("k", "v"))
-        ks, vs = (q if empty else t.view(1, -1, 1).expand(B, -1, 1) for t in layer.fp8_scales)
-        kz = vz = q
+        kc, vc = (unused if empty else layer.buffers[n].view(torch.uint8) for n in ("k", "v"))
+        ks, vs = (unused if empty else t.view(1, -1, 1).expand(B, -1, 1) for t in layer.fp8_scales)
+        kz = vz = unused
     else:
-        kc, ks, kz, vc, vs, vz = (q if empty else layer.buffers[n] for n in ("k", "k_scale", "k_zero", "v", "v_scale",
-                                                                             "v_zero"))
+        names = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
+        kc, ks, kz, vc, vs, vz = (unused if empty else layer.buffers[n] for n in names)
     tk, tv = kv.tail_keys, kv.tail_values
-    keep_t = keep if keep is not None else q  # unused when HAS_KEEP is False
+    keep_t = keep if keep is not None else unused  # HAS_KEEP is False
     block_h = max(16, triton.next_power_of_2(groups))
     _decode_kernel[(B * Hkv, splits)](
         query, kc, ks, kz, vc, vs, vz, tk, tv, keep_t, acc, stats, stored, length,
