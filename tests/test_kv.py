@@ -369,6 +369,33 @@ def test_decode_kernel_matches_its_oracle_in_the_interpreter() -> None:
     assert float(done.stdout.split("worst")[-1]) < 5e-3  # the kernel multiplies float16 inputs (float32 sums)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_decode_kernel_reads_the_packed_codes_with_wide_loads(bits: int) -> None:
+    """The decode kernel compiled for an H100 (sm_90, no GPU needed) as a launch specialises it (pointers and the
+    strides of contiguous buffers 16-byte aligned): a token's codes are read with 16-byte loads, not byte by byte
+    (int4 and int2 once took 130 single-byte loads a thread, addressing channel d's byte as d // 2 or d // 4)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from compress.kv.attention import _decode_kernel
+
+    names = _decode_kernel.arg_names
+    types = {"q_ptr": "*bf16", "kc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*i8", "vc_ptr": "*u8", "vs_ptr": "*fp16",
+             "vz_ptr": "*i8", "tk_ptr": "*bf16", "tv_ptr": "*bf16", "scaling": "fp32"}
+    const = {"GROUPS": 4, "BLOCK_H": 16, "D": 128, "BITS": bits, "GROUP": 64, "BLOCK_T": 64, "FP8": False,
+             "HAS_KEEP": False, "ON_DEVICE": False, "RING": False}
+    signature = {n: "constexpr" if n in const else types.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in names}
+    aligned = [n for n in names if n.endswith("_ptr") or n[-2:] in ("_b", "_h", "_t")] + ["per_split", "ring"]
+    aligned.remove("vs_t")  # a token's value scales: a few float16 values
+    source = ASTSource(_decode_kernel, signature, {(names.index(n),): v for n, v in const.items()},
+                       {(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    byte_loads = ptx.count("ld.global.b8") + ptx.count("ld.global.u8")
+    assert byte_loads <= 4, f"{byte_loads} single-byte global loads"  # the lengths and the like, not the codes
+    assert "cp.async" in ptx or "ld.global.v4" in ptx
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4, 8, "fp8"])
 def test_decode_kernel_on_cuda_matches_dequantize_then_attend(bits) -> None:
