@@ -385,7 +385,8 @@ def test_decode_kernel_reads_the_packed_codes_with_wide_loads(bits: int) -> None
              "vz_ptr": "*i8", "tk_ptr": "*bf16", "tv_ptr": "*bf16", "scaling": "fp32"}
     const = {"GROUPS": 4, "BLOCK_H": 16, "D": 128, "BITS": bits, "GROUP": 64, "BLOCK_T": 64, "FP8": False,
              "HAS_KEEP": False, "ON_DEVICE": False, "RING": False}
-    signature = {n: "constexpr" if n in const else types.get(n, "*fp32" if n.endswith("_ptr") else "i32") for n in names}
+    signature = {n: "constexpr" if n in const else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
+                 for n in names}
     aligned = [n for n in names if n.endswith("_ptr") or n[-2:] in ("_b", "_h", "_t")] + ["per_split", "ring"]
     aligned.remove("vs_t")  # a token's value scales: a few float16 values
     source = ASTSource(_decode_kernel, signature, {(names.index(n),): v for n, v in const.items()},
