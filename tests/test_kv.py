@@ -389,8 +389,11 @@ def test_decode_kernel_reads_the_packed_codes_with_wide_loads(bits: int) -> None
                  for n in names}
     aligned = [n for n in names if n.endswith("_ptr") or n[-2:] in ("_b", "_h", "_t")] + ["per_split", "ring"]
     aligned.remove("vs_t")  # a token's value scales: a few float16 values
-    source = ASTSource(_decode_kernel, signature, {(names.index(n),): v for n, v in const.items()},
-                       {(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    try:  # Triton's offline-compilation interface (3.3 and later); an older one is not this test's subject
+        source = ASTSource(_decode_kernel, signature, {(names.index(n),): v for n, v in const.items()},
+                           {(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    except TypeError as e:
+        pytest.skip(f"this Triton's ASTSource takes other arguments: {e}")
     ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     byte_loads = ptx.count("ld.global.b8") + ptx.count("ld.global.u8")
     assert byte_loads <= 4, f"{byte_loads} single-byte global loads"  # the lengths and the like, not the codes
