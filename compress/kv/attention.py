@@ -210,7 +210,7 @@ if triton is not None:
         rows = tl.arange(0, BLOCK_H)
         d = tl.arange(0, D)
         q = tl.load(q_ptr + b * q_b + (h * GROUPS + rows[:, None]) * q_h + d[None, :], mask=rows[:, None] < GROUPS,
-                    other=0.0).to(tl.float32)
+                    other=0.0)
         q = (q * scaling).to(tl.float32)  # under torch.compile a float argument may arrive as float64
         q16 = q.to(tl.float16)
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)

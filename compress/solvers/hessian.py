@@ -81,9 +81,10 @@ def damped_factors(H: torch.Tensor, damp: float, label: str, inverse: bool = Fal
         L.diagonal().copy_(diagonal + damp * mean_diag)
         info = torch.empty((), dtype=torch.int32, device=H.device)
         torch.linalg.cholesky_ex(L, out=(L, info))
-        if int(info) == 0 and not inverse:
+        factored = int(info) == 0  # one host synchronisation
+        if factored and not inverse:
             return L, damp
-        if int(info) == 0:
+        if factored:
             U = torch.zeros_like(L)  # column-major, as L
             U.diagonal().fill_(1)
             torch.linalg.solve_triangular(L, U, upper=False, out=U)  # L'^-1, written over the identity
