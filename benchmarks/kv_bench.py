@@ -13,11 +13,19 @@ with CUDA graphs, as the speed task's compiled-step); and the attention alone, p
     python -m benchmarks.kv_bench speed --shape llama-3-8b --context 32768 --schemes bf16,int4:64,int8:64
 
 Every figure is printed with the median of ``--repeats`` runs and its ratio to bf16's in the same run.
+
+Capacity: how many sequences of ``--context`` tokens each cache serves within a fixed budget of GPU memory beyond the
+weights (the process capped at weights + budget): for each cache, batches from the most its static cache alone would
+allow down, each prefilled in chunks and decoded for ``--steps`` eager steps, until one runs without running out of
+memory; the largest that ran, its peak memory beyond the weights and its decode speed::
+
+    python -m benchmarks.kv_bench capacity --shape llama-3-8b --context 8192 --budget-gib 16 --schemes bf16,int4:64
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -173,6 +181,76 @@ def speed(args: argparse.Namespace) -> None:
         print(f"{text:>8}: " + _cells(row, base, args.batch), flush=True)
 
 
+@torch.no_grad()
+def _serve(model, scheme, batch: int, context: int, steps: int) -> tuple[float, int]:
+    """Seconds an eager decode step takes for ``batch`` sequences after prompts of ``context`` tokens (prefilled in
+    chunks) through a static cache, and the peak bytes allocated meanwhile; OutOfMemoryError where they do not fit."""
+    from compress.eval.speed import decode_step, random_prompts, static_cache
+
+    torch.cuda.reset_peak_memory_stats()
+    cache = static_cache(model, context + steps + 1, scheme)
+    step, _ = decode_step(model, cache)
+    ids = random_prompts(model, batch, context)
+    positions = torch.arange(context + steps + 1, device="cuda")
+    chunk = prefill_chunk(batch)
+    for start in range(0, context, chunk):
+        token = step(ids[:, start:start + chunk], positions[start:min(start + chunk, context)])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for i in range(context, context + steps):
+        token = step(token, positions[i:i + 1])
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps, torch.cuda.max_memory_allocated()
+
+
+def _sequence_bytes(model, scheme, max_cache_len: int) -> int:
+    """Bytes a static cache of ``max_cache_len`` tokens allocates for one sequence (measured)."""
+    from compress.eval.speed import decode_step, static_cache
+
+    before = torch.cuda.memory_allocated()
+    cache = static_cache(model, max_cache_len, scheme)
+    step, _ = decode_step(model, cache)
+    with torch.no_grad():
+        step(torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda"))
+    held = torch.cuda.memory_allocated() - before
+    del cache, step
+    return held
+
+
+def capacity(args: argparse.Namespace) -> None:
+    model = random_model(args.shape, "cuda", torch.bfloat16)
+    torch.cuda.synchronize()
+    weights, total = torch.cuda.memory_allocated(), torch.cuda.get_device_properties(0).total_memory
+    budget = int(args.budget_gib * 2**30)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (weights + budget) / total))
+    print(f"{args.shape} (random weights, bf16, {weights / 2**30:.2f} GiB) on {torch.cuda.get_device_name()}: "
+          f"sequences of {args.context} tokens within {args.budget_gib:g} GiB beyond the weights, static caches, "
+          f"{args.steps} eager decode steps")
+    first = None
+    for text in args.schemes.split(","):
+        scheme = _scheme(text)
+        per = _sequence_bytes(model, scheme, args.context + args.steps + 1)
+        batch, tried = max(1, budget // per), []
+        while batch > 0:
+            try:
+                seconds, peak = _serve(model, scheme, batch, args.context, args.steps)
+                break
+            except torch.OutOfMemoryError:
+                tried.append(batch)
+            gc.collect()
+            torch.cuda.empty_cache()
+            batch -= max(1, round(batch * 0.03))
+        gc.collect()
+        torch.cuda.empty_cache()
+        if batch == 0:
+            print(f"{text:>8}: not one sequence fits")
+            continue
+        first = first or batch
+        print(f"{text:>8}: {batch:4d} sequences ({batch / first:.2f}x), {per / 2**20:7.1f} MiB of cache a sequence, "
+              f"peak {(peak - weights) / 2**30:6.2f} GiB beyond the weights, eager decode {batch / seconds:8.1f} "
+              f"tok/s; out of memory at {', '.join(map(str, tried)) or 'none tried above'}", flush=True)
+
+
 def _cells(row: dict, base: dict, batch: int) -> str:
     """One scheme's figures, with their ratios to the first scheme's."""
     cells = [f"attention {row['attention'] * 1e6:8.1f} us/layer ({base['attention'] / row['attention']:.2f}x)"
@@ -208,8 +286,14 @@ def main() -> None:
     s.add_argument("--schemes", default="bf16,int4:64")
     s.add_argument("--modes", default="eager,compiled", help="eager (the dynamic caches, uncompiled forward) and/or "
                    "compiled (static caches, compiled step with CUDA graphs)")
+    c = sub.add_parser("capacity")
+    c.add_argument("--shape", default="llama-3-8b")
+    c.add_argument("--context", type=int, default=8192)
+    c.add_argument("--budget-gib", type=float, default=16.0, help="GPU memory beyond the weights")
+    c.add_argument("--steps", type=int, default=8)
+    c.add_argument("--schemes", default="bf16,int4:64")
     args = parser.parse_args()
-    quality(args) if args.mode == "quality" else speed(args)
+    {"quality": quality, "speed": speed, "capacity": capacity}[args.mode](args)
 
 
 if __name__ == "__main__":

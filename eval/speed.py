@@ -136,6 +136,16 @@ def decode_step(model: nn.Module, cache: StaticCache, mode: str | None = COMPILE
     return step, torch.compile(step, fullgraph=COMPILE.fullgraph, dynamic=False, mode=mode)
 
 
+def static_cache(model: nn.Module, max_cache_len: int, kv=None):
+    """A KV cache of fixed size for ``max_cache_len`` tokens: transformers' ``StaticCache``, or with ``kv`` (a
+    :class:`compress.kv.KVScheme`) a static quantized one."""
+    if kv is None:
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    from compress.kv import QuantizedCache
+
+    return QuantizedCache(model.config, scheme=kv, max_cache_len=max_cache_len)
+
+
 @torch.no_grad()
 def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_tokens: int, warmup: int,
                         repeats: int, draft: int = 1, kv=None, prefill_chunk: int | None = None
@@ -147,12 +157,7 @@ def time_compiled_steps(model: nn.Module, batch: int, prompt_len: int, new_token
     compiled steps of ``draft`` tokens each (``compiled-verify``: draft > 1)."""
     device = model_device(model)
     ids = random_prompts(model, batch, prompt_len)
-    if kv is None:
-        cache = StaticCache(config=model.config, max_cache_len=prompt_len + new_tokens)
-    else:
-        from compress.kv import QuantizedCache
-
-        cache = QuantizedCache(model.config, scheme=kv, max_cache_len=prompt_len + new_tokens)
+    cache = static_cache(model, prompt_len + new_tokens, kv)
     positions = torch.arange(prompt_len + new_tokens, device=device)
     step, compiled = decode_step(model, cache, keep=draft)
     prefill, decode = [], []

@@ -123,6 +123,32 @@ def test_a_prompt_in_chunks_through_a_static_cache_gives_the_dynamic_caches_logi
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
 
 
+@pytest.mark.parametrize("max_cache_len", [None, 128])
+def test_a_prompts_attention_a_few_sequences_at_a_time_gives_the_whole_batchs_logits(monkeypatch,
+                                                                                      max_cache_len) -> None:
+    """Past a memory bound the prompt's attention dequantizes the cache a few sequences at a time (each with its own
+    padding mask): the logits are those of the whole batch at once."""
+    from compress.kv import attention
+
+    model = make_tiny("llama")
+    assert model.config._attn_implementation == "sdpa"  # the wrapper that takes packed views runs
+    ids = torch.randint(3, 500, (5, 96), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = mask[3, :20] = 0  # left padding that differs between sequences
+    logits, calls, whole, attend = [], [], attention.DEQUANTIZED_BYTES, attention._dequantized_attention
+    for bound in (whole, 1):  # 1 byte: one sequence at a time
+        monkeypatch.setattr(attention, "DEQUANTIZED_BYTES", bound)
+        monkeypatch.setattr(attention, "_dequantized_attention", lambda *a, b=bound: calls.append(b) or attend(*a))
+        cache = QuantizedCache(model.config, bits=4, group_size=16, residual=16, max_cache_len=max_cache_len)
+        with torch.no_grad():
+            chunks = [model(ids[:, i : i + 32], attention_mask=mask[:, : i + 32], past_key_values=cache,
+                            cache_position=torch.arange(i, i + 32)).logits for i in range(0, 96, 32)]
+        logits.append(torch.cat(chunks, 1))
+    layers = model.config.num_hidden_layers
+    assert calls.count(1) == 5 * calls.count(whole) == 5 * 3 * layers
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
 def test_a_static_cache_step_compiles_whole() -> None:
     """The decode step through a static quantized cache traces as one graph (torch.compile fullgraph: a graph break
     raises; the eager backend, so no compiler is needed) and gives the eager step's tokens."""

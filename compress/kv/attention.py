@@ -54,13 +54,39 @@ def _reading_packed(original):
         if _kernel_can_run(query, key, kwargs):
             out = decode_attention(query, key, _keep(attention_mask, key.bound), kwargs.get("scaling"))
             return out.transpose(1, 2).contiguous(), None
-        k, v = key.dequantized()
-        if attention_mask is not None and attention_mask.shape[-1] > k.shape[2]:  # a static cache's prompt: its
-            attention_mask = attention_mask[..., : k.shape[2]]  # mask spans the whole cache, the keys the tokens so far
-        return original(module, query, k, v, attention_mask, **kwargs)
+        batch, rows = query.shape[0], _rows_at_once(key)
+        if rows >= batch:
+            return _dequantized_attention(original, module, query, key, slice(None), attention_mask, kwargs)
+        parts = [_dequantized_attention(original, module, query, key, slice(b, b + rows), attention_mask, kwargs)[0]
+                 for b in range(0, batch, rows)]
+        return torch.cat(parts, 0), None
 
     attention.reads_packed_kv = True
     return attention
+
+
+#: Bytes of dequantized keys and values (and their float32 working copies) a prompt's attention may hold at once.
+#: Beyond them it runs a few sequences at a time: a batch of long prompts (48 x 8k tokens of a Llama-3-8B shape would
+#: hold 9 GiB a layer) takes no more memory for its attention than the cache saves.
+DEQUANTIZED_BYTES = 2**30
+
+
+def _rows_at_once(kv: PackedKV) -> int:
+    """How many sequences' keys and values the attention dequantizes at once: 24 bytes an element of the keys (both
+    dequantized, the float32 working copies of one, and the copies a masked grouped-query attention repeats them
+    into)."""
+    _, heads, _, dim = kv.tail_keys.shape
+    return max(1, DEQUANTIZED_BYTES // (24 * heads * int(kv.bound) * dim))
+
+
+def _dequantized_attention(original, module, query, kv: PackedKV, rows: slice, mask, kwargs):
+    """The original attention of the sequences ``rows`` over their keys and values, dequantized."""
+    k, v = kv.dequantized(rows)
+    if mask is not None:
+        mask = mask[rows] if mask.shape[0] > 1 else mask
+        if mask.shape[-1] > k.shape[2]:  # a static cache's prompt: its mask spans the whole cache, the keys the
+            mask = mask[..., : k.shape[2]]  # tokens so far
+    return original(module, query[rows], k, v, mask, **kwargs)
 
 
 def _kernel_can_run(query: torch.Tensor, kv: PackedKV, kwargs: dict) -> bool:

@@ -94,28 +94,28 @@ class PackedKV:
     bound: int
     ring: bool = False
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, H, length, D] in the model's dtype; for a ring view [B, H, bound, D], whatever lies
-        past the length (the attention's mask covers ``bound`` keys and hides those), with no host synchronisation
-        (so a compiled step can take this path)."""
+    def dequantized(self, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H, length, D] in the model's dtype (of the sequences ``rows`` only, where given); for a
+        ring view [B, H, bound, D], whatever lies past the length (the attention's mask covers ``bound`` keys and
+        hides those), with no host synchronisation (so a compiled step can take this path)."""
         if self.ring:
-            return self._dequantized_ring()
-        stored, length = int(self.stored), int(self.length)
-        k, v = self.tail_keys, self.tail_values
+            return self._dequantized_ring(rows)
+        stored = int(self.stored)
+        k, v = self.tail_keys[rows], self.tail_values[rows]
         if stored == 0:
             return k, v
-        old_k, old_v = self.layer.dequantize(stored)
+        old_k, old_v = self.layer.dequantize(stored, rows)
         return torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
 
-    def _dequantized_ring(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dequantized_ring(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.layer.scheme.group_size
         whole = -(-self.bound // g) * g  # every group up to the bound (the buffers hold them)
         positions = torch.arange(self.bound, device=self.tail_keys.device)
         exact = (positions >= self.stored)[None, None, :, None]
         slots = positions % self.tail_keys.shape[2]
         out = []
-        for stored, ring in zip(self.layer.dequantize(whole), (self.tail_keys, self.tail_values)):
-            out.append(torch.where(exact, ring.index_select(2, slots), stored[:, :, : self.bound]))
+        for stored, ring in zip(self.layer.dequantize(whole, rows), (self.tail_keys, self.tail_values)):
+            out.append(torch.where(exact, ring[rows].index_select(2, slots), stored[:, :, : self.bound]))
         return out[0], out[1]
 
 
@@ -140,13 +140,14 @@ class _Stored:
         """Tokens a row of buffer ``name`` is for: a key group for key scales, else one."""
         return self.scheme.group_size if name in ("k_scale", "k_zero") else 1
 
-    def stored_part(self, name: str, stored: int) -> torch.Tensor:
-        """Buffer ``name`` cut to the first ``stored`` tokens (their key groups, for key scales)."""
-        return self.buffers[name][:, :, : stored // self.per(name)]
+    def stored_part(self, name: str, stored: int, rows: slice = slice(None)) -> torch.Tensor:
+        """Buffer ``name`` cut to the first ``stored`` tokens (their key groups, for key scales) of the sequences
+        ``rows``."""
+        return self.buffers[name][rows, :, : stored // self.per(name)]
 
-    def dequantize(self, stored: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``stored`` tokens' keys and values in the model's dtype."""
-        s, part = self.scheme, lambda n: self.stored_part(n, stored)
+    def dequantize(self, stored: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``stored`` tokens' keys and values in the model's dtype, of the sequences ``rows``."""
+        s, part = self.scheme, lambda n: self.stored_part(n, stored, rows)
         if s.format == "fp8":
             return (quant.fp8_dequantize(part("k"), self.fp8_scales[0], self.dtype),
                     quant.fp8_dequantize(part("v"), self.fp8_scales[1], self.dtype))
