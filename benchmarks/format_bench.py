@@ -17,7 +17,9 @@ the same then ``int4`` (the kept codes only), ``factored50`` = every linear laye
 holding half its parameters (the ``factored`` format of the ``lowrank`` method), ``int4-lr32`` = ``int4`` with a
 rank-32 correction beside each layer (the ``corrected`` format of ``lowrank-correct``); the factors of these two are
 random, as the weights are (fitting them would take minutes and change no timing), ``nf4`` / ``llm.int8`` = bitsandbytes ``Linear4bit`` / ``Linear8bitLt``; bf16 or a compress format
-with ``+fused`` (``int4+fused``) has its q/k/v and gate/up layers fused (``compress.fuse_projections``);
+with ``+fused`` (``int4+fused``) has its q/k/v and gate/up layers fused (``compress.fuse_projections``); any
+format with ``+attn`` attends at decode through compress's Triton kernel, which reads the static cache's grouped
+keys and values once (``compress.kv.attention.read_caches_directly``; the runtime feature ``decode-attention``);
 ``torchao-int4`` / ``torchao-int8`` = torchao's ``quantize_`` with ``Int4WeightOnlyConfig`` (group 128, the
 tinygemm layout that torch's own ``_weight_int4pack_mm`` runs) / ``Int8WeightOnlyConfig`` (a scale per row), every
 linear layer and the head as torchao does by default, compiled like ours with torchao's recommended inductor settings
@@ -178,16 +180,29 @@ def build(shape: str, fmt: str) -> nn.Module:
     return model
 
 
-def split_format(fmt: str) -> tuple[str, bool]:
-    """``int4+fused`` -> ("int4", True); ``int4`` -> ("int4", False). Exits with a message for an unknown format, a
-    suffix other than ``+fused``, or ``+fused`` on a format that cannot fuse (bitsandbytes, torchao)."""
-    name, _, suffix = fmt.partition("+")
+def split_format(fmt: str) -> tuple[str, bool, bool]:
+    """``int4+fused+attn`` -> ("int4", True, True); ``int4`` -> ("int4", False, False). Exits with a message for an
+    unknown format or suffix, or ``+fused`` on a format that cannot fuse (bitsandbytes, torchao)."""
+    name, *suffixes = fmt.split("+")
     known = (*STEPS, *RANDOM_FACTORS, *TORCHAO, "nf4", "llm.int8", "bf16")
     if name not in known:
         raise SystemExit(f"unknown format {fmt!r}: choose from {', '.join(known)}")
-    if suffix and (suffix != "fused" or name not in (*STEPS, *RANDOM_FACTORS, "bf16")):
+    if set(suffixes) - {"fused", "attn"}:
+        raise SystemExit(f"unknown format {fmt!r}: the suffixes are '+fused' and '+attn'")
+    if "fused" in suffixes and name not in (*STEPS, *RANDOM_FACTORS, "bf16"):
         raise SystemExit(f"unknown format {fmt!r}: only bf16 and compress formats take '+fused'")
-    return name, bool(suffix)
+    return name, "fused" in suffixes, "attn" in suffixes
+
+
+def apply_runtime(model: nn.Module, fused: bool, attn: bool) -> None:
+    """A format's suffixes: ``+fused`` fuses its projections, ``+attn`` sends its decode steps' attention to
+    compress's kernel (:func:`compress.kv.attention.read_caches_directly`)."""
+    if fused:
+        compress.fuse_projections(model)
+    if attn:
+        from compress.kv.attention import read_caches_directly
+
+        read_caches_directly(model)
 
 
 def summary(row: dict, base: dict) -> str:
@@ -232,12 +247,11 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
-    for fmt, name, fusion in formats:
+    for fmt, name, fused, attn in formats:
         inductor = torch._inductor.config.save_config()  # torchao's formats set their own; put back after each
         model = build(args.shape, name)
         row = {"format": fmt, "bytes_per_token": bytes_read_per_token(model), "decode": {}, "batches": {}}
-        if fusion:
-            compress.fuse_projections(model)  # after counting the bytes: the fused layers' views share them
+        apply_runtime(model, fused, attn)  # after counting the bytes: fused layers' views share them
         for config in args.decode_configs.split(","):
             if fmt in ("nf4", "llm.int8"):  # eager only, as in ANCHORS.md
                 config = "dynamic"

@@ -19,10 +19,9 @@ import gc
 import torch
 from transformers import StaticCache
 
-import compress
 from compress.eval.speed import cuda_mark, decode_step, random_prompts
 
-from benchmarks.format_bench import build, split_format
+from benchmarks.format_bench import apply_runtime, build, split_format
 
 MATMUL_MARKS = ("gemm", "gemv", "cutlass", "xmma", "sm90_", "splitk", "int4pack", "scaled_mm", "int4_mma")
 
@@ -95,10 +94,9 @@ def main() -> None:
     args = parser.parse_args()
     torch._dynamo.config.recompile_limit = 64
     formats = [(fmt, *split_format(fmt)) for fmt in args.formats.split(",")]  # checked before any GPU work
-    for fmt, name, fused in formats:
+    for fmt, name, fused, attn in formats:
         model = build(args.shape, name)
-        if fused:
-            compress.fuse_projections(model)
+        apply_runtime(model, fused, attn)
         wall, kernels = profile_format(model, 128, args.steps)
         report(fmt, wall, kernels, args.top)
         del model

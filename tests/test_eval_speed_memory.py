@@ -175,7 +175,9 @@ def test_format_bench_checks_formats_and_batch_sizes_before_any_gpu_work() -> No
     from benchmarks.format_bench import parse_batch_sizes, split_format
 
     assert parse_batch_sizes("1,8,32,8,64") == [8, 32, 64]
-    assert split_format("torchao-int4") == ("torchao-int4", False)
+    assert split_format("torchao-int4") == ("torchao-int4", False, False)
+    assert split_format("int4-lm-head+fused+attn") == ("int4-lm-head", True, True)
+    assert split_format("torchao-int4+attn") == ("torchao-int4", False, True)
     for bad in ("1,x", "0,8", "-8"):
         with pytest.raises(SystemExit, match="positive integers"):
             parse_batch_sizes(bad)
@@ -183,6 +185,8 @@ def test_format_bench_checks_formats_and_batch_sizes_before_any_gpu_work() -> No
         split_format("int3")
     with pytest.raises(SystemExit, match="only bf16 and compress formats"):
         split_format("torchao-int4+fused")
+    with pytest.raises(SystemExit, match="the suffixes are"):
+        split_format("int4+fast")
 
 
 class _Packed(torch.Tensor):

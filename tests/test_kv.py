@@ -395,6 +395,74 @@ def test_decode_kernel_matches_its_oracle_in_the_interpreter() -> None:
     assert float(done.stdout.split("worst")[-1]) < 5e-3  # the kernel multiplies float16 inputs (float32 sums)
 
 
+DENSE_SCRIPT = """
+import math
+import torch
+import transformers as tf
+from compress.eval.speed import decode_step
+from compress.kv import attention
+
+def reference(q, k, v, keep):
+    g = q.shape[1] // k.shape[1]
+    s = q @ k.repeat_interleave(g, 1).transpose(2, 3) / math.sqrt(q.shape[-1])
+    if keep is not None:
+        s = s.masked_fill(~keep.expand(q.shape[0], -1)[:, None, None, :], float("-inf"))
+    return torch.softmax(s, -1) @ v.repeat_interleave(g, 1)
+
+worst = 0.0
+for heads, groups, length in [(2, 3, 150), (1, 4, 33), (8, 4, 300)]:
+    torch.manual_seed(length)
+    k, v = torch.randn(2, heads, length, 64) * 3, torch.randn(2, heads, length, 64)
+    q = torch.randn(2, heads * groups, 1, 64)
+    keep = torch.ones(2, length, dtype=torch.bool)
+    keep[0, length // 2 :] = False  # a static cache's slots not yet written
+    keep[1, :5] = False  # padding
+    for mask in (None, keep, keep[:1]):
+        out = attention.dense_decode_attention(q, k, v, mask, block=32)
+        worst = max(worst, (out - reference(q, k, v, mask)).abs().max().item())
+print("kernel", worst)
+
+# a model's decode steps through a static cache, with and without the kernel (allowed on the CPU here)
+attention._dense_kernel_can_run = lambda query, key, value, kwargs: query.shape[2] == 1
+config = tf.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, attn_implementation="sdpa")
+torch.manual_seed(0)
+model = tf.LlamaForCausalLM(config).eval()
+ids = torch.randint(3, 300, (2, 20))
+logits = []
+for on in (False, True):
+    assert attention.read_caches_directly(model, on) == 2
+    cache = tf.StaticCache(config=config, max_cache_len=40)
+    step, _ = decode_step(model, cache)
+    calls = []
+    dense = attention.dense_decode_attention
+    attention.dense_decode_attention = lambda *a, **k: calls.append(1) or dense(*a, **k)
+    with torch.no_grad():
+        token = step(ids, torch.arange(20))
+        out = []
+        for i in range(20, 30):
+            out.append(model(input_ids=token, cache_position=torch.tensor([i]), past_key_values=cache).logits)
+            token = out[-1][:, -1:].argmax(-1)
+    attention.dense_decode_attention = dense
+    assert len(calls) == (20 if on else 0), len(calls)
+    logits.append(torch.cat(out, 1))
+print("model", (logits[0] - logits[1]).abs().max().item())
+"""
+
+
+def test_dense_decode_kernel_matches_attention_over_repeated_heads_in_the_interpreter() -> None:
+    """The decode kernel over a full-precision cache (``dense_decode_attention``, Triton's interpreter) against
+    attention over keys and values repeated for each query head, in float32: grouped heads, a static cache's mask, a
+    mask of one row for the batch; and a model's decode steps through a static cache with the kernel give the
+    logits of the model's own attention."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", DENSE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = dict(line.split() for line in done.stdout.splitlines() if line.startswith(("kernel", "model")))
+    assert float(figures["kernel"]) < 5e-3  # float16 products, float32 sums
+    assert float(figures["model"]) < 2e-3
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_decode_kernel_reads_the_packed_codes_with_wide_loads(bits: int) -> None:
     """The decode kernel compiled for an H100 (sm_90, no GPU needed) as a launch specialises it (pointers and the
@@ -494,6 +562,29 @@ def test_a_checkpoint_carries_its_kv_cache(tmp_path) -> None:
         QuantizedLayer.update = original
 
 
+def test_a_checkpoint_carries_decode_attention(tmp_path) -> None:
+    """The decode-attention runtime feature is stored with the checkpoint; compress.load marks every attention layer
+    for the kernel (taken on CUDA only: on the CPU the logits are the model's own), and disabling it unmarks them."""
+    import compress
+    from compress.kv.attention import DENSE_FLAG
+    from compress.runtime import features
+
+    model = make_tiny("llama")
+    recipe = {"steps": [{"method": "rtn", "args": {"bits": 8, "group_size": 64}}],
+              "runtime": [{"feature": "decode-attention"}]}
+    compress.apply(model, recipe, device="cpu")
+    ids = torch.randint(3, 500, (1, 40))
+    with torch.no_grad():
+        expected = model(ids).logits
+    loaded = compress.load(compress.save(model, tmp_path / "ckpt"))
+    marked = [n for n, m in loaded.named_modules() if getattr(m, DENSE_FLAG, False)]
+    assert len(marked) == loaded.config.num_hidden_layers and all(n.endswith("self_attn") for n in marked)
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
+    features.get("decode-attention").disable(loaded)
+    assert not any(getattr(m, DENSE_FLAG, False) for m in loaded.modules())
+
+
 @pytest.mark.parametrize("args,where", [({"scheme": "int3"}, r"runtime\[0\]\.args\.scheme"),
                                         ({"scheme": "int4", "group_size": 24}, r"runtime\[0\]\.args\.group_size: .*"
                                                                                r"does not divide .* dimension 32")])
@@ -534,6 +625,40 @@ def test_compiled_steps_through_a_static_quantized_cache() -> None:
             out.append(token)
         tokens[name] = torch.cat(out, 1)
     assert (tokens["static"] == tokens["dynamic"]).float().mean() > 0.95
+
+
+@pytest.mark.gpu
+def test_compiled_steps_through_a_static_cache_with_the_dense_kernel() -> None:
+    """The compiled step (fullgraph, CUDA graphs) through transformers' static cache with ``decode-attention`` on
+    takes the kernel and gives the tokens of the model's own attention (tiny llama, bf16: a rare near tie may flip
+    one); the kernel matches sdpa on a Llama-3-8B layer's shape."""
+    from compress.eval.speed import decode_step
+    from compress.kv import attention
+    from transformers import StaticCache
+
+    q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 8, 5000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)
+    assert (attention.dense_decode_attention(q, k, v).float() - ref).abs().max() < 2e-2
+    model = make_tiny("llama", dtype=torch.bfloat16).cuda()
+    ids = torch.randint(3, 500, (2, 100), generator=torch.Generator().manual_seed(0)).cuda()
+    positions = torch.arange(200, device="cuda")
+    tokens, calls, dense = {}, [], attention.dense_decode_attention
+    for on in (False, True):
+        attention.read_caches_directly(model, on)
+        attention.dense_decode_attention = lambda *a, **kw: calls.append(1) or dense(*a, **kw)
+        try:
+            step, compiled = decode_step(model, StaticCache(config=model.config, max_cache_len=200))
+            token, out = step(ids, positions[:100]), []
+            for i in range(100, 160):
+                torch.compiler.cudagraph_mark_step_begin()
+                token = compiled(token, positions[i : i + 1]).clone()
+                out.append(token)
+        finally:
+            attention.dense_decode_attention = dense
+        tokens[on] = torch.cat(out, 1)
+        assert bool(calls) == on  # traced into the compiled step once it is on, never before
+    assert (tokens[True] == tokens[False]).float().mean() > 0.95
 
 
 def test_the_speed_task_times_generation_through_the_cache(tiny_dirs, tmp_path, monkeypatch) -> None:

@@ -50,6 +50,10 @@ def _reading_packed(original):
     @functools.wraps(original)
     def attention(module, query, key, value, attention_mask, **kwargs):
         if not isinstance(key, PackedKV):
+            if getattr(module, DENSE_FLAG, False) and _dense_kernel_can_run(query, key, value, kwargs):
+                out = dense_decode_attention(query, key, value, _keep(attention_mask, key.shape[2]),
+                                             kwargs.get("scaling"))
+                return out.transpose(1, 2).contiguous(), None
             return original(module, query, key, value, attention_mask, **kwargs)
         if _kernel_can_run(query, key, kwargs):
             out = decode_attention(query, key, _keep(attention_mask, key.bound), kwargs.get("scaling"))
@@ -87,6 +91,34 @@ def _dequantized_attention(original, module, query, kv: PackedKV, rows: slice, m
         if mask.shape[-1] > k.shape[2]:  # a static cache's prompt: its mask spans the whole cache, the keys the
             mask = mask[..., : k.shape[2]]  # tokens so far
     return original(module, query[rows], k, v, mask, **kwargs)
+
+
+#: The attribute that sends an attention module's decode steps over full-precision caches to
+#: :func:`dense_decode_attention` (set by :func:`read_caches_directly`).
+DENSE_FLAG = "compress_decode_kernel"
+
+
+def read_caches_directly(model: torch.nn.Module, on: bool = True) -> int:
+    """Send the decode steps (one query token, CUDA) of ``model``'s attention layers over full-precision caches to
+    :func:`dense_decode_attention` (``on``), or back to the model's own attention; the number of layers changed. The
+    model must run transformers' ``sdpa`` attention; other steps (prompts, the CPU) take it as before."""
+    if on:
+        install()
+    layers = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    for layer in layers:
+        if on:
+            setattr(layer, DENSE_FLAG, True)
+        else:
+            layer.__dict__.pop(DENSE_FLAG, None)
+    return len(layers)
+
+
+def _dense_kernel_can_run(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict) -> bool:
+    return (triton is not None and query.is_cuda and query.shape[2] == 1 and key.shape[2] >= 1
+            and query.dtype in (torch.bfloat16, torch.float16) and key.dtype == value.dtype == query.dtype
+            and key.shape[-1] == value.shape[-1] == query.shape[-1] and key.stride(-1) == value.stride(-1) == 1
+            and query.shape[-1] & (query.shape[-1] - 1) == 0 and query.shape[1] % key.shape[1] == 0
+            and not kwargs.get("dropout") and all(kwargs.get(name) is None for name in UNSUPPORTED))
 
 
 def _kernel_can_run(query: torch.Tensor, kv: PackedKV, kwargs: dict) -> bool:
@@ -136,44 +168,66 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
                      scaling: float | None = None, block: int = 64) -> torch.Tensor:
     """:func:`decode_reference` as Triton kernels on CUDA, reading the stored tokens' packed codes: [B, Hq, 1, D] in
     the query's dtype."""
-    B, Hq, _, D = query.shape
     layer, s = kv.layer, kv.layer.scheme
-    Hkv = kv.tail_keys.shape[1]
-    groups = Hq // Hkv
+    B, D = query.shape[0], query.shape[-1]
     fp8 = s.format == "fp8"
-    group = D if fp8 else s.group_size
+    stored = None  # the stored parts: codes, scales and zero points of keys, then of values
+    if torch.is_tensor(kv.length) or kv.stored:
+        if fp8:  # codes read as bytes; one scale a head (the kernel's scale "rows" are then heads)
+            scales = [t.view(1, -1, 1).expand(B, -1, 1) for t in layer.fp8_scales]
+            stored = (layer.buffers["k"].view(torch.uint8), scales[0], None, layer.buffers["v"].view(torch.uint8),
+                      scales[1], None)
+        else:
+            stored = tuple(layer.buffers[n] for n in ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero"))
+    return _launch(query, stored, kv.tail_keys, kv.tail_values, kv.stored, kv.length, kv.bound, kv.ring, keep, scaling,
+                   block, bits=s.bits, group=D if fp8 else s.group_size, fp8=fp8)
+
+
+def dense_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           keep: torch.Tensor | None = None, scaling: float | None = None,
+                           block: int = 64) -> torch.Tensor:
+    """Attention of one query token [B, Hq, 1, D] over a full-precision cache's keys and values [B, Hkv, L, D] (a
+    static cache's buffers, masked by ``keep`` [B, L]), the same kernels with nothing stored quantized: each
+    key and value is read once for its grouped query heads, where sdpa with a mask reads copies repeated for each
+    (transformers' ``repeat_kv``). [B, Hq, 1, D] in the query's dtype."""
+    length = key.shape[2]
+    return _launch(query, None, key, value, 0, length, length, False, keep, scaling, block, bits=8,
+                   group=query.shape[-1], fp8=False)
+
+
+def _launch(query: torch.Tensor, stored: tuple | None, tk: torch.Tensor, tv: torch.Tensor, n_stored, length,
+            bound: int, ring: bool, keep: torch.Tensor | None, scaling: float | None, block: int, bits: int,
+            group: int, fp8: bool) -> torch.Tensor:
+    """The decode kernel over ``stored`` (the packed parts of the first ``n_stored`` tokens; None where none are
+    read) and the tokens [n_stored, length) in ``tk`` / ``tv``, then the merge of its splits."""
+    B, Hq, _, D = query.shape
+    Hkv = tk.shape[1]
+    groups = Hq // Hkv
     block = min(block, group)  # a block within one key group
-    splits = max(1, min(triton.cdiv(kv.bound, block), triton.cdiv(2 * sm_count(query.device), B * Hkv)))
-    per_split = triton.cdiv(triton.cdiv(kv.bound, splits), block) * block  # about two programs an SM
-    splits = triton.cdiv(kv.bound, per_split)
+    splits = max(1, min(triton.cdiv(bound, block), triton.cdiv(2 * sm_count(query.device), B * Hkv)))
+    per_split = triton.cdiv(triton.cdiv(bound, splits), block) * block  # about two programs an SM
+    splits = triton.cdiv(bound, per_split)
     if query.stride(-1) != 1:
         query = query.contiguous()
     acc = torch.empty(B, Hkv, splits, groups, D, device=query.device, dtype=torch.float32)
     stats = torch.empty(B, Hkv, splits, groups, 2, device=query.device, dtype=torch.float32)
     unused = acc  # stands in for a buffer the kernel does not read
-    on_device = torch.is_tensor(kv.length)
-    stored, length = (torch.as_tensor(kv.stored, device=query.device), kv.length) if on_device else (unused, unused)
-    empty = not on_device and kv.stored == 0
-    if fp8:  # codes read as bytes; one scale a head (the kernel's scale "rows" are then heads)
-        kc, vc = (unused if empty else layer.buffers[n].view(torch.uint8) for n in ("k", "v"))
-        ks, vs = (unused if empty else t.view(1, -1, 1).expand(B, -1, 1) for t in layer.fp8_scales)
-        kz = vz = unused
-    else:
-        names = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero")
-        kc, ks, kz, vc, vs, vz = (unused if empty else layer.buffers[n] for n in names)
-    tk, tv = kv.tail_keys, kv.tail_values
+    on_device = torch.is_tensor(length)
+    lengths = (torch.as_tensor(n_stored, device=query.device), length) if on_device else (unused, unused)
+    kc, ks, kz, vc, vs, vz = (unused if t is None else t for t in (stored or (None,) * 6))
+    if keep is not None and keep.shape[0] != B:  # a mask made for one row, broadcast over the batch
+        keep = keep.expand(B, -1)
     keep_t = keep if keep is not None else unused  # HAS_KEEP is False
-    block_h = max(16, triton.next_power_of_2(groups))
     _decode_kernel[(B * Hkv, splits)](
-        query, kc, ks, kz, vc, vs, vz, tk, tv, keep_t, acc, stats, stored, length,
-        Hkv, 0 if on_device else kv.stored, 0 if on_device else kv.length, per_split, tk.shape[2],
+        query, kc, ks, kz, vc, vs, vz, tk, tv, keep_t, acc, stats, *lengths,
+        Hkv, 0 if on_device else n_stored, 0 if on_device else length, per_split, tk.shape[2],
         scaling or 1 / math.sqrt(D), query.stride(0), query.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), ks.stride(0), ks.stride(1), ks.stride(2),
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
         keep_t.stride(0) if keep is not None else 0,
-        GROUPS=groups, BLOCK_H=block_h, D=D, BITS=s.bits, GROUP=group, BLOCK_T=block, FP8=fp8,
-        HAS_KEEP=keep is not None, ON_DEVICE=on_device, RING=kv.ring, num_warps=4)
+        GROUPS=groups, BLOCK_H=max(16, triton.next_power_of_2(groups)), D=D, BITS=bits, GROUP=group, BLOCK_T=block,
+        FP8=fp8, HAS_KEEP=keep is not None, ON_DEVICE=on_device, RING=ring, num_warps=4)
     out = torch.empty(B, 1, Hq, D, device=query.device, dtype=query.dtype)  # as the attention hands it on
     _merge_kernel[(B * Hq,)](acc, stats, out, splits, GROUPS=groups, D=D, BLOCK_S=triton.next_power_of_2(splits),
                              num_warps=4)
