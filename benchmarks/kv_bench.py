@@ -12,7 +12,9 @@ with CUDA graphs, as the speed task's compiled-step); and the attention alone, p
 
     python -m benchmarks.kv_bench speed --shape llama-3-8b --context 32768 --schemes bf16,int4:64,int8:64
 
-Every figure is printed with the median of ``--repeats`` runs and its ratio to bf16's in the same run.
+Every figure is printed with the median of ``--repeats`` runs and its ratio to the first scheme's in the same run.
+``bf16+attn``: transformers' bf16 caches attended by compress's decode kernel (runtime feature ``decode-attention``)
+instead of sdpa, which with a mask (static caches) repeats the grouped keys and values for each query head.
 
 Capacity: how many sequences of ``--context`` tokens each cache serves within a fixed budget of GPU memory beyond the
 weights (the process capped at weights + budget): for each cache, batches from the most its static cache alone would
@@ -35,11 +37,12 @@ from benchmarks.bench import random_model
 
 
 def _scheme(text: str):
-    """``int4:32`` (name, group size) -> KVScheme; ``bf16`` -> None (transformers' own cache); ``quanto:4`` or
-    ``hqq:4`` -> (backend, bits) of transformers' QuantizedCache (group 64, residual 128), eager only."""
+    """``int4:32`` (name, group size) -> KVScheme; ``bf16`` -> None (transformers' own cache; ``bf16+attn``: the
+    same, attended by compress's kernel, which the run turns on for it); ``quanto:4`` or ``hqq:4`` -> (backend,
+    bits) of transformers' QuantizedCache (group 64, residual 128), eager only."""
     from compress.kv import KVScheme
 
-    if text == "bf16":
+    if text in ("bf16", "bf16+attn"):
         return None
     name, _, group = text.partition(":")
     if name in ("quanto", "hqq"):
@@ -126,7 +129,8 @@ def _time_steps(model, scheme, prompt: torch.Tensor, steps: int, repeats: int) -
     return statistics.median(times), held
 
 
-def _time_attention(scheme, context: int, heads: int, kv_heads: int, head_dim: int, repeats: int) -> float:
+def _time_attention(scheme, context: int, heads: int, kv_heads: int, head_dim: int, repeats: int,
+                    dense: bool = False) -> float:
     """Median seconds of one layer's decode attention over ``context`` tokens (sdpa on bf16 keys for bf16), as
     CUDA-graph replays: the GPU's time, as a compiled step spends it. (Timed by the wall clock of eager calls, the
     quantized attention's dozen small launches cost more on the host than on the GPU: H100, 32k, 256.6 us against
@@ -137,7 +141,12 @@ def _time_attention(scheme, context: int, heads: int, kv_heads: int, head_dim: i
     k = torch.randn(1, kv_heads, context + 1, head_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     q = torch.randn(1, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
-    if scheme is None:
+    if scheme is None and dense:
+        from compress.kv.attention import dense_decode_attention
+
+        def run():
+            return dense_decode_attention(q, k, v)
+    elif scheme is None:
         def run():
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     else:
@@ -155,6 +164,7 @@ def _time_attention(scheme, context: int, heads: int, kv_heads: int, head_dim: i
 
 def speed(args: argparse.Namespace) -> None:
     from compress.eval.speed import time_compiled_steps
+    from compress.kv.attention import read_caches_directly
 
     model = random_model(args.shape, "cuda", torch.bfloat16)
     config = model.config
@@ -164,10 +174,12 @@ def speed(args: argparse.Namespace) -> None:
           f"{args.context}, {args.steps} steps, median of {args.repeats}")
     base: dict = {}
     for text in args.schemes.split(","):
-        scheme = _scheme(text)
+        scheme, dense = _scheme(text), text == "bf16+attn"
         peer = isinstance(scheme, tuple)  # transformers' own quantized cache: its forward only, no compile
+        read_caches_directly(model, dense)
         row = {} if peer else {"attention": _time_attention(scheme, args.context, config.num_attention_heads,
-                                                            config.num_key_value_heads, config.head_dim, args.repeats)}
+                                                            config.num_key_value_heads, config.head_dim, args.repeats,
+                                                            dense)}
         if "eager" in args.modes:
             row["eager"], row["held"] = _time_steps(model, scheme, prompt, args.steps, args.repeats)
         if "compiled" in args.modes and not peer:
