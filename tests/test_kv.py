@@ -447,6 +447,12 @@ for on in (False, True):
     assert len(calls) == (20 if on else 0), len(calls)
     logits.append(torch.cat(out, 1))
 print("model", (logits[0] - logits[1]).abs().max().item())
+# a dynamic cache without padding: no mask, so sdpa attends without repeating the heads and keeps the steps
+calls = []
+attention.dense_decode_attention = lambda *a, **k: calls.append(1) or dense(*a, **k)
+with torch.no_grad():
+    model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+assert not calls, len(calls)
 """
 
 

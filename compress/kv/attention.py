@@ -50,7 +50,8 @@ def _reading_packed(original):
     @functools.wraps(original)
     def attention(module, query, key, value, attention_mask, **kwargs):
         if not isinstance(key, PackedKV):
-            if getattr(module, DENSE_FLAG, False) and _dense_kernel_can_run(query, key, value, kwargs):
+            if (getattr(module, DENSE_FLAG, False) and attention_mask is not None  # unmasked: sdpa's own GQA
+                    and _dense_kernel_can_run(query, key, value, kwargs)):
                 out = dense_decode_attention(query, key, value, _keep(attention_mask, key.shape[2]),
                                              kwargs.get("scaling"))
                 return out.transpose(1, 2).contiguous(), None
@@ -99,9 +100,10 @@ DENSE_FLAG = "compress_decode_kernel"
 
 
 def read_caches_directly(model: torch.nn.Module, on: bool = True) -> int:
-    """Send the decode steps (one query token, CUDA) of ``model``'s attention layers over full-precision caches to
-    :func:`dense_decode_attention` (``on``), or back to the model's own attention; the number of layers changed. The
-    model must run transformers' ``sdpa`` attention; other steps (prompts, the CPU) take it as before."""
+    """Send the masked decode steps (one query token, CUDA, a mask: static caches, padded batches) of ``model``'s
+    attention layers over full-precision caches to :func:`dense_decode_attention` (``on``), or back to the model's
+    own attention; the number of layers changed. The model must run transformers' ``sdpa`` attention; other steps
+    (prompts, the CPU, unmasked steps, which sdpa runs without repeating the grouped heads) take it as before."""
     if on:
         install()
     layers = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]

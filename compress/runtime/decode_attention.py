@@ -4,7 +4,8 @@
 transformers' ``sdpa`` attention, given a mask (a static cache always has one), repeats each grouped key and value
 head for its query heads before attending (``repeat_kv``): a decode step writes and reads those copies at every
 layer. The kernel reads each key and value once for all its query heads, split over the cache's tokens as
-flash-decoding does. Prompts and the CPU keep the model's own attention. Models must run ``sdpa`` attention::
+flash-decoding does. Prompts, the CPU and unmasked steps (a dynamic cache without padding, which sdpa attends
+without the copies) keep the model's own attention. Models must run ``sdpa`` attention::
 
     runtime:
       - feature: decode-attention
