@@ -16,6 +16,11 @@ Every figure is printed with the median of ``--repeats`` runs and its ratio to t
 ``bf16+attn``: transformers' bf16 caches attended by compress's decode kernel (runtime feature ``decode-attention``)
 instead of sdpa, which with a mask (static caches) repeats the grouped keys and values for each query head.
 
+Attention: one layer's decode attention alone at several batch sizes and contexts, sdpa against the kernel at
+several numbers of programs a multiprocessor (how finely it splits the tokens)::
+
+    python -m benchmarks.kv_bench attention --batches 1,32 --contexts 8192,32768 --programs-per-sm 1,2,4,8
+
 Capacity: how many sequences of ``--context`` tokens each cache serves within a fixed budget of GPU memory beyond the
 weights (the process capped at weights + budget): for each cache, batches from the most its static cache alone would
 allow down, each prefilled in chunks and decoded for ``--steps`` eager steps, until one runs without running out of
@@ -130,7 +135,7 @@ def _time_steps(model, scheme, prompt: torch.Tensor, steps: int, repeats: int) -
 
 
 def _time_attention(scheme, context: int, heads: int, kv_heads: int, head_dim: int, repeats: int,
-                    dense: bool = False) -> float:
+                    dense: bool = False, batch: int = 1) -> float:
     """Median seconds of one layer's decode attention over ``context`` tokens (sdpa on bf16 keys for bf16), as
     CUDA-graph replays: the GPU's time, as a compiled step spends it. (Timed by the wall clock of eager calls, the
     quantized attention's dozen small launches cost more on the host than on the GPU: H100, 32k, 256.6 us against
@@ -138,9 +143,9 @@ def _time_attention(scheme, context: int, heads: int, kv_heads: int, head_dim: i
     from compress.kv.attention import decode_attention
     from compress.kv.cache import QuantizedLayer
 
-    k = torch.randn(1, kv_heads, context + 1, head_dim, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(batch, kv_heads, context + 1, head_dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
-    q = torch.randn(1, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.bfloat16)
     if scheme is None and dense:
         from compress.kv.attention import dense_decode_attention
 
@@ -263,6 +268,28 @@ def capacity(args: argparse.Namespace) -> None:
               f"tok/s; out of memory at {', '.join(map(str, tried)) or 'none tried above'}", flush=True)
 
 
+def attention(args: argparse.Namespace) -> None:
+    """One layer's decode attention (Llama-3-8B's heads) at each batch x context, for each scheme, and for the
+    kernel's schemes at each ``--programs-per-sm``."""
+    from compress.kv import attention as kernel
+
+    print(f"decode attention, one layer (32 query heads, 8 KV heads of 128), us, CUDA-graph replays, median of "
+          f"{args.repeats}, {torch.cuda.get_device_name()}")
+    default = kernel.PROGRAMS_PER_SM
+    for batch in map(int, args.batches.split(",")):
+        for context in map(int, args.contexts.split(",")):
+            cells = []
+            for text in args.schemes.split(","):
+                scheme, dense = _scheme(text), text == "bf16+attn"
+                for programs in map(int, args.programs_per_sm.split(",")) if scheme is not None or dense else [0]:
+                    kernel.PROGRAMS_PER_SM = programs or default
+                    seconds = _time_attention(scheme, context, 32, 8, 128, args.repeats, dense, batch)
+                    cells.append(f"{text}{f' p{programs}' if programs else ''} {seconds * 1e6:.1f}")
+                    torch.cuda.empty_cache()
+            print(f"batch {batch:3d} x {context:6d}: " + ", ".join(cells), flush=True)
+    kernel.PROGRAMS_PER_SM = default
+
+
 def _cells(row: dict, base: dict, batch: int) -> str:
     """One scheme's figures, with their ratios to the first scheme's."""
     cells = [f"attention {row['attention'] * 1e6:8.1f} us/layer ({base['attention'] / row['attention']:.2f}x)"
@@ -304,8 +331,14 @@ def main() -> None:
     c.add_argument("--budget-gib", type=float, default=16.0, help="GPU memory beyond the weights")
     c.add_argument("--steps", type=int, default=8)
     c.add_argument("--schemes", default="bf16,int4:64")
+    a = sub.add_parser("attention")
+    a.add_argument("--batches", default="1,32")
+    a.add_argument("--contexts", default="8192,32768")
+    a.add_argument("--schemes", default="bf16,bf16+attn,int4:64")
+    a.add_argument("--programs-per-sm", default="1,2,4,8", help="the kernel's PROGRAMS_PER_SM values to time")
+    a.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    {"quality": quality, "speed": speed, "capacity": capacity}[args.mode](args)
+    {"quality": quality, "speed": speed, "capacity": capacity, "attention": attention}[args.mode](args)
 
 
 if __name__ == "__main__":

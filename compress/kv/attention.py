@@ -140,6 +140,10 @@ def _keep(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
     return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
 
 
+#: Programs the decode kernel aims at for each multiprocessor, splitting the tokens when the batch's heads are
+#: fewer (flash-decoding); a batch with more heads than that takes one split. (`kv_bench attention` sweeps it.)
+PROGRAMS_PER_SM = 2
+
 _SMS: dict[int, int] = {}
 
 
@@ -206,8 +210,9 @@ def _launch(query: torch.Tensor, stored: tuple | None, tk: torch.Tensor, tv: tor
     Hkv = tk.shape[1]
     groups = Hq // Hkv
     block = min(block, group)  # a block within one key group
-    splits = max(1, min(triton.cdiv(bound, block), triton.cdiv(2 * sm_count(query.device), B * Hkv)))
-    per_split = triton.cdiv(triton.cdiv(bound, splits), block) * block  # about two programs an SM
+    programs = PROGRAMS_PER_SM * sm_count(query.device)
+    splits = max(1, min(triton.cdiv(bound, block), triton.cdiv(programs, B * Hkv)))
+    per_split = triton.cdiv(triton.cdiv(bound, splits), block) * block
     splits = triton.cdiv(bound, per_split)
     if query.stride(-1) != 1:
         query = query.contiguous()
