@@ -201,6 +201,14 @@ def dense_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
                    group=query.shape[-1], fp8=False)
 
 
+def _cdiv(a: int, b: int) -> int:  # Triton's cdiv and next_power_of_2 cost microseconds a call from the host
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
 def _launch(query: torch.Tensor, stored: tuple | None, tk: torch.Tensor, tv: torch.Tensor, n_stored, length,
             bound: int, ring: bool, keep: torch.Tensor | None, scaling: float | None, block: int, bits: int,
             group: int, fp8: bool) -> torch.Tensor:
@@ -211,9 +219,9 @@ def _launch(query: torch.Tensor, stored: tuple | None, tk: torch.Tensor, tv: tor
     groups = Hq // Hkv
     block = min(block, group)  # a block within one key group
     programs = PROGRAMS_PER_SM * sm_count(query.device)
-    splits = max(1, min(triton.cdiv(bound, block), triton.cdiv(programs, B * Hkv)))
-    per_split = triton.cdiv(triton.cdiv(bound, splits), block) * block
-    splits = triton.cdiv(bound, per_split)
+    splits = max(1, min(_cdiv(bound, block), _cdiv(programs, B * Hkv)))
+    per_split = _cdiv(_cdiv(bound, splits), block) * block
+    splits = _cdiv(bound, per_split)
     if query.stride(-1) != 1:
         query = query.contiguous()
     acc = torch.empty(B, Hkv, splits, groups, D, device=query.device, dtype=torch.float32)
@@ -233,10 +241,10 @@ def _launch(query: torch.Tensor, stored: tuple | None, tk: torch.Tensor, tv: tor
         vc.stride(0), vc.stride(1), vc.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
         tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
         keep_t.stride(0) if keep is not None else 0,
-        GROUPS=groups, BLOCK_H=max(16, triton.next_power_of_2(groups)), D=D, BITS=bits, GROUP=group, BLOCK_T=block,
+        GROUPS=groups, BLOCK_H=max(16, _pow2(groups)), D=D, BITS=bits, GROUP=group, BLOCK_T=block,
         FP8=fp8, HAS_KEEP=keep is not None, ON_DEVICE=on_device, RING=ring, num_warps=4)
     out = torch.empty(B, 1, Hq, D, device=query.device, dtype=query.dtype)  # as the attention hands it on
-    _merge_kernel[(B * Hq,)](acc, stats, out, splits, GROUPS=groups, D=D, BLOCK_S=triton.next_power_of_2(splits),
+    _merge_kernel[(B * Hq,)](acc, stats, out, splits, GROUPS=groups, D=D, BLOCK_S=_pow2(splits),
                              num_warps=4)
     return out.transpose(1, 2)
 
