@@ -19,7 +19,8 @@ instead of sdpa, which with a mask (static caches) repeats the grouped keys and 
 Attention: one layer's decode attention alone at several batch sizes and contexts, sdpa against the kernel at
 several numbers of programs a multiprocessor (how finely it splits the tokens)::
 
-    python -m benchmarks.kv_bench attention --batches 1,32 --contexts 8192,32768 --programs-per-sm 1,2,4,8
+    python -m benchmarks.kv_bench attention --batches 1,32 --contexts 8192,32768 --programs-per-sm 1,2,4,8 \\
+        --blocks 32,64 --warps 4,8
 
 Capacity: how many sequences of ``--context`` tokens each cache serves within a fixed budget of GPU memory beyond the
 weights (the process capped at weights + budget): for each cache, batches from the most its static cache alone would
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import statistics
 import time
 
@@ -270,24 +272,28 @@ def capacity(args: argparse.Namespace) -> None:
 
 def attention(args: argparse.Namespace) -> None:
     """One layer's decode attention (Llama-3-8B's heads) at each batch x context, for each scheme, and for the
-    kernel's schemes at each ``--programs-per-sm``."""
+    kernel's schemes at each setting of ``--programs-per-sm`` x ``--blocks`` x ``--warps``."""
     from compress.kv import attention as kernel
 
     print(f"decode attention, one layer (32 query heads, 8 KV heads of 128), us, CUDA-graph replays, median of "
           f"{args.repeats}, {torch.cuda.get_device_name()}")
-    default = kernel.PROGRAMS_PER_SM
+    default = kernel.PROGRAMS_PER_SM, kernel.BLOCK_T, kernel.WARPS
     for batch in map(int, args.batches.split(",")):
         for context in map(int, args.contexts.split(",")):
             cells = []
             for text in args.schemes.split(","):
                 scheme, dense = _scheme(text), text == "bf16+attn"
-                for programs in map(int, args.programs_per_sm.split(",")) if scheme is not None or dense else [0]:
-                    kernel.PROGRAMS_PER_SM = programs or default
+                settings = itertools.product(*(map(int, a.split(",")) for a in (args.programs_per_sm, args.blocks,
+                                                                                 args.warps)))
+                for setting in settings if scheme is not None or dense else [None]:
+                    if setting:
+                        kernel.PROGRAMS_PER_SM, kernel.BLOCK_T, kernel.WARPS = setting
                     seconds = _time_attention(scheme, context, 32, 8, 128, args.repeats, dense, batch)
-                    cells.append(f"{text}{f' p{programs}' if programs else ''} {seconds * 1e6:.1f}")
+                    tag = " p{} t{} w{}".format(*setting) if setting else ""
+                    cells.append(f"{text}{tag} {seconds * 1e6:.1f}")
                     torch.cuda.empty_cache()
             print(f"batch {batch:3d} x {context:6d}: " + ", ".join(cells), flush=True)
-    kernel.PROGRAMS_PER_SM = default
+    kernel.PROGRAMS_PER_SM, kernel.BLOCK_T, kernel.WARPS = default
 
 
 def _cells(row: dict, base: dict, batch: int) -> str:
@@ -336,6 +342,8 @@ def main() -> None:
     a.add_argument("--contexts", default="8192,32768")
     a.add_argument("--schemes", default="bf16,bf16+attn,int4:64")
     a.add_argument("--programs-per-sm", default="1,2,4,8", help="the kernel's PROGRAMS_PER_SM values to time")
+    a.add_argument("--blocks", default="64", help="its BLOCK_T values (tokens a step of a program)")
+    a.add_argument("--warps", default="4", help="its WARPS values")
     a.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     {"quality": quality, "speed": speed, "capacity": capacity, "attention": attention}[args.mode](args)

@@ -141,8 +141,13 @@ def _keep(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
 
 
 #: Programs the decode kernel aims at for each multiprocessor, splitting the tokens when the batch's heads are
-#: fewer (flash-decoding); a batch with more heads than that takes one split. (`kv_bench attention` sweeps it.)
+#: fewer (flash-decoding); a batch with more heads than that takes one split. With the tokens a program takes at a
+#: time (BLOCK_T) and its warps (WARPS), what `kv_bench attention` sweeps: compiled offline for sm_90, int4 with
+#: 64 tokens and 4 warps holds 168 registers a thread and 70 KiB of shared memory (3 programs an SM), with 32 tokens
+#: 128 and 37 KiB, with 8 warps 128 and 70 KiB.
 PROGRAMS_PER_SM = 2
+BLOCK_T = 64
+WARPS = 4
 
 _SMS: dict[int, int] = {}
 
@@ -171,7 +176,7 @@ def decode_reference(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
 
 
 def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | None = None,
-                     scaling: float | None = None, block: int = 64) -> torch.Tensor:
+                     scaling: float | None = None, block: int | None = None) -> torch.Tensor:
     """:func:`decode_reference` as Triton kernels on CUDA, reading the stored tokens' packed codes: [B, Hq, 1, D] in
     the query's dtype."""
     layer, s = kv.layer, kv.layer.scheme
@@ -191,7 +196,7 @@ def decode_attention(query: torch.Tensor, kv: PackedKV, keep: torch.Tensor | Non
 
 def dense_decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            keep: torch.Tensor | None = None, scaling: float | None = None,
-                           block: int = 64) -> torch.Tensor:
+                           block: int | None = None) -> torch.Tensor:
     """Attention of one query token [B, Hq, 1, D] over a full-precision cache's keys and values [B, Hkv, L, D] (a
     static cache's buffers, masked by ``keep`` [B, L]), the same kernels with nothing stored quantized: each
     key and value is read once for its grouped query heads, where sdpa with a mask reads copies repeated for each
@@ -217,7 +222,7 @@ def _launch(query: torch.Tensor, stored: tuple | None, tk: torch.Tensor, tv: tor
     B, Hq, _, D = query.shape
     Hkv = tk.shape[1]
     groups = Hq // Hkv
-    block = min(block, group)  # a block within one key group
+    block = min(block or BLOCK_T, group)  # a block within one key group
     programs = PROGRAMS_PER_SM * sm_count(query.device)
     splits = max(1, min(_cdiv(bound, block), _cdiv(programs, B * Hkv)))
     per_split = _cdiv(_cdiv(bound, splits), block) * block
@@ -242,7 +247,7 @@ def _launch(query: torch.Tensor, stored: tuple | None, tk: torch.Tensor, tv: tor
         tk.stride(0), tk.stride(1), tk.stride(2), tv.stride(0), tv.stride(1), tv.stride(2),
         keep_t.stride(0) if keep is not None else 0,
         GROUPS=groups, BLOCK_H=max(16, _pow2(groups)), D=D, BITS=bits, GROUP=group, BLOCK_T=block,
-        FP8=fp8, HAS_KEEP=keep is not None, ON_DEVICE=on_device, RING=ring, num_warps=4)
+        FP8=fp8, HAS_KEEP=keep is not None, ON_DEVICE=on_device, RING=ring, num_warps=WARPS)
     out = torch.empty(B, 1, Hq, D, device=query.device, dtype=query.dtype)  # as the attention hands it on
     _merge_kernel[(B * Hq,)](acc, stats, out, splits, GROUPS=groups, D=D, BLOCK_S=_pow2(splits),
                              num_warps=4)
