@@ -487,8 +487,9 @@ def test_decode_kernel_reads_the_packed_codes_with_wide_loads(bits: int) -> None
              "HAS_KEEP": False, "ON_DEVICE": False, "RING": False}
     signature = {n: "constexpr" if n in const else types.get(n, "*fp32" if n.endswith("_ptr") else "i32")
                  for n in names}
-    aligned = [n for n in names if n.endswith("_ptr") or n[-2:] in ("_b", "_h", "_t")] + ["per_split", "ring"]
+    aligned = [n for n in names if n.endswith("_ptr") or n[-2:] in ("_b", "_h", "_t")] + ["per_split"]
     aligned.remove("vs_t")  # a token's value scales: a few float16 values
+    aligned.remove("keep_b")  # not specialised (it changes from step to step)
     try:  # Triton's offline-compilation interface (3.3 and later); an older one is not this test's subject
         source = ASTSource(_decode_kernel, signature, {(names.index(n),): v for n, v in const.items()},
                            {(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
@@ -516,6 +517,27 @@ def test_decode_kernel_on_cuda_matches_dequantize_then_attend(bits) -> None:
     ref = decode_reference(q, view)
     out = decode_attention(q, view).float()
     assert (out - ref).abs().max() < 2e-2  # the bfloat16 output's rounding
+
+
+@pytest.mark.gpu
+def test_decoding_step_by_step_compiles_the_kernel_once() -> None:
+    """The lengths change at every step; were they specialised (as Triton does with integers, on being a multiple
+    of 16), new combinations would compile the kernel again in the middle of decoding, a second or so each."""
+    from compress.kv.attention import _decode_kernel, decode_attention
+
+    caches = getattr(_decode_kernel, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps its compiled kernels elsewhere")
+    layer = QuantizedLayer(KVScheme("int", 4, 64, 16), direct=True)
+    k = torch.randn(1, 8, 400, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
+    layer.update(k[:, :, :300], v[:, :, :300])
+    compiled = []
+    for t in range(300, 400):  # 100 steps: every length mod 16, two groups stored, windows of 16 to 79 tokens
+        decode_attention(q, layer.update(k[:, :, t : t + 1], v[:, :, t : t + 1])[0])
+        compiled.append(sum(len(cache[0]) for cache in caches.values()))
+    assert compiled[-1] == compiled[0], compiled
 
 
 @pytest.mark.gpu

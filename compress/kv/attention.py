@@ -290,7 +290,10 @@ if triton is not None:
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l, acc
 
-    @triton.jit
+    # The lengths (and the mask's row stride, the window's length) change from step to step: specialised, as
+    # Triton does with integers (on being a multiple of 16), each new combination would compile the kernel again in
+    # the middle of decoding, a second or so each time
+    @triton.jit(do_not_specialize=["stored", "length", "ring", "keep_b"])
     def _decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr, tk_ptr, tv_ptr, keep_ptr, acc_ptr,
                        stats_ptr, stored_ptr, length_ptr, Hkv, stored, length, per_split, ring, scaling, q_b, q_h,
                        kc_b, kc_h, kc_t, ks_b, ks_h, ks_t, vc_b, vc_h, vc_t, vs_b, vs_h, vs_t,
@@ -369,7 +372,7 @@ if triton is not None:
         tl.store(stats_ptr + out * 2, m, mask=rows < GROUPS)
         tl.store(stats_ptr + out * 2 + 1, l, mask=rows < GROUPS)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["splits"])
     def _merge_kernel(acc_ptr, stats_ptr, out_ptr, splits, GROUPS: tl.constexpr, D: tl.constexpr,
                       BLOCK_S: tl.constexpr):
         """One query head's splits merged by their softmax statistics, written as the attention's output [B, 1, Hq,
