@@ -453,6 +453,17 @@ attention.dense_decode_attention = lambda *a, **k: calls.append(1) or dense(*a, 
 with torch.no_grad():
     model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
 assert not calls, len(calls)
+# a mask with a row for each head (biases such as ALiBi's) goes to the model's attention, a shared one to the kernel
+from transformers.modeling_utils import AttentionInterface
+wrapped = AttentionInterface._global_mapping["sdpa"]
+layer = model.model.layers[0].self_attn
+q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 30, 16), torch.randn(2, 2, 30, 16)
+bias = torch.randn(2, 4, 1, 30)
+attention.dense_decode_attention = lambda *a, **k: calls.append(1) or dense(*a, **k)
+out, _ = wrapped(layer, q, k, v, bias, scaling=0.25)
+assert not calls and torch.allclose(out, wrapped.__wrapped__(layer, q, k, v, bias, scaling=0.25)[0])
+wrapped(layer, q, k, v, torch.ones(2, 1, 1, 30, dtype=torch.bool), scaling=0.25)
+assert len(calls) == 1
 """
 
 

@@ -51,12 +51,12 @@ def _reading_packed(original):
     def attention(module, query, key, value, attention_mask, **kwargs):
         if not isinstance(key, PackedKV):
             if (getattr(module, DENSE_FLAG, False) and attention_mask is not None  # unmasked: sdpa's own GQA
-                    and _dense_kernel_can_run(query, key, value, kwargs)):
+                    and _keeps_or_drops(attention_mask) and _dense_kernel_can_run(query, key, value, kwargs)):
                 out = dense_decode_attention(query, key, value, _keep(attention_mask, key.shape[2]),
                                              kwargs.get("scaling"))
                 return out.transpose(1, 2).contiguous(), None
             return original(module, query, key, value, attention_mask, **kwargs)
-        if _kernel_can_run(query, key, kwargs):
+        if _keeps_or_drops(attention_mask) and _kernel_can_run(query, key, kwargs):
             out = decode_attention(query, key, _keep(attention_mask, key.bound), kwargs.get("scaling"))
             return out.transpose(1, 2).contiguous(), None
         batch, rows = query.shape[0], _rows_at_once(key)
@@ -129,6 +129,12 @@ def _kernel_can_run(query: torch.Tensor, kv: PackedKV, kwargs: dict) -> bool:
             and (scheme.format == "fp8" or scheme.group_size >= 16)  # a block's products: at least 16 tokens
             and query.shape[-1] & (query.shape[-1] - 1) == 0  # a power-of-two head dimension (Triton's tiles)
             and not kwargs.get("dropout") and all(kwargs.get(name) is None for name in UNSUPPORTED))
+
+
+def _keeps_or_drops(mask: torch.Tensor | None) -> bool:
+    """Whether ``mask`` only says which keys to attend to, the same for every head (what the kernel takes): None,
+    or [B, 1, q, kv]. A mask with a row for each head can carry biases (ALiBi): the model's attention takes it."""
+    return mask is None or mask.shape[1] == 1
 
 
 def _keep(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
