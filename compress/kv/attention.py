@@ -5,8 +5,11 @@ A model's attention gets what the cache's ``update`` returns. Where the model ru
 cache's :class:`~compress.kv.cache.PackedKV` views: a decode step (one query token) on CUDA goes to
 :func:`decode_attention`, a Triton kernel that computes q.K^T and softmax.V from the packed codes and scales (split
 over the tokens, as flash-decoding does, so one long sequence fills the GPU); anything else (prompts, the CPU, a
-model with soft-capping or a sliding window) gets the keys and values dequantized and the original attention. Any
-other input goes to the original attention untouched, so models without a quantized cache run as before.
+model with soft-capping or a sliding window) gets the keys and values dequantized (a few sequences at a time, past
+DEQUANTIZED_BYTES) and the original attention. Any other input goes to the original attention untouched, so models
+without a quantized cache run as before, except where :func:`read_caches_directly` (the runtime feature
+``decode-attention``) marked the model's attention layers: their masked decode steps over a full-precision cache go
+to :func:`dense_decode_attention`, the same kernel with nothing stored quantized.
 
 :func:`decode_reference` is the same computation in PyTorch, the oracle of the kernel's tests.
 """
