@@ -71,6 +71,9 @@ def main() -> None:
     print(f"{'shape':<8} {'M':>5} {'kernel':<24} {'us':>9} {'GB/s':>7} {'of copy':>7}")
     torch._dynamo.config.recompile_limit = 64
     fused = torch.compile(lambda x, w: (x.unsqueeze(-2).float() * w.float()).sum(dim=-1).to(x.dtype))
+    widest = max(max(SHAPES[name]) for name in shapes)
+    A32 = torch.randn(32, widest, device="cuda", dtype=torch.bfloat16) / widest**0.5  # a correction pair's factors
+    B32 = torch.randn(widest, 32, device="cuda", dtype=torch.bfloat16) * 0.02
     for name in shapes:
         n, k = SHAPES[name]
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -95,10 +98,13 @@ def main() -> None:
                 kernels["int4 one-token kernel"] = (lambda: gemv.one_token_int4(x, *int4_args), n * k // 2)
             if m <= gemv.DOT_MAX_TILE:  # the tensor-core kernel, also where the op does not send calls to it yet
                 kernels["int4 tensor-core kernel"] = (lambda: gemv.dot_int4(x, *int4_args), n * k // 2)
-            if m <= cuda_int4.MAX_TOKENS:  # the CUDA kernel at each block size
+            if m <= cuda_int4.MAX_TOKENS:  # the CUDA kernel at each block size, and with a rank-32 correction
                 for warps in (4, 8, 16):
                     kernels[f"int4 cuda {warps} warps"] = (
                         lambda warps=warps: cuda_int4.int4_mma(x, *int4_args, warps=warps), n * k // 2)
+                pair = (A32[:, :k].contiguous(), B32[:n].contiguous(), cuda_int4.correction_scratch(32, "cuda"))
+                kernels["int4 cuda + rank-32 pair"] = (lambda pair=pair: cuda_int4.int4_mma(
+                    x, *int4_args, correction=pair), n * k // 2 + 2 * 32 * (n + k))
             if m <= gemv.MAX_TOKENS:  # the op, and each of its two kernels
                 int8_args = gemv.kernel_args_8bit(layer8.qweight, s8, None)
                 fp8_args = gemv.kernel_args_8bit(fp8.weight_fp8, s8f, None)
@@ -115,14 +121,16 @@ def main() -> None:
                 kernels["sparse24 gemv"] = (lambda: sparse24.gemv_24(x, sp24.values, sp24.meta), n * k * 9 // 8)
                 kernels["sparse24-int4 gemv"] = (lambda: sparse24.gemv_24_int4(
                     x, sp24i.qweight, sp24i.meta, sp24i.scales, None, 128, 8.0), n * k * 3 // 8)
-            if m <= cuda_int4.MAX_TOKENS:  # the CUDA 2:4 kernel at each block size (COMPRESS_CUDA_SPARSE24=0: Triton)
-                for warps in (4, 8, 16):
-                    kernels[f"sparse24 cuda {warps} warps"] = (
-                        lambda warps=warps: sparse24.sparse24_mma(x, sp24.values, sp24.meta, warps=warps),
-                        n * k * 9 // 8)
-                    kernels[f"sparse24-int4 cuda {warps} warps"] = (
-                        lambda warps=warps: sparse24.sparse24_mma(x, sp24i.qweight, sp24i.meta, sp24i.scales, None,
-                                                                  128, 8.0, warps), n * k * 3 // 8)
+            if m <= cuda_int4.MAX_TOKENS:  # the CUDA 2:4 kernel at each block size (COMPRESS_CUDA_SPARSE24=0: Triton),
+                for warps in (4, 8, 16):  # as the op runs it, and with the other register bound (see sparse24_mma)
+                    for other, capped, uncapped in (("", None, None), (" other bound", 32 // warps, 1)):
+                        kernels[f"sparse24 cuda {warps} warps{other}"] = (
+                            lambda warps=warps, blocks=capped: sparse24.sparse24_mma(
+                                x, sp24.values, sp24.meta, warps=warps, min_blocks=blocks), n * k * 9 // 8)
+                        kernels[f"sparse24-int4 cuda {warps} warps{other}"] = (
+                            lambda warps=warps, blocks=uncapped: sparse24.sparse24_mma(
+                                x, sp24i.qweight, sp24i.meta, sp24i.scales, None, 128, 8.0, warps, blocks),
+                            n * k * 3 // 8)
             kernels["sparse24 decompress+cublas"] = (
                 lambda: F.linear(x, sparse24.decompress_24(sp24.values, sp24.meta, k)), n * k * 9 // 8)
             kernels["int4 dequant+cublas"] = (lambda: F.linear(x, layer4.dequantized_weight(torch.bfloat16)),

@@ -81,3 +81,70 @@ def test_gpus_without_16_bit_mma_are_not_asked_to_compile(monkeypatch, fresh_usa
     monkeypatch.setattr(cuda_int4, "_kernel", never)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert fresh_usable(0) is False
+
+
+def _compiled_for_sm90(file: str, entry: str, **defines: int) -> dict[str, int]:
+    """Kernel ``entry`` of ``file`` compiled for an H100 without a GPU, as the GPU machine's NVRTC would (NVRTC from
+    the nvidia-cuda-nvrtc wheel, then the ptxas Triton ships): its registers, spilled bytes and static shared memory."""
+    import ctypes
+    import re
+    import subprocess
+
+    nvidia = pytest.importorskip("nvidia.cuda_nvrtc", reason="the NVRTC wheel (nvidia-cuda-nvrtc-cu12) is absent")
+    triton = pytest.importorskip("triton")
+    lib = next(iter(nvidia.__path__)) + "/lib/libnvrtc.so.12"
+    ptxas = triton.__path__[0] + "/backends/nvidia/bin/ptxas"
+    nvrtc = ctypes.CDLL(lib)
+    program = ctypes.c_void_p()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), cuda_int4.source(file).encode(), file.encode(), 0, None,
+                                    None) == 0
+    options = [b"--gpu-architecture=compute_90"] + [f"-D{k}={v}".encode() for k, v in defines.items()]
+    status = nvrtc.nvrtcCompileProgram(program, len(options), (ctypes.c_char_p * len(options))(*options))
+    size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    assert status == 0, log.value.decode()[-3000:]
+    nvrtc.nvrtcGetPTXSize(program, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    nvrtc.nvrtcGetPTX(program, ptx)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    done = subprocess.run([ptxas, "-arch=sm_90", "-v", "-", "-o", "/dev/null"], input=ptx.value, capture_output=True)
+    report = done.stdout.decode() + done.stderr.decode()
+    assert done.returncode == 0, report[-3000:]
+    registers = re.search(r"Used (\d+) registers", report)
+    spilled = re.search(r"(\d+) bytes spill stores", report)
+    shared = re.search(r"(\d+) bytes smem", report)
+    return {"registers": int(registers.group(1)), "spilled": int(spilled.group(1)) if spilled else 0,
+            "shared": int(shared.group(1)) if shared else 0}
+
+
+@pytest.mark.parametrize("warps", [1, 4, 8, 16])
+def test_the_correction_keeps_the_kernel_at_32_warps_an_sm(warps: int) -> None:
+    """The 4-bit kernel compiled for sm_90 with a low-rank correction in its launch (ranks 8 to the largest, 16-bit
+    types, zero points or not) takes at most 64 registers a thread and spills nothing, so an SM holds 32 of its warps
+    as it does without a correction (62-64 registers at 4 and 16 warps a block, symmetric codes): its paths for the
+    pair once took 86-90, which left 16-20 warps an SM to stream the codes. The same holds with zero points and no
+    correction (70 registers at 16 warps a block before)."""
+    for bf16 in (1, 0):
+        asymmetric = _compiled_for_sm90("int4_mma.cu", "int4_mma", IS_BF16=bf16, HAS_ZERO=1, WARPS=warps, CORR_RANK=0)
+        assert asymmetric["registers"] <= 64 and asymmetric["spilled"] == 0, (bf16, asymmetric)
+    for rank in (8, 32, 104, cuda_int4.MAX_RANK):
+        for bf16, zero in ((1, 0), (0, 1)):
+            corrected = _compiled_for_sm90("int4_mma.cu", "int4_mma", IS_BF16=bf16, HAS_ZERO=zero, WARPS=warps,
+                                           CORR_RANK=rank)
+            assert corrected["registers"] <= 64 and corrected["spilled"] == 0, (rank, bf16, zero, corrected)
+
+
+@pytest.mark.parametrize("codes", [0, 1])
+def test_the_24_kernel_compiles_with_and_without_a_register_cap(codes: int) -> None:
+    """The 2:4 kernel compiled for sm_90 at each block size: as it runs by default (64-74 registers), and with
+    ``min_blocks`` = 32 / warps, which holds it to 64 (4-bit codes without spilling; 16-bit values spill 16 bytes)."""
+    for warps in (4, 8, 16):
+        free = _compiled_for_sm90("sparse24_mma.cu", "sparse24_mma", IS_BF16=1, HAS_ZERO=codes, WARPS=warps,
+                                  CODES=codes)
+        capped = _compiled_for_sm90("sparse24_mma.cu", "sparse24_mma", IS_BF16=1, HAS_ZERO=codes, WARPS=warps,
+                                    CODES=codes, MIN_BLOCKS=32 // warps)
+        assert capped["registers"] <= 64 and free["registers"] > 0
+        if codes:
+            assert capped["spilled"] == 0

@@ -118,10 +118,14 @@ def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
 def compiled(file: str, entry: str, device: int, **defines: int):
     """Kernel ``entry`` of ``file`` (in this package, put behind the shared helpers of ``mma.cuh``) compiled by NVRTC
     for ``device`` with ``defines`` (name: value); once per distinct arguments."""
-    kernels = resources.files("compress.kernels")
-    source = kernels.joinpath("mma.cuh").read_text() + "\n" + kernels.joinpath(file).read_text()
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source, entry, nvcc_options=[f"-D{k}={v}" for k, v in defines.items()])
+        return torch.cuda._compile_kernel(source(file), entry, nvcc_options=[f"-D{k}={v}" for k, v in defines.items()])
+
+
+def source(file: str) -> str:
+    """The CUDA source NVRTC compiles for kernel file ``file`` of this package: the shared helpers, then the file."""
+    kernels = resources.files("compress.kernels")
+    return kernels.joinpath("mma.cuh").read_text() + "\n" + kernels.joinpath(file).read_text()
 
 
 def _kernel(bf16: bool, has_zero: bool, warps: int, device: int, rank: int = 0):

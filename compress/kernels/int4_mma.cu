@@ -44,15 +44,27 @@ __device__ __forceinline__ unsigned atomic_add(unsigned* p, unsigned v) {
 
 __device__ __forceinline__ void fence() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
-__device__ __forceinline__ float4 load_cg4(const float* p) {
-    float4 r;  // written by other blocks in this launch: read through L2, never a stale L1 line
-    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(r.x), "=f"(r.y), "=f"(r.z), "=f"(r.w) : "l"(p));
+__device__ __forceinline__ float load_cg(const float* p) {
+    float r;  // written by other blocks in this launch: read through L2, never a stale L1 line
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(r) : "l"(p));
     return r;
 }
 
 __device__ __forceinline__ void atomic_add_f32(float* p, float v) {
     asm volatile("red.global.add.f32 [%0], %1;" :: "l"(p), "f"(v) : "memory");
 }
+
+__device__ __forceinline__ void sleep_ns(unsigned ns) { asm volatile("nanosleep.u32 %0;" :: "r"(ns)); }
+
+// 16 bytes from global to shared memory without passing through registers (cp.async: sm_80 on); the copies a thread
+// issued are complete after copy_async_wait
+__device__ __forceinline__ void copy_async16(void* shared, const void* global) {
+    unsigned dst;
+    asm volatile("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(dst) : "l"(shared));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(global) : "memory");
+}
+__device__ __forceinline__ void copy_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void copy_async_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 #endif
 
 
@@ -71,30 +83,40 @@ __device__ __forceinline__ void word_mma(float* d, unsigned wg, unsigned wh, uin
 
 #if CORR_RANK
 // The correction's first half, t = x A^T [M, CORR_RANK] in float32, by the launch's first K / 256 blocks: block b
-// takes columns [256 b, 256 b + 256) (8 a lane), its warps the rows of A in turn, and adds its partial sums into
-// t (zero before the launch); then it counts itself done in sync[0], after a fence that makes its sums visible.
+// takes columns [256 b, 256 b + 256) (8 a lane), its warps the rows of A in turn, four rows' loads in flight at a
+// time, and adds its partial sums into t (zero before the launch); then it counts itself done in sync[0], after a
+// fence that makes its sums visible. (Few registers: the kernel's count is the largest of its paths', and it sets
+// how many blocks an SM holds.)
 __device__ void correction_rows(const u16* __restrict__ x, const u16* __restrict__ a, float* t, unsigned* sync,
                                 int M, int K) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int k = 256 * blockIdx.x + 8 * lane;
-    uint4 xv[8];
+    constexpr int PER_WARP = (CORR_RANK + WARPS - 1) / WARPS;
+#pragma unroll 1
+    for (int i = 0; i < PER_WARP; i += 4) {
+        uint4 av[4];
 #pragma unroll
-    for (int m = 0; m < 8; ++m) {
-        if (m < M) xv[m] = *(const uint4*)(x + (long)m * K + k);
-    }
-    for (int r = warp; r < CORR_RANK; r += WARPS) {
-        const uint4 av = *(const uint4*)(a + (long)r * K + k);
-        const unsigned aw[4] = {av.x, av.y, av.z, av.w};
+        for (int j = 0; j < 4; ++j) {
+            const int r = warp + (i + j) * WARPS;
+            if (i + j < PER_WARP && r < CORR_RANK) av[j] = *(const uint4*)(a + (long)r * K + k);
+        }
+#pragma unroll 1
+        for (int m = 0; m < M; ++m) {
+            const uint4 xv = *(const uint4*)(x + (long)m * K + k);
+            const unsigned xw[4] = {xv.x, xv.y, xv.z, xv.w};
 #pragma unroll
-        for (int m = 0; m < 8; ++m) {
-            if (m < M) {
-                const unsigned xw[4] = {xv[m].x, xv[m].y, xv[m].z, xv[m].w};
-                float acc = 0.f;
+            for (int j = 0; j < 4; ++j) {
+                const int r = warp + (i + j) * WARPS;
+                if (i + j < PER_WARP && r < CORR_RANK) {
+                    const unsigned aw[4] = {av[j].x, av[j].y, av[j].z, av[j].w};
+                    float acc = 0.f;
 #pragma unroll
-                for (int j = 0; j < 4; ++j) acc += half_lo(aw[j]) * half_lo(xw[j]) + half_hi(aw[j]) * half_hi(xw[j]);
+                    for (int w = 0; w < 4; ++w)
+                        acc += half_lo(aw[w]) * half_lo(xw[w]) + half_hi(aw[w]) * half_hi(xw[w]);
 #pragma unroll
-                for (int off = 16; off > 0; off >>= 1) acc += shfl_xor(acc, off);
-                if (lane == 0) atomic_add_f32(t + m * CORR_RANK + r, acc);
+                    for (int off = 16; off > 0; off >>= 1) acc += shfl_xor(acc, off);
+                    if (lane == 0) atomic_add_f32(t + m * CORR_RANK + r, acc);
+                }
             }
         }
     }
@@ -107,7 +129,16 @@ __device__ void correction_rows(const u16* __restrict__ x, const u16* __restrict
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+// Registers: symmetric codes without a correction take 48-64 a thread (compiled for sm_90), so an SM holds 32 warps
+// of blocks; zero points (70 at 16 warps a block) and the correction's paths (72-90) would leave 16-24, so those
+// variants ask for as many blocks as 32 warps make (64 registers, nothing spilled).
+#if CORR_RANK || HAS_ZERO
+#define BOUNDS __launch_bounds__(WARPS * 32, 32 / WARPS)
+#else
+#define BOUNDS __launch_bounds__(WARPS * 32)
+#endif
+
+extern "C" __global__ void BOUNDS
 int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restrict__ scales,
          const u8* __restrict__ zeros, u16* __restrict__ y, int M, int N, int K, int groups, int group_shift,
          int zero_const
@@ -119,13 +150,21 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #if CORR_RANK
     // blocks [0, K / 256) compute t = x A^T; the others own 16 rows each, as without a correction, and wait for t
-    // (the t blocks come first, so they are running or done by then) before adding t B^T to their rows
+    // (the t blocks come first, so they are running or done by then) before adding t B^T to their rows, with
+    // their rows of B copied to shared memory while the codes stream, and t too once it is complete
+    __shared__ __align__(16) u16 b_rows[16][CORR_RANK];
+    __shared__ __align__(16) float t_rows[8][CORR_RANK];
     const int t_blocks = K / 256;
     if (blockIdx.x < t_blocks) {
         correction_rows(x, corr_a, corr_t, sync, M, K);
         return;
     }
     const int block = blockIdx.x - t_blocks;
+    for (int i = threadIdx.x; i < 2 * CORR_RANK; i += WARPS * 32) {  // 16 rows of CORR_RANK / 8 pieces of 16 bytes
+        const int row = i / (CORR_RANK / 8), col = 8 * (i % (CORR_RANK / 8));
+        copy_async16(&b_rows[row][col], corr_b + (long)(block * 16 + row) * CORR_RANK + col);
+    }
+    copy_async_commit();
 #else
     const int block = blockIdx.x;
 #endif
@@ -179,6 +218,9 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
     partial[warp][lane][1] = acc[1];
     partial[warp][lane][2] = acc[2];
     partial[warp][lane][3] = acc[3];
+#if CORR_RANK
+    copy_async_wait();  // this thread's pieces of B are in b_rows (the barrier below shows them to warp 0)
+#endif
     __syncthreads();
     if (warp == 0) {
         float sum[4] = {0.f, 0.f, 0.f, 0.f};
@@ -193,18 +235,18 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
         const int m0 = 2 * t, m1 = 2 * t + 1;
 #if CORR_RANK
         if (lane == 0) {
-            while (atomic_load(sync) < (unsigned)t_blocks) {
-            }
+            while (atomic_load(sync) < (unsigned)t_blocks) sleep_ns(64);
         }
         asm volatile("bar.warp.sync 0xffffffff;" ::: "memory");
         fence();
+        for (int i = lane; i < M * CORR_RANK; i += 32) t_rows[i / CORR_RANK][i % CORR_RANK] = load_cg(corr_t + i);
+        asm volatile("bar.warp.sync 0xffffffff;" ::: "memory");
         const int ma = m0 < M ? m0 : M - 1, mb = m1 < M ? m1 : M - 1;
-        const u16 *bg = corr_b + (long)row_g * CORR_RANK, *bh = corr_b + (long)row_h * CORR_RANK;
-        const float *ta = corr_t + ma * CORR_RANK, *tb = corr_t + mb * CORR_RANK;
-#pragma unroll
+#pragma unroll 4
         for (int r = 0; r < CORR_RANK; r += 8) {  // 8 of B's values (16 bytes) and of each token's t at a time
-            const uint4 gv = *(const uint4*)(bg + r), hv = *(const uint4*)(bh + r);
-            const float4 a0 = load_cg4(ta + r), a1 = load_cg4(ta + r + 4), b0 = load_cg4(tb + r), b1 = load_cg4(tb + r + 4);
+            const uint4 gv = *(const uint4*)&b_rows[g][r], hv = *(const uint4*)&b_rows[g + 8][r];
+            const float4 a0 = *(const float4*)&t_rows[ma][r], a1 = *(const float4*)&t_rows[ma][r + 4];
+            const float4 b0 = *(const float4*)&t_rows[mb][r], b1 = *(const float4*)&t_rows[mb][r + 4];
             const unsigned gw[4] = {gv.x, gv.y, gv.z, gv.w}, hw[4] = {hv.x, hv.y, hv.z, hv.w};
             const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
             const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};

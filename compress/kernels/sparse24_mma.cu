@@ -5,7 +5,10 @@
 // 32-bit words: a run's two column indices (0-3, increasing) in a nibble, bits 0-1 the first, eight runs a word.
 //
 // Compiled at run time by NVRTC (compress/kernels/cuda_int4.py) behind mma.cuh, with IS_BF16, HAS_ZERO, WARPS and
-// CODES defined.
+// CODES defined, and MIN_BLOCKS where a caller caps the registers: above 1 it asks the compiler for few enough that
+// an SM holds that many blocks (32 / WARPS: at most 64 a thread, 32 warps an SM, as int4_mma.cu has without a bound;
+// compiled for sm_90 without one this kernel takes 64-74 at 16-bit values and 60-72 at 4-bit codes, which leaves
+// 16-28 warps an SM at 4 and 16 warps a block).
 //
 // The layout of the work is int4_mma.cu's: a block owns 16 output rows, its warps take turns over the rows' chunks
 // of 128 columns, lane (g, t) takes 32 columns (eight runs) of rows g and g + 8 and the same columns of token g's
@@ -16,6 +19,11 @@
 
 #ifndef CODES
 #define CODES 0
+#endif
+#if defined(MIN_BLOCKS) && MIN_BLOCKS > 1  // (a bound of 1 block, spelt out, changes nvcc's allocation: 68 -> 87)
+#define BOUNDS __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+#else
+#define BOUNDS __launch_bounds__(WARPS * 32)
 #endif
 
 __device__ __forceinline__ unsigned load_stream1(const unsigned* p) {
@@ -57,7 +65,7 @@ __device__ __forceinline__ unsigned code_pair(uint2 c, int r, unsigned zero) {
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void BOUNDS
 sparse24_mma(const u16* __restrict__ x, const u8* __restrict__ w, const unsigned* __restrict__ meta,
              const u16* __restrict__ scales, const u8* __restrict__ zeros, u16* __restrict__ y, int M, int N, int K,
              int groups, int group_shift, int zero_const) {
