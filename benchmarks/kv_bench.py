@@ -43,10 +43,10 @@ import torch
 from benchmarks.bench import random_model
 
 
-def _scheme(text: str):
+def _scheme(text: str, residual: int = 128):
     """``int4:32`` (name, group size) -> KVScheme; ``bf16`` -> None (transformers' own cache; ``bf16+attn``: the
     same, attended by compress's kernel, which the run turns on for it); ``quanto:4`` or ``hqq:4`` -> (backend,
-    bits) of transformers' QuantizedCache (group 64, residual 128), eager only."""
+    bits) of transformers' QuantizedCache (group 64, its default axes: keys and values per token), eager only."""
     from compress.kv import KVScheme
 
     if text in ("bf16", "bf16+attn"):
@@ -54,10 +54,10 @@ def _scheme(text: str):
     name, _, group = text.partition(":")
     if name in ("quanto", "hqq"):
         return name, int(group or 4)
-    return KVScheme.named(name, int(group or 64))
+    return KVScheme.named(name, int(group or 64), residual)
 
 
-def _cache(model, scheme):
+def _cache(model, scheme, residual: int = 128):
     from transformers import DynamicCache
     from transformers import QuantizedCache as TransformersQuantizedCache
 
@@ -66,14 +66,15 @@ def _cache(model, scheme):
     if scheme is None:
         return DynamicCache(config=model.config)
     if isinstance(scheme, tuple):
-        return TransformersQuantizedCache(scheme[0], model.config, nbits=scheme[1], q_group_size=64, residual_length=128)
+        return TransformersQuantizedCache(scheme[0], model.config, nbits=scheme[1], q_group_size=64,
+                                          residual_length=residual)
     return QuantizedCache(model.config, scheme=scheme)
 
 
 def quality(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from compress.eval.perplexity import Protocol, perplexity
+    from compress.eval.perplexity import Protocol, perplexity, windows
     from compress.eval.spec import KVCacheSpec
 
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
@@ -81,22 +82,54 @@ def quality(args: argparse.Namespace) -> None:
     protocol = Protocol(seq_len=args.seq_len, max_tokens=args.windows * args.seq_len, text=args.valid)
     plain = perplexity(model, ids, protocol, batch_size=args.batch, progress=False).perplexity
     print(f"{args.model} {args.dtype} on {args.device}, first {args.windows} windows of {args.seq_len}, prefill "
-          f"{args.prefill}, residual {args.residual}")
+          f"{args.prefill}, residual {args.residual}; bytes a token: the cache's after a batch's last window")
     print(f"plain forward (no cache): {plain:.4f}")
+    count = windows(ids, protocol, None)[0].shape[0]
+    last = count - args.batch * ((count - 1) // args.batch)  # windows in the last batch, whose cache is counted
+    steps = KVCacheSpec(scheme="int8", residual=args.residual, prefill=args.prefill)  # the prefill, for every cache
     full = None
-    for text in args.schemes.split(","):
-        scheme = _scheme(text)
-        spec = KVCacheSpec(scheme=scheme.name, group_size=scheme.group_size, residual=args.residual,
-                           prefill=args.prefill)
-        if full is None:
-            start = time.perf_counter()
-            full = perplexity(model, ids, protocol, batch_size=args.batch, progress=False, kv=spec,
-                              quantized=False).perplexity
-            print(f"full-precision cache: {full:.4f} ({time.perf_counter() - start:.0f} s)")
+    for text in ["bf16"] + args.schemes.split(","):
+        scheme, made = _scheme(text, args.residual), []
+
+        def new_cache():
+            made.append(_cache(model, scheme, args.residual))
+            return made[-1]
+
         start = time.perf_counter()
-        ppl = perplexity(model, ids, protocol, batch_size=args.batch, progress=False, kv=spec).perplexity
-        print(f"{spec.describe()}: {ppl:.4f} ({ppl / full - 1:+.3%} vs the full-precision cache; "
-              f"{time.perf_counter() - start:.0f} s)")
+        ppl = perplexity(model, ids, protocol, batch_size=args.batch, progress=False, kv=steps,
+                         new_cache=new_cache).perplexity
+        held = _held_bytes(made[-1]) / (last * args.seq_len)
+        full = full or (ppl, held)
+        name = "full-precision cache" if scheme is None else _describe(scheme, args.residual)
+        print(f"{name}: {ppl:.4f} ({ppl / full[0] - 1:+.3%}), {held:.0f} bytes a token ({held / full[1]:.3f}x); "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+
+
+def _describe(scheme, residual: int) -> str:
+    if isinstance(scheme, tuple):
+        return f"transformers QuantizedCache {scheme[0]} {scheme[1]}-bit (group 64, residual {residual})"
+    layout = "" if scheme.name == "fp8" else f" group {scheme.group_size}, residual {scheme.residual}"
+    return f"compress {scheme.name}{layout}"
+
+
+def _held_bytes(cache) -> int:
+    """Bytes of the tensors ``cache`` holds: its own count where it keeps one, else every tensor its layers hold
+    (packed ones through their inner tensors: quanto's, HQQ's codes and scales)."""
+    if hasattr(cache, "stored_bytes"):
+        return cache.stored_bytes()
+
+    def count(x) -> int:
+        if isinstance(x, (tuple, list)):
+            return sum(count(y) for y in x)
+        if isinstance(x, dict):
+            return sum(count(y) for y in x.values())
+        if not torch.is_tensor(x):
+            return 0
+        if type(x) is not torch.Tensor and hasattr(x, "__tensor_flatten__"):
+            return sum(count(getattr(x, name)) for name in x.__tensor_flatten__()[0])
+        return x.nbytes
+
+    return sum(count(vars(layer)) for layer in cache.layers)
 
 
 #: Tokens a prefill chunk holds over the whole batch: 16,384 keep a Llama-3-8B shape's MLP activations near 0.5 GiB.
@@ -130,11 +163,7 @@ def _time_steps(model, scheme, prompt: torch.Tensor, steps: int, repeats: int) -
                 token = model(input_ids=token, use_cache=True, **{key: cache}).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
         times.append((time.perf_counter() - start) / steps)
-    if hasattr(cache, "stored_bytes"):
-        held = cache.stored_bytes()
-    else:  # transformers' caches: their layers' tensors (a quantized one's packed tensors too, where it has them)
-        held = sum(t.nbytes for layer in cache.layers for t in vars(layer).values() if torch.is_tensor(t))
-    return statistics.median(times), held
+    return statistics.median(times), _held_bytes(cache)
 
 
 def _time_attention(scheme, context: int, heads: int, kv_heads: int, head_dim: int, repeats: int,

@@ -15,7 +15,9 @@ keys and values as the cache stored them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -24,6 +26,9 @@ from tqdm.auto import tqdm
 
 from compress.errors import DataError
 from compress.eval.spec import KVCacheSpec
+
+if TYPE_CHECKING:
+    from transformers import Cache
 
 
 @dataclass(frozen=True)
@@ -101,17 +106,19 @@ def windows(ids: torch.Tensor, protocol: Protocol, bos_id: int | None) -> tuple[
 @torch.no_grad()
 def perplexity(model: nn.Module, ids: torch.Tensor, protocol: Protocol, bos_id: int | None = None,
                batch_size: int = 8, device: torch.device | str | None = None, progress: bool = True,
-               kv: KVCacheSpec | None = None, quantized: bool = True) -> PerplexityResult:
+               kv: KVCacheSpec | None = None, quantized: bool = True,
+               new_cache: Callable[[], Cache] | None = None) -> PerplexityResult:
     """Perplexity of ``model`` on the 1-D token tensor ``ids`` under ``protocol``. With ``kv`` (which
     ``protocol.kv_cache`` must then describe), through a KV cache as generation runs: quantized as ``kv`` says, or
-    in full precision (transformers' own cache, in the same steps) without ``quantized``."""
+    in full precision (transformers' own cache, in the same steps) without ``quantized``, or made by ``new_cache``
+    for each batch (another library's cache, in the same steps: ``kv`` then gives only the prefill)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     wins, scored = windows(ids, protocol, bos_id)
     nll_sum, count = 0.0, 0
     for start in tqdm(range(0, wins.shape[0], batch_size), desc="perplexity", unit="batch", disable=not progress or None):
         batch = wins[start : start + batch_size].to(device)
         keep = scored[start : start + batch_size]
-        nll = _token_nll(model, batch) if kv is None else _token_nll_cached(model, batch, kv, quantized)
+        nll = _token_nll(model, batch) if kv is None else _token_nll_cached(model, batch, kv, quantized, new_cache)
         for row in range(batch.shape[0]):
             n = int(keep[row])
             nll_sum += nll[row, -n:].sum().item()
@@ -126,23 +133,29 @@ def _token_nll(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
                         for row in range(batch.shape[0])])
 
 
-def _token_nll_cached(model: nn.Module, batch: torch.Tensor, kv: KVCacheSpec, quantized: bool) -> torch.Tensor:
+def _token_nll_cached(model: nn.Module, batch: torch.Tensor, kv: KVCacheSpec, quantized: bool,
+                      new_cache: Callable[[], Cache] | None) -> torch.Tensor:
     """:func:`_token_nll` through a KV cache (:func:`cached_logits`)."""
-    logits = cached_logits(model, batch, kv, quantized)[:, :-1].float()
+    logits = cached_logits(model, batch, kv, quantized, new_cache)[:, :-1].float()
     return F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none").view_as(batch[:, 1:])
 
 
-def cached_logits(model: nn.Module, batch: torch.Tensor, kv: KVCacheSpec, quantized: bool = True) -> torch.Tensor:
+def cached_logits(model: nn.Module, batch: torch.Tensor, kv: KVCacheSpec, quantized: bool = True,
+                  new_cache: Callable[[], Cache] | None = None) -> torch.Tensor:
     """The logits [B, L, vocab] of ``batch`` [B, L] computed as generation does, through a KV cache quantized as
-    ``kv`` says (or in full precision, transformers' own cache, without ``quantized``): the first ``kv.prefill``
-    tokens at once, then one a step."""
+    ``kv`` says (or in full precision, transformers' own cache, without ``quantized``; or ``new_cache()``'s): the
+    first ``kv.prefill`` tokens at once, then one a step."""
     from transformers import DynamicCache
 
     from compress.eval.speed import cache_keyword
     from compress.kv import KVScheme, QuantizedCache
 
-    scheme = KVScheme.named(kv.scheme, kv.group_size, kv.residual)
-    cache = QuantizedCache(model.config, scheme=scheme) if quantized else DynamicCache(config=model.config)
+    if new_cache is not None:
+        cache = new_cache()
+    elif quantized:
+        cache = QuantizedCache(model.config, scheme=KVScheme.named(kv.scheme, kv.group_size, kv.residual))
+    else:
+        cache = DynamicCache(config=model.config)
     prefill = min(kv.prefill, batch.shape[1] - 1)
     steps = [batch[:, :prefill]] + list(batch[:, prefill:].split(1, dim=1))
     return torch.cat([model(input_ids=step, use_cache=True, **{cache_keyword(model): cache}).logits

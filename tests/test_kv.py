@@ -246,6 +246,14 @@ def test_perplexity_through_a_full_precision_cache_equals_the_plain_forwards(tmp
     int8 = perplexity(model, ids, protocol, progress=False, kv=spec).perplexity
     assert abs(full / plain - 1) < 1e-5
     assert abs(int8 / plain - 1) < 5e-3
+    made = []  # a cache of the caller's (another library's), made for each batch, in the same steps
+
+    def new_cache():
+        made.append(QuantizedCache(model.config, scheme=KVScheme("int", 8, 16, 16)))
+        return made[-1]
+
+    theirs = perplexity(model, ids, protocol, progress=False, kv=spec, new_cache=new_cache).perplexity
+    assert theirs == int8 and len(made) == 3  # 23 windows, 8 a batch
 
 
 def test_compress_eval_reports_the_cache(tiny_dirs, tmp_path) -> None:
