@@ -63,7 +63,7 @@ def main() -> None:
     from compress.formats.fp8 import Fp8Linear
     from compress.formats.integer import IntLinear
     from compress.formats.sparse import Sparse24IntLinear, Sparse24Linear
-    from compress.kernels import cuda_int4, gemv, sparse24
+    from compress.kernels import cuda_8bit, cuda_int4, gemv, sparse24
     from compress.sparsity import nm_mask
 
     bw = copy_bandwidth()
@@ -117,6 +117,9 @@ def main() -> None:
                     "fp8 tensor-core kernel": (lambda: gemv.dot_8bit(x, *fp8_args), n * k),
                     "int8 inductor fused": (lambda: fused(x, layer8.qweight), n * k),
                 })
+                if m <= cuda_int4.MAX_TOKENS:  # the CUDA 8-bit kernel (not yet the op's: COMPRESS_CUDA_8BIT=1)
+                    kernels["int8 cuda 8-bit kernel"] = (lambda: cuda_8bit.byte_mma(x, *int8_args), n * k)
+                    kernels["fp8 cuda 8-bit kernel"] = (lambda: cuda_8bit.byte_mma(x, *fp8_args), n * k)
             if m <= sparse24.MAX_TOKENS:  # bytes: kept values (or codes) and their positions; the op's choice
                 kernels["sparse24 gemv"] = (lambda: sparse24.gemv_24(x, sp24.values, sp24.meta), n * k * 9 // 8)
                 kernels["sparse24-int4 gemv"] = (lambda: sparse24.gemv_24_int4(

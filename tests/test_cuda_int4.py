@@ -1,5 +1,6 @@
-"""What the CUDA 4-bit decode kernel (compress/kernels/int4_mma.cu) is given, decided on any machine: which calls
-it takes, its block size, and its fallback. The kernel's numbers are checked on a GPU (tests/test_kernels_gpu.py)."""
+"""What the CUDA decode kernels (compress/kernels/*.cu) are given, decided on any machine: which calls they take,
+their block size, their fallback, and what they compile to for an H100. Their numbers are checked on a GPU
+(tests/test_kernels_gpu.py)."""
 
 from __future__ import annotations
 
@@ -148,3 +149,31 @@ def test_the_24_kernel_compiles_with_and_without_a_register_cap(codes: int) -> N
         assert capped["registers"] <= 64 and free["registers"] > 0
         if codes:
             assert capped["spilled"] == 0
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_the_8bit_kernel_compiles_for_sm90_within_64_registers(kind: int) -> None:
+    """The 8-bit kernel (int8, uint8 with zero points, E4M3) at each block size and 16-bit type, scales in that
+    type or float32: at most 64 registers a thread (32 warps an SM), nothing spilled."""
+    for warps in (1, 4, 8, 16):
+        for bf16 in (1, 0):
+            for f32 in (0, 1):
+                report = _compiled_for_sm90("byte_mma.cu", "byte_mma", IS_BF16=bf16, WARPS=warps, KIND=kind,
+                                            SCALE_F32=f32)
+                assert report["registers"] <= 64 and report["spilled"] == 0, (warps, bf16, f32, report)
+
+
+def test_the_8bit_kernel_waits_to_be_turned_on(monkeypatch) -> None:
+    """Not yet run on a GPU: taken only with COMPRESS_CUDA_8BIT=1 (and never for CPU tensors)."""
+    from compress.kernels import cuda_8bit
+
+    x, w, s = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(16, 64, dtype=torch.int8), torch.ones(16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(cuda_int4, "usable", lambda device: True)
+    assert not cuda_8bit.applies(x, w, s, None, 0)
+    monkeypatch.setenv("COMPRESS_CUDA_8BIT", "1")
+    assert cuda_8bit.applies(x, w, s, None, 0)
+    assert not cuda_8bit.applies(torch.zeros(9, 64, dtype=torch.bfloat16), w, s, None, 0)  # 9 tokens
+    assert not cuda_8bit.applies(torch.zeros(1, 96, dtype=torch.bfloat16), torch.zeros(16, 96, dtype=torch.int8), s,
+                                 None, 0)  # K not a multiple of 64
+    assert not cuda_8bit.applies(x, w[:8], s[:8], None, 0)  # N not a multiple of 16

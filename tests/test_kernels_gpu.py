@@ -433,3 +433,37 @@ def test_corrected_layers_decode_compiled(monkeypatch) -> None:
         for _ in range(3):
             out = compiled(ids).logits
     assert rel(out, eager) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["int8", "uint8", "fp8-channel", "fp8-tensor"])
+@pytest.mark.parametrize("out_f, in_f", [(16, 64), (4096, 4096), (14336, 4096), (4096, 14336), (1040, 1088)])
+def test_cuda_8bit_kernel_matches_reference(out_f, in_f, kind, dtype, monkeypatch) -> None:
+    """The CUDA 8-bit kernel (turned on by COMPRESS_CUDA_8BIT=1) against the dequantized weight, at 1-8 tokens and
+    every block size: int8 (absmax) and uint8 with zero points per channel, E4M3 with a scale a channel or one for
+    the tensor (subnormal codes included: the weights span 2**-12 to 2**2 of the scale)."""
+    from compress.formats.fp8 import Fp8Linear
+    from compress.kernels import cuda_8bit, gemv
+
+    monkeypatch.setenv("COMPRESS_CUDA_8BIT", "1")
+    g = torch.Generator(device="cuda").manual_seed(out_f + in_f)
+    w = torch.randn(out_f, in_f, device="cuda", generator=g) * torch.logspace(-12, 2, in_f, 2, device="cuda") * 1e-3
+    if kind.startswith("fp8"):
+        layer = Fp8Linear.from_weight(w, None, kind == "fp8-channel", "none", dtype)
+        weight, scales = layer.weight_fp8, layer.weight_scale.view(-1).expand(out_f).contiguous()
+        zeros = None
+    else:
+        layer = IntLinear.from_weight(w, None, IntScheme(8, kind == "int8", "channel", None), dtype)
+        weight, scales, zeros = layer.qweight, layer.scales, layer.zeros
+    reference = layer.dequantized_weight(torch.float32)
+    args = gemv.kernel_args_8bit(weight, scales, zeros)
+    for tokens in range(1, 9):
+        x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=dtype)
+        assert cuda_8bit.applies(x, *args)
+        want = x.float() @ reference.t()
+        for warps in (1, 4, 16):
+            y = cuda_8bit.byte_mma(x, *args, warps=warps)
+            assert rel(y, want) <= 5e-3, (tokens, warps, rel(y, want))
+        assert rel(gemv.gemv_8bit(x, weight, scales, zeros), want) <= 5e-3  # the op takes it
+    monkeypatch.setenv("COMPRESS_CUDA_8BIT", "0")
+    assert not cuda_8bit.applies(x, *args)

@@ -49,7 +49,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from compress.kernels import cuda_int4
+from compress.kernels import cuda_8bit, cuda_int4
 
 try:
     import triton
@@ -475,9 +475,11 @@ def gemv_8bit(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros
     w[n, k] = (weight[n, k] - zero[n]) * scale[n].
     """
     x = x.contiguous()
+    args = kernel_args_8bit(weight, scales, zeros)
+    if cuda_8bit.applies(x, *args):
+        return cuda_8bit.byte_mma(x, *args)
     takes = takes_dot(x.shape[0], weight.shape[0] * x.shape[1], x.dtype, DOT_MIN_TOKENS_8BIT)
-    path = dot_8bit if takes else one_token_8bit
-    return path(x, *kernel_args_8bit(weight, scales, zeros))
+    return (dot_8bit if takes else one_token_8bit)(x, *args)
 
 
 def kernel_args_8bit(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> tuple:
