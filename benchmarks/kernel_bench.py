@@ -134,6 +134,16 @@ def main() -> None:
                             lambda warps=warps, blocks=uncapped: sparse24.sparse24_mma(
                                 x, sp24i.qweight, sp24i.meta, sp24i.scales, None, 128, 8.0, warps, blocks),
                             n * k * 3 // 8)
+            # prefill sizes: cuSPARSELt's 2:4 matmul timed as graph replays, without the plan PyTorch sets up at every
+            # eager call (2026-12-06's one-off script timed eager calls: about 1.0 ms at 512 and 4096 tokens alike)
+            if m >= 16 and torch.backends.cusparselt.is_available():
+                packed = torch._cslt_compress((w * keep).to(torch.bfloat16))
+                try:
+                    alg = torch._cslt_sparse_mm_search(packed, x.t())
+                except RuntimeError:
+                    alg = 0
+                kernels["sparse24 cusparselt"] = (lambda packed=packed, alg=alg: torch._cslt_sparse_mm(
+                    packed, x.t(), alg_id=alg, transpose_result=True), n * k * 9 // 8)
             kernels["sparse24 decompress+cublas"] = (
                 lambda: F.linear(x, sparse24.decompress_24(sp24.values, sp24.meta, k)), n * k * 9 // 8)
             kernels["int4 dequant+cublas"] = (lambda: F.linear(x, layer4.dequantized_weight(torch.bfloat16)),
