@@ -134,8 +134,9 @@ def main() -> None:
                             lambda warps=warps, blocks=uncapped: sparse24.sparse24_mma(
                                 x, sp24i.qweight, sp24i.meta, sp24i.scales, None, 128, 8.0, warps, blocks),
                             n * k * 3 // 8)
-            # prefill sizes: cuSPARSELt's 2:4 matmul timed as graph replays, without the plan PyTorch sets up at every
-            # eager call (2026-12-06's one-off script timed eager calls: about 1.0 ms at 512 and 4096 tokens alike)
+            # prefill sizes: cuSPARSELt's 2:4 matmul timed as graph replays (2026-12-06's one-off script timed eager
+            # calls: about 1.0 ms at 512 and 4096 tokens alike, as if a fixed cost, such as PyTorch setting up
+            # cuSPARSELt's plan at every call, hid the matmul)
             if m >= 16 and torch.backends.cusparselt.is_available():
                 packed = torch._cslt_compress((w * keep).to(torch.bfloat16))
                 try:
