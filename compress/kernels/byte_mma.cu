@@ -134,30 +134,11 @@ byte_mma(const u16* __restrict__ x, const u8* __restrict__ q, const scale_t* __r
         wg = ng;
         wh = nh;
     }
-    partial[warp][lane][0] = d[0];
-    partial[warp][lane][1] = d[1];
-    partial[warp][lane][2] = d[2];
-    partial[warp][lane][3] = d[3];
+    share_sums(partial, d);
     __syncthreads();
     if (warp == 0) {
         float sum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            sum[0] += partial[w][lane][0];
-            sum[1] += partial[w][lane][1];
-            sum[2] += partial[w][lane][2];
-            sum[3] += partial[w][lane][3];
-        }
-        // d0, d1: row g, tokens 2t and 2t + 1; d2, d3: row g + 8, the same tokens
-        const float sg = scale_value(scales + row_g), sh = scale_value(scales + row_h);
-        const int m0 = 2 * t, m1 = 2 * t + 1;
-        if (m0 < M) {
-            y[(long)m0 * N + row_g] = to16(sum[0] * sg);
-            y[(long)m0 * N + row_h] = to16(sum[2] * sh);
-        }
-        if (m1 < M) {
-            y[(long)m1 * N + row_g] = to16(sum[1] * sg);
-            y[(long)m1 * N + row_h] = to16(sum[3] * sh);
-        }
+        add_shared(partial, sum);
+        store_rows(y, sum, scale_value(scales + row_g), scale_value(scales + row_h), M, N, row_g, row_h);
     }
 }

@@ -214,26 +214,16 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
         wg = ng;
         wh = nh;
     }
-    partial[warp][lane][0] = acc[0];
-    partial[warp][lane][1] = acc[1];
-    partial[warp][lane][2] = acc[2];
-    partial[warp][lane][3] = acc[3];
+    share_sums(partial, acc);
 #if CORR_RANK
     copy_async_wait();  // this thread's pieces of B are in b_rows (the barrier below shows them to warp 0)
 #endif
     __syncthreads();
     if (warp == 0) {
         float sum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int w = 0; w < WARPS; ++w) {
-            sum[0] += partial[w][lane][0];
-            sum[1] += partial[w][lane][1];
-            sum[2] += partial[w][lane][2];
-            sum[3] += partial[w][lane][3];
-        }
-        // d0, d1: row g, tokens 2t and 2t + 1; d2, d3: row g + 8, the same tokens
-        const int m0 = 2 * t, m1 = 2 * t + 1;
+        add_shared(partial, sum);
 #if CORR_RANK
+        const int m0 = 2 * t, m1 = 2 * t + 1;  // sum[0], sum[1]: row g, tokens m0, m1; sum[2], sum[3]: row g + 8
         if (lane == 0) {
             while (atomic_load(sync) < (unsigned)t_blocks) sleep_ns(64);
         }
@@ -267,13 +257,6 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
             }
         }
 #endif
-        if (m0 < M) {
-            y[(long)m0 * N + row_g] = to16(sum[0]);
-            y[(long)m0 * N + row_h] = to16(sum[2]);
-        }
-        if (m1 < M) {
-            y[(long)m1 * N + row_g] = to16(sum[1]);
-            y[(long)m1 * N + row_h] = to16(sum[3]);
-        }
+        store_rows(y, sum, 1.f, 1.f, M, N, row_g, row_h);
     }
 }

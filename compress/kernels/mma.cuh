@@ -86,3 +86,38 @@ __device__ __forceinline__ u16 to16(float f) {
 
 // -(BASE + zero) in both halves
 __device__ __forceinline__ unsigned neg_base_zero(unsigned z) { return (BASE | (z * 0x00010001u)) ^ 0x80008000u; }
+
+// A block's sums, lane (g, t) of each warp holding four as an mma's d (rows g and g + 8, tokens 2t and 2t + 1):
+// share_sums puts a warp's in shared memory ``partial`` [WARPS][32][4]; after the caller's __syncthreads,
+// add_shared gives warp 0 their sum over the warps, and store_rows writes it to y [M, N] times each row's scale.
+__device__ __forceinline__ void share_sums(float (*partial)[32][4], const float* acc) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    partial[warp][lane][0] = acc[0];
+    partial[warp][lane][1] = acc[1];
+    partial[warp][lane][2] = acc[2];
+    partial[warp][lane][3] = acc[3];
+}
+
+__device__ __forceinline__ void add_shared(float (*partial)[32][4], float* sum) {
+    const int lane = threadIdx.x % 32;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+        sum[0] += partial[w][lane][0];
+        sum[1] += partial[w][lane][1];
+        sum[2] += partial[w][lane][2];
+        sum[3] += partial[w][lane][3];
+    }
+}
+
+__device__ __forceinline__ void store_rows(u16* __restrict__ y, const float* sum, float sg, float sh, int M, int N,
+                                           int row_g, int row_h) {
+    const int m0 = 2 * (threadIdx.x % 4), m1 = m0 + 1;
+    if (m0 < M) {
+        y[(long)m0 * N + row_g] = to16(sum[0] * sg);
+        y[(long)m0 * N + row_h] = to16(sum[2] * sh);
+    }
+    if (m1 < M) {
+        y[(long)m1 * N + row_g] = to16(sum[1] * sg);
+        y[(long)m1 * N + row_h] = to16(sum[3] * sh);
+    }
+}

@@ -178,29 +178,11 @@ sparse24_mma(const u16* __restrict__ x, const u8* __restrict__ w, const unsigned
         pos_g = npos_g;
         pos_h = npos_h;
     }
-    partial[warp][lane][0] = acc[0];
-    partial[warp][lane][1] = acc[1];
-    partial[warp][lane][2] = acc[2];
-    partial[warp][lane][3] = acc[3];
+    share_sums(partial, acc);
     __syncthreads();
     if (warp == 0) {
         float sum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int v = 0; v < WARPS; ++v) {
-            sum[0] += partial[v][lane][0];
-            sum[1] += partial[v][lane][1];
-            sum[2] += partial[v][lane][2];
-            sum[3] += partial[v][lane][3];
-        }
-        // d0, d1: row g, tokens 2t and 2t + 1; d2, d3: row g + 8, the same tokens
-        const int m0 = 2 * t, m1 = 2 * t + 1;
-        if (m0 < M) {
-            y[(long)m0 * N + row_g] = to16(sum[0]);
-            y[(long)m0 * N + row_h] = to16(sum[2]);
-        }
-        if (m1 < M) {
-            y[(long)m1 * N + row_g] = to16(sum[1]);
-            y[(long)m1 * N + row_h] = to16(sum[3]);
-        }
+        add_shared(partial, sum);
+        store_rows(y, sum, 1.f, 1.f, M, N, row_g, row_h);
     }
 }
