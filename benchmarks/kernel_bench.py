@@ -99,9 +99,11 @@ def main() -> None:
             if m <= gemv.DOT_MAX_TILE:  # the tensor-core kernel, also where the op does not send calls to it yet
                 kernels["int4 tensor-core kernel"] = (lambda: gemv.dot_int4(x, *int4_args), n * k // 2)
             if m <= cuda_int4.MAX_TOKENS:  # the CUDA kernel at each block size, and with a rank-32 correction
-                for warps in (4, 8, 16):
-                    kernels[f"int4 cuda {warps} warps"] = (
-                        lambda warps=warps: cuda_int4.int4_mma(x, *int4_args, warps=warps), n * k // 2)
+                for warps in (4, 8, 16):  # and with 2 or 3 chunks of codes loaded ahead of the one computed
+                    for ahead in (1, 2, 3):
+                        kernels[f"int4 cuda {warps} warps" + (f" {ahead} ahead" if ahead > 1 else "")] = (
+                            lambda warps=warps, ahead=ahead: cuda_int4.int4_mma(x, *int4_args, warps=warps,
+                                                                                ahead=ahead), n * k // 2)
                 pair = (A32[:, :k].contiguous(), B32[:n].contiguous(), cuda_int4.correction_scratch(32, "cuda"))
                 kernels["int4 cuda + rank-32 pair"] = (lambda pair=pair: cuda_int4.int4_mma(
                     x, *int4_args, correction=pair), n * k // 2 + 2 * 32 * (n + k))

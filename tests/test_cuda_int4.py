@@ -137,6 +137,15 @@ def test_the_correction_keeps_the_kernel_at_32_warps_an_sm(warps: int) -> None:
             assert corrected["registers"] <= 64 and corrected["spilled"] == 0, (rank, bf16, zero, corrected)
 
 
+def test_codes_loaded_further_ahead_fit_the_registers() -> None:
+    """The 4-bit kernel with 2 or 3 chunks of codes in flight beyond the one computed (kernel_bench's variants):
+    nothing spilled, at most 68 registers (28 warps an SM at 68, 32 at 64)."""
+    for ahead in (2, 3):
+        for warps in (4, 8, 16):
+            report = _compiled_for_sm90("int4_mma.cu", "int4_mma", IS_BF16=1, HAS_ZERO=0, WARPS=warps, AHEAD=ahead)
+            assert report["registers"] <= 68 and report["spilled"] == 0, (ahead, warps, report)
+
+
 @pytest.mark.parametrize("codes", [0, 1])
 def test_the_24_kernel_compiles_with_and_without_a_register_cap(codes: int) -> None:
     """The 2:4 kernel compiled for sm_90 at each block size: as it runs by default (64-74 registers), and with

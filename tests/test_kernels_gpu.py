@@ -240,7 +240,8 @@ def test_every_tile_config_matches_reference(kernel_name, tokens, monkeypatch) -
 @pytest.mark.parametrize("bits, symmetric, group", [(4, True, 128), (4, False, 128), (3, False, 256), (4, True, None)])
 @pytest.mark.parametrize("out_f, in_f", [(16, 128), (4096, 4096), (6144, 4096), (4096, 14336), (1040, 1152)])
 def test_cuda_int4_kernel_matches_reference(out_f, in_f, bits, symmetric, group, dtype) -> None:
-    """The CUDA kernel (compress/kernels/int4_mma.cu) at every block size and token count it takes."""
+    """The CUDA kernel (compress/kernels/int4_mma.cu) at every block size and token count it takes, and with 2 or 3
+    chunks of codes loaded ahead (kernel_bench's variants)."""
     from compress.kernels import cuda_int4
 
     if group and in_f % group:
@@ -255,10 +256,11 @@ def test_cuda_int4_kernel_matches_reference(out_f, in_f, bits, symmetric, group,
         x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=dtype)
         assert cuda_int4.applies(x, layer.qweight, layer.scales, size)
         want = x.float() @ reference.t()
-        for warps in (1, 2, 4, 8, 16):
-            y = cuda_int4.int4_mma(x, layer.qweight, layer.scales, layer.zeros, size, layer.int_scheme.sym_zero, warps)
-            assert y.dtype == dtype and torch.isfinite(y).all(), (tokens, warps)
-            assert rel(y, want) <= 1e-2, (tokens, warps, rel(y, want))
+        for warps, ahead in [(1, 1), (2, 1), (4, 1), (8, 1), (16, 1), (1, 3), (4, 2), (16, 3)]:
+            y = cuda_int4.int4_mma(x, layer.qweight, layer.scales, layer.zeros, size, layer.int_scheme.sym_zero, warps,
+                                   ahead=ahead)
+            assert y.dtype == dtype and torch.isfinite(y).all(), (tokens, warps, ahead)
+            assert rel(y, want) <= 1e-2, (tokens, warps, ahead, rel(y, want))
 
 
 def test_cuda_int4_kernel_is_taken_only_where_it_applies() -> None:

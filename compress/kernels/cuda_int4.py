@@ -86,10 +86,12 @@ def correction_scratch(rank: int, device: torch.device | str) -> torch.Tensor:
 
 def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              group_size: int, zero_const: float, warps: int | None = None,
-             correction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+             correction: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+             ahead: int = 1) -> torch.Tensor:
     """``x`` [M, K] (contiguous, 1-8 tokens) times the 4-bit weight: [M, N] in ``x``'s dtype; arguments as
     :func:`compress.kernels.gemv.gemv_int4` (check :func:`applies` first). ``warps`` overrides the block's
-    warps (1, 2, 4, 8 or 16; for benchmarks).
+    warps (1, 2, 4, 8 or 16) and ``ahead`` the chunks of codes a warp loads ahead of the one it computes (for
+    benchmarks: 1 is what the kernel was measured with; compiled for sm_90, 2 and 3 take 61-68 registers).
 
     With ``correction`` = (A [R, K], B [N, R], scratch), the result is x W^T + x A^T B^T in the same launch (check
     :func:`correction_applies`): its first K / 256 blocks add their slices of x A^T into ``scratch`` and count
@@ -101,7 +103,7 @@ def int4_mma(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     shift = 31 if group_size >= K else (group_size // CHUNK).bit_length() - 1
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     rank = 0 if correction is None else correction[0].shape[0]
-    kernel = _kernel(x.dtype == torch.bfloat16, zeros is not None, warps, x.device.index or 0, rank)
+    kernel = _kernel(x.dtype == torch.bfloat16, zeros is not None, warps, x.device.index or 0, rank, ahead)
     args = [x, qweight, scales.contiguous(), zeros.contiguous() if zeros is not None else qweight, y, M, N, K,
             scales.shape[1], shift, int(zero_const)]
     blocks = N // ROWS
@@ -128,9 +130,9 @@ def source(file: str) -> str:
     return kernels.joinpath("mma.cuh").read_text() + "\n" + kernels.joinpath(file).read_text()
 
 
-def _kernel(bf16: bool, has_zero: bool, warps: int, device: int, rank: int = 0):
+def _kernel(bf16: bool, has_zero: bool, warps: int, device: int, rank: int = 0, ahead: int = 1):
     return compiled("int4_mma.cu", "int4_mma", device, IS_BF16=int(bf16), HAS_ZERO=int(has_zero), WARPS=warps,
-                    CORR_RANK=rank)
+                    CORR_RANK=rank, AHEAD=ahead)
 
 
 @functools.cache

@@ -15,6 +15,9 @@
 //   activations: the same pairs of columns (s, s + 4), made by one prmt from the two words holding them.
 // A chunk's product is scaled in float32 by its group's scale (rows g and g + 8).
 
+#ifndef AHEAD
+#define AHEAD 1  // chunks of codes loaded ahead of the one computed (a benchmark's choice: kernel_bench)
+#endif
 #ifndef CORR_RANK
 #define CORR_RANK 0  // > 0: add a low-rank correction x A^T B^T (the ``corrected`` format) in the same launch
 #endif
@@ -181,15 +184,18 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 
     int c = warp;
-    uint4 wg, wh;
-    if (c < chunks) {
-        wg = load_stream(qg + 64 * c);
-        wh = load_stream(qh + 64 * c);
+    uint4 wg[AHEAD], wh[AHEAD];  // the codes of this chunk and of the AHEAD - 1 after it, in order
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a) {
+        if (c + a * WARPS < chunks) {
+            wg[a] = load_stream(qg + 64 * (c + a * WARPS));
+            wh[a] = load_stream(qh + 64 * (c + a * WARPS));
+        }
     }
     for (; c < chunks; c += WARPS) {
-        const int next = c + WARPS;
+        const int next = c + AHEAD * WARPS;
         uint4 ng, nh;
-        if (next < chunks) {  // the next chunk's codes are on their way while this one is computed
+        if (next < chunks) {  // a later chunk's codes are on their way while this one is computed
             ng = load_stream(qg + 64 * next);
             nh = load_stream(qh + 64 * next);
         }
@@ -202,17 +208,22 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
         unsigned zg = neg_base_zero(zero_const), zh = zg;
 #endif
         float d[4] = {0.f, 0.f, 0.f, 0.f};
-        word_mma(d, wg.x, wh.x, x0, zg, zh);
-        word_mma(d, wg.y, wh.y, x1, zg, zh);
-        word_mma(d, wg.z, wh.z, x2, zg, zh);
-        word_mma(d, wg.w, wh.w, x3, zg, zh);
+        word_mma(d, wg[0].x, wh[0].x, x0, zg, zh);
+        word_mma(d, wg[0].y, wh[0].y, x1, zg, zh);
+        word_mma(d, wg[0].z, wh[0].z, x2, zg, zh);
+        word_mma(d, wg[0].w, wh[0].w, x3, zg, zh);
         const float sg = scale_of(sgp + group), sh = scale_of(shp + group);
         acc[0] += d[0] * sg;
         acc[1] += d[1] * sg;
         acc[2] += d[2] * sh;
         acc[3] += d[3] * sh;
-        wg = ng;
-        wh = nh;
+#pragma unroll
+        for (int a = 0; a + 1 < AHEAD; ++a) {
+            wg[a] = wg[a + 1];
+            wh[a] = wh[a + 1];
+        }
+        wg[AHEAD - 1] = ng;
+        wh[AHEAD - 1] = nh;
     }
     share_sums(partial, acc);
 #if CORR_RANK
