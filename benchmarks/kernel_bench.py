@@ -136,6 +136,11 @@ def main() -> None:
                             lambda warps=warps, blocks=uncapped: sparse24.sparse24_mma(
                                 x, sp24i.qweight, sp24i.meta, sp24i.scales, None, 128, 8.0, warps, blocks),
                             n * k * 3 // 8)
+                    for ahead in (2, 3):  # more of the (smaller) chunks of codes and positions in flight
+                        kernels[f"sparse24-int4 cuda {warps} warps {ahead} ahead"] = (
+                            lambda warps=warps, ahead=ahead: sparse24.sparse24_mma(
+                                x, sp24i.qweight, sp24i.meta, sp24i.scales, None, 128, 8.0, warps, ahead=ahead),
+                            n * k * 3 // 8)
             # prefill sizes: cuSPARSELt's 2:4 matmul timed as graph replays (2026-12-06's one-off script timed eager
             # calls: about 1.0 ms at 512 and 4096 tokens alike, as if a fixed cost, such as PyTorch setting up
             # cuSPARSELt's plan at every call, hid the matmul)

@@ -138,12 +138,15 @@ def test_the_correction_keeps_the_kernel_at_32_warps_an_sm(warps: int) -> None:
 
 
 def test_codes_loaded_further_ahead_fit_the_registers() -> None:
-    """The 4-bit kernel with 2 or 3 chunks of codes in flight beyond the one computed (kernel_bench's variants):
-    nothing spilled, at most 68 registers (28 warps an SM at 68, 32 at 64)."""
+    """The 4-bit kernel and the 2:4 kernel over 4-bit codes with 2 or 3 chunks in flight beyond the one computed
+    (kernel_bench's variants): nothing spilled, at most 68-70 registers (28 warps an SM, 32 at 64)."""
     for ahead in (2, 3):
         for warps in (4, 8, 16):
             report = _compiled_for_sm90("int4_mma.cu", "int4_mma", IS_BF16=1, HAS_ZERO=0, WARPS=warps, AHEAD=ahead)
             assert report["registers"] <= 68 and report["spilled"] == 0, (ahead, warps, report)
+            report = _compiled_for_sm90("sparse24_mma.cu", "sparse24_mma", IS_BF16=1, HAS_ZERO=0, WARPS=warps, CODES=1,
+                                        AHEAD=ahead)
+            assert report["registers"] <= 70 and report["spilled"] == 0, (ahead, warps, report)
 
 
 @pytest.mark.parametrize("codes", [0, 1])

@@ -20,6 +20,9 @@
 #ifndef CODES
 #define CODES 0
 #endif
+#ifndef AHEAD
+#define AHEAD 1  // chunks loaded ahead of the one computed (a benchmark's choice, as in int4_mma.cu)
+#endif
 #if defined(MIN_BLOCKS) && MIN_BLOCKS > 1  // (a bound of 1 block, spelt out, changes nvcc's allocation: 68 -> 87)
 #define BOUNDS __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 #else
@@ -89,39 +92,43 @@ sparse24_mma(const u16* __restrict__ x, const u8* __restrict__ w, const unsigned
 #if HAS_ZERO
     const u8 *zgp = zeros + (long)row_g * groups, *zhp = zeros + (long)row_h * groups;
 #endif
-    uint2 cg, ch;
+    uint2 cg[AHEAD], ch[AHEAD];  // this chunk's and the AHEAD - 1 after it, in order (as the positions)
 #else
     // 32 bytes of values a lane (8 uint4 a row's chunk)
     const uint4* wg = (const uint4*)(w + (long)row_g * K) + 2 * t;
     const uint4* wh = (const uint4*)(w + (long)row_h * K) + 2 * t;
-    uint4 ag, bg, ah, bh;
+    uint4 ag[AHEAD], bg[AHEAD], ah[AHEAD], bh[AHEAD];
 #endif
     float acc[4] = {0.f, 0.f, 0.f, 0.f};
 
     int c = warp;
-    unsigned pos_g, pos_h;
-    if (c < chunks) {
-        pos_g = load_stream1(mg + 4 * c);
-        pos_h = load_stream1(mh + 4 * c);
+    unsigned pos_g[AHEAD], pos_h[AHEAD];
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a) {
+        const int cc = c + a * WARPS;
+        if (cc < chunks) {
+            pos_g[a] = load_stream1(mg + 4 * cc);
+            pos_h[a] = load_stream1(mh + 4 * cc);
 #if CODES
-        cg = load_stream2(wg + 4 * c);
-        ch = load_stream2(wh + 4 * c);
+            cg[a] = load_stream2(wg + 4 * cc);
+            ch[a] = load_stream2(wh + 4 * cc);
 #else
-        ag = load_stream(wg + 8 * c);
-        bg = load_stream(wg + 8 * c + 1);
-        ah = load_stream(wh + 8 * c);
-        bh = load_stream(wh + 8 * c + 1);
+            ag[a] = load_stream(wg + 8 * cc);
+            bg[a] = load_stream(wg + 8 * cc + 1);
+            ah[a] = load_stream(wh + 8 * cc);
+            bh[a] = load_stream(wh + 8 * cc + 1);
 #endif
+        }
     }
     for (; c < chunks; c += WARPS) {
-        const int next = c + WARPS;
+        const int next = c + AHEAD * WARPS;
         unsigned npos_g, npos_h;
 #if CODES
         uint2 ncg, nch;
 #else
         uint4 nag, nbg, nah, nbh;
 #endif
-        if (next < chunks) {  // the next chunk's weights are on their way while this one is computed
+        if (next < chunks) {  // a later chunk's weights are on their way while this one is computed
             npos_g = load_stream1(mg + 4 * next);
             npos_h = load_stream1(mh + 4 * next);
 #if CODES
@@ -148,35 +155,52 @@ sparse24_mma(const u16* __restrict__ x, const u8* __restrict__ w, const unsigned
 #endif
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
-            run_mma(d, code_pair(cg, r, zg), code_pair(ch, r, zh), selectors[(pos_g >> (4 * r)) & 15u],
-                    selectors[(pos_h >> (4 * r)) & 15u], xw[2 * r], xw[2 * r + 1]);
+            run_mma(d, code_pair(cg[0], r, zg), code_pair(ch[0], r, zh), selectors[(pos_g[0] >> (4 * r)) & 15u],
+                    selectors[(pos_h[0] >> (4 * r)) & 15u], xw[2 * r], xw[2 * r + 1]);
         }
         const float sg = scale_of(sgp + group), sh = scale_of(shp + group);
         acc[0] += d[0] * sg;
         acc[1] += d[1] * sg;
         acc[2] += d[2] * sh;
         acc[3] += d[3] * sh;
-        cg = ncg;
-        ch = nch;
+#pragma unroll
+        for (int a = 0; a + 1 < AHEAD; ++a) {
+            cg[a] = cg[a + 1];
+            ch[a] = ch[a + 1];
+        }
+        cg[AHEAD - 1] = ncg;
+        ch[AHEAD - 1] = nch;
 #else
-        const unsigned vg[8] = {ag.x, ag.y, ag.z, ag.w, bg.x, bg.y, bg.z, bg.w};
-        const unsigned vh[8] = {ah.x, ah.y, ah.z, ah.w, bh.x, bh.y, bh.z, bh.w};
+        const unsigned vg[8] = {ag[0].x, ag[0].y, ag[0].z, ag[0].w, bg[0].x, bg[0].y, bg[0].z, bg[0].w};
+        const unsigned vh[8] = {ah[0].x, ah[0].y, ah[0].z, ah[0].w, bh[0].x, bh[0].y, bh[0].z, bh[0].w};
 #pragma unroll
         for (int r = 0; r < 8; ++r) {
-            run_mma(d, vg[r], vh[r], selectors[(pos_g >> (4 * r)) & 15u], selectors[(pos_h >> (4 * r)) & 15u],
-                    xw[2 * r], xw[2 * r + 1]);
+            run_mma(d, vg[r], vh[r], selectors[(pos_g[0] >> (4 * r)) & 15u],
+                    selectors[(pos_h[0] >> (4 * r)) & 15u], xw[2 * r], xw[2 * r + 1]);
         }
         acc[0] += d[0];
         acc[1] += d[1];
         acc[2] += d[2];
         acc[3] += d[3];
-        ag = nag;
-        bg = nbg;
-        ah = nah;
-        bh = nbh;
+#pragma unroll
+        for (int a = 0; a + 1 < AHEAD; ++a) {
+            ag[a] = ag[a + 1];
+            bg[a] = bg[a + 1];
+            ah[a] = ah[a + 1];
+            bh[a] = bh[a + 1];
+        }
+        ag[AHEAD - 1] = nag;
+        bg[AHEAD - 1] = nbg;
+        ah[AHEAD - 1] = nah;
+        bh[AHEAD - 1] = nbh;
 #endif
-        pos_g = npos_g;
-        pos_h = npos_h;
+#pragma unroll
+        for (int a = 0; a + 1 < AHEAD; ++a) {
+            pos_g[a] = pos_g[a + 1];
+            pos_h[a] = pos_h[a + 1];
+        }
+        pos_g[AHEAD - 1] = npos_g;
+        pos_h[AHEAD - 1] = npos_h;
     }
     share_sums(partial, acc);
     __syncthreads();
