@@ -50,14 +50,10 @@ def test_whitened_truncation_minimises_the_output_error() -> None:
     assert (W - B @ A).norm() > (W - Bp @ Ap).norm()  # and it wins on the weight error, which is not the goal
 
 
-def test_rank_holds_at_most_the_ratio_of_parameters_in_multiples_of_8() -> None:
-    """The largest rank within the ratio that is a multiple of 8 (rows of 16 bytes for the GPU's matmuls), or below
-    8 the largest that fits: Llama-3-8B's k/v projections at half their parameters get 408, not 409."""
-    for in_f, out_f, ratio in [(128, 128, 0.8), (4096, 14336, 0.6), (576, 1536, 0.5), (4096, 1024, 0.5)]:
+def test_rank_holds_at_most_the_ratio_of_parameters() -> None:
+    for in_f, out_f, ratio in [(128, 128, 0.8), (4096, 14336, 0.6), (576, 1536, 0.5), (10, 7, 0.3)]:
         r = rank_for(in_f, out_f, ratio)
-        assert r % 8 == 0 and r * (in_f + out_f) <= ratio * in_f * out_f < (r + 8) * (in_f + out_f)
-    assert rank_for(4096, 1024, 0.5) == 408
-    assert rank_for(10, 7, 0.3) == 1  # below 8: the largest that fits
+        assert r * (in_f + out_f) <= ratio * in_f * out_f < (r + 1) * (in_f + out_f)
     assert rank_for(4, 4, 0.1) == 0
 
 
@@ -76,8 +72,6 @@ def test_factored_layer_runs_as_its_product_and_round_trips(tmp_path) -> None:
 
 
 def test_lowrank_factors_every_block_layer_at_the_ratio_and_whitened_beats_plain_svd() -> None:
-    """At 60% of each layer's parameters (at 50%, ranks of 16-40 on this random 128-wide model, both truncations
-    leave a relative logit error near 0.9 and their order is noise) the whitened one is clearly nearer."""
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(3))
     calib = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(4))
     base = make_tiny("llama")
@@ -85,14 +79,14 @@ def test_lowrank_factors_every_block_layer_at_the_ratio_and_whitened_beats_plain
         before = base(ids).logits
     errors = {}
     for mode in ("whitened", "svd"):
-        args = {"mode": mode, "ratio": 0.6, "allocation": "uniform"}
+        args = {"mode": mode, "ratio": 0.5, "allocation": "uniform"}
         model = compress.apply(make_tiny("llama"), [{"method": "lowrank", "args": args}],
                                calib=calib if mode == "whitened" else None, device="cpu")
         layers = [m for m in model.modules() if isinstance(m, CompressedLinear)]
         assert layers and all(isinstance(m, FactoredLinear) for m in layers)
         for m in layers:
-            assert m.rank == rank_for(m.in_features, m.out_features, 0.6)
-            assert m.A.numel() + m.B.numel() <= 0.6 * m.in_features * m.out_features
+            assert m.rank == rank_for(m.in_features, m.out_features, 0.5)
+            assert m.A.numel() + m.B.numel() <= 0.5 * m.in_features * m.out_features
         with torch.no_grad():
             errors[mode] = ((model(ids).logits - before).norm() / before.norm()).item()
     assert errors["whitened"] < errors["svd"], errors
@@ -101,15 +95,12 @@ def test_lowrank_factors_every_block_layer_at_the_ratio_and_whitened_beats_plain
 def test_global_allocation_gives_rank_where_the_spectrum_is_flat_and_meets_the_budget() -> None:
     steep = torch.tensor([2.0**-k for k in range(64)])  # one layer's energy falls fast, the other's not at all
     flat = torch.ones(64)
-    spectra = {"steep": (64, 64, steep), "flat": (64, 64, flat), "wide": (64, 256, flat)}
+    ranks = allocate_ranks({"steep": (64, 64, steep), "flat": (64, 64, flat), "wide": (64, 256, flat)}, 0.4)
+    cost = ranks["steep"] * 128 + ranks["flat"] * 128 + ranks["wide"] * 320
     budget = 0.4 * (64 * 64 * 2 + 64 * 256)
-    for step in (1, 8):
-        ranks = allocate_ranks(spectra, 0.4, step)
-        cost = ranks["steep"] * 128 + ranks["flat"] * 128 + ranks["wide"] * 320
-        assert budget - step * 320 < cost <= budget  # met to within the largest layer's step
-        assert ranks["steep"] < 10 < ranks["flat"]
-        assert ranks["wide"] < ranks["flat"]  # a rank of the wide layer costs more for the same share of its energy
-        assert step == 1 or all(r == 1 or r % 8 == 0 for r in ranks.values()), ranks
+    assert budget - 320 < cost <= budget  # met to within the largest layer's step
+    assert ranks["steep"] < 10 < ranks["flat"]
+    assert ranks["wide"] < ranks["flat"]  # a rank of the wide layer costs more for the same share of its energy
 
 
 def test_global_allocation_keeps_the_ratio_over_all_layers() -> None:
@@ -119,8 +110,7 @@ def test_global_allocation_keeps_the_ratio_over_all_layers() -> None:
     layers = [m for m in model.modules() if isinstance(m, FactoredLinear)]
     kept = sum(m.A.numel() + m.B.numel() for m in layers)
     total = sum(m.in_features * m.out_features for m in layers)
-    assert len(layers) == 14 and 0.5 * total - 8 * 384 < kept <= 0.5 * total  # within a step of 8 of the widest
-    assert all(m.rank % 8 == 0 for m in layers)
+    assert len(layers) == 14 and 0.5 * total - 384 < kept <= 0.5 * total
     assert len({m.rank for m in layers}) > 2  # not one rank for all
 
 

@@ -74,14 +74,6 @@ class FactoredLinear(CompressedLinear):
                 f"bias={self.bias is not None}")
 
 
-#: Ranks the ``lowrank`` method chooses are multiples of this where a layer has room for one: rows of the thin
-#: factor's product 16 bytes long in 16-bit types, as the GPU's matmuls want them (cuBLAS's tensor-core kernels ask
-#: for leading dimensions that are multiples of 8; a rank of 409 leaves every row of B 818 bytes).
-RANK_STEP = 8
-
-
 def rank_for(in_features: int, out_features: int, ratio: float) -> int:
-    """The largest rank whose factors hold at most ``ratio`` of the layer's in x out parameters, a multiple of
-    RANK_STEP where one fits (0: no rank does)."""
-    rank = int(ratio * in_features * out_features // (in_features + out_features))
-    return rank - rank % RANK_STEP if rank >= RANK_STEP else rank
+    """The largest rank whose factors hold at most ``ratio`` of the layer's in x out parameters (0: none does)."""
+    return int(ratio * in_features * out_features // (in_features + out_features))

@@ -34,36 +34,26 @@ def factor(weight: torch.Tensor, rank: int, H: torch.Tensor | None = None, damp:
     return A, U[:, :rank] * root
 
 
-def allocate_ranks(spectra: dict[str, tuple[int, int, torch.Tensor]], ratio: float, step: int = 1) -> dict[str, int]:
+def allocate_ranks(spectra: dict[str, tuple[int, int, torch.Tensor]], ratio: float) -> dict[str, int]:
     """A rank for each layer, all factors together holding at most ``ratio`` of the layers' parameters.
 
     ``spectra`` maps each layer to (in, out, the squared singular values of its weight, or of its whitened weight,
     in decreasing order). Each layer starts at rank 1; the remaining budget goes greedily to the singular values
     that keep the most of their layer's energy (as a fraction of the layer's total) per parameter they cost
     (in + out), so that layers whose spectrum falls fast give up rank to those whose spectrum is flat. A layer never
-    gets a rank whose factors would be as large as its dense weight. With ``step``, the values are given in runs that
-    take a layer from rank 1 to ``step`` and then ``step`` at a time (a multiple of ``step`` wherever a layer has
-    room for one), each run ranked by its values' mean."""
+    gets a rank whose factors would be as large as its dense weight."""
     budget = ratio * sum(i * o for i, o, _ in spectra.values()) - sum(i + o for i, o, _ in spectra.values())
-    layer_ends, names, gains, costs = [], [], [], []
-    for index, (i, o, s2) in enumerate(spectra.values()):
+    names, gains, costs = [], [], []
+    for index, (name, (i, o, s2)) in enumerate(spectra.items()):
         cap = min(len(s2), (i * o - 1) // (i + o))
-        share = s2[:cap].double() / s2.double().sum().clamp(min=1e-300)
-        first = step if step > 1 else 2
-        ends = torch.arange(first, max(first, cap + 1), step)
-        starts = torch.cat([torch.ones(1, dtype=torch.long), ends[:-1]])  # run k: rank starts[k] -> ends[k]
-        sizes = (ends - starts).double()
-        values = torch.arange(1, int(ends[-1]) if len(ends) else 1)
-        sums = share.new_zeros(len(ends)).index_add_(0, torch.bucketize(values, ends, right=True), share[values])
-        means = sums / sizes  # falling along the runs
-        layer_ends.append(ends.tolist())
-        names.append(torch.full((len(ends),), index))
-        gains.append(means / (i + o))
-        costs.append(sizes * (i + o))
+        tail = s2[1:cap].double() / s2.double().sum().clamp(min=1e-300)
+        names.append(torch.full((len(tail),), index))
+        gains.append(tail / (i + o))
+        costs.append(torch.full((len(tail),), float(i + o), dtype=torch.float64))
     order = torch.cat(gains).argsort(descending=True, stable=True)
     taken = torch.cat(costs)[order].cumsum(0) <= budget
-    runs = torch.bincount(torch.cat(names)[order][taken], minlength=len(spectra))
-    return {name: ends[int(n) - 1] if n else 1 for name, ends, n in zip(spectra, layer_ends, runs)}
+    picked = torch.bincount(torch.cat(names)[order][taken], minlength=len(spectra))
+    return {name: 1 + int(n) for name, n in zip(spectra, picked)}
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:

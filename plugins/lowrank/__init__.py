@@ -20,7 +20,7 @@ from pydantic import Field, model_validator
 
 from compress.calibration.engine import BlockWork
 from compress.errors import Problem
-from compress.formats.factored import RANK_STEP, FactoredLinear, rank_for
+from compress.formats.factored import FactoredLinear, rank_for
 from compress.linear import get_bias, get_weight, linear_shape
 from compress.methods import Method, MethodConfig, Needs
 from compress.solvers.hessian import block_hessians, damped_factors, original_target
@@ -138,7 +138,7 @@ class LowRank(Method):
                     spectra[name] = (*linear_shape(work.targets[name]), torch.linalg.svdvals(weight).pow(2).cpu())
 
         survey(measure)
-        ranks = {**allocate_ranks(spectra, config.ratio, RANK_STEP), **config.ranks}
+        ranks = {**allocate_ranks(spectra, config.ratio), **config.ranks}
         kept = sum(ranks[n] * (i + o) for n, (i, o, _) in spectra.items()) / sum(i * o for i, o, _ in spectra.values())
         log.info("%s: ranks for %d layers keep %.4f of their parameters (asked %g); per layer: %s", self.name,
                  len(ranks), kept, config.ratio, ", ".join(f"{n} {r}" for n, r in ranks.items()))
