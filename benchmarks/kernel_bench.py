@@ -119,7 +119,7 @@ def main() -> None:
                     "fp8 tensor-core kernel": (lambda: gemv.dot_8bit(x, *fp8_args), n * k),
                     "int8 inductor fused": (lambda: fused(x, layer8.qweight), n * k),
                 })
-                if m <= cuda_int4.MAX_TOKENS:  # the CUDA 8-bit kernel (not yet the op's: COMPRESS_CUDA_8BIT=1)
+                if m <= cuda_int4.MAX_TOKENS:  # the CUDA 8-bit kernel (the op's at 2-8 tokens)
                     kernels["int8 cuda 8-bit kernel"] = (lambda: cuda_8bit.byte_mma(x, *int8_args), n * k)
                     kernels["fp8 cuda 8-bit kernel"] = (lambda: cuda_8bit.byte_mma(x, *fp8_args), n * k)
             if m <= sparse24.MAX_TOKENS:  # bytes: kept values (or codes) and their positions; the op's choice

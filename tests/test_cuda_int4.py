@@ -175,17 +175,22 @@ def test_the_8bit_kernel_compiles_for_sm90_within_64_registers(kind: int) -> Non
                 assert report["registers"] <= 64 and report["spilled"] == 0, (warps, bf16, f32, report)
 
 
-def test_the_8bit_kernel_waits_to_be_turned_on(monkeypatch) -> None:
-    """Not yet run on a GPU: taken only with COMPRESS_CUDA_8BIT=1 (and never for CPU tensors)."""
+def test_the_8bit_kernel_takes_2_to_8_tokens(monkeypatch) -> None:
+    """By default 2-8 tokens (one token stays with the Triton kernel, as fast or faster on large layers: H100,
+    2026-12-07); COMPRESS_CUDA_8BIT=1 gives it one token too, =0 none; never CPU tensors or shapes it cannot take."""
     from compress.kernels import cuda_8bit
 
-    x, w, s = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(16, 64, dtype=torch.int8), torch.ones(16)
+    one, two = torch.zeros(1, 64, dtype=torch.bfloat16), torch.zeros(2, 64, dtype=torch.bfloat16)
+    w, s = torch.zeros(16, 64, dtype=torch.int8), torch.ones(16)
+    assert not cuda_8bit.applies(two, w, s, None, 0)  # CPU tensors
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(cuda_int4, "usable", lambda device: True)
-    assert not cuda_8bit.applies(x, w, s, None, 0)
+    assert cuda_8bit.applies(two, w, s, None, 0) and not cuda_8bit.applies(one, w, s, None, 0)
     monkeypatch.setenv("COMPRESS_CUDA_8BIT", "1")
-    assert cuda_8bit.applies(x, w, s, None, 0)
+    assert cuda_8bit.applies(one, w, s, None, 0)
     assert not cuda_8bit.applies(torch.zeros(9, 64, dtype=torch.bfloat16), w, s, None, 0)  # 9 tokens
-    assert not cuda_8bit.applies(torch.zeros(1, 96, dtype=torch.bfloat16), torch.zeros(16, 96, dtype=torch.int8), s,
+    assert not cuda_8bit.applies(torch.zeros(2, 96, dtype=torch.bfloat16), torch.zeros(16, 96, dtype=torch.int8), s,
                                  None, 0)  # K not a multiple of 64
-    assert not cuda_8bit.applies(x, w[:8], s[:8], None, 0)  # N not a multiple of 16
+    assert not cuda_8bit.applies(two, w[:8], s[:8], None, 0)  # N not a multiple of 16
+    monkeypatch.setenv("COMPRESS_CUDA_8BIT", "0")
+    assert not cuda_8bit.applies(two, w, s, None, 0)

@@ -443,8 +443,8 @@ def test_corrected_layers_decode_compiled(monkeypatch) -> None:
 @pytest.mark.parametrize("kind", ["int8", "uint8", "fp8-channel", "fp8-tensor"])
 @pytest.mark.parametrize("out_f, in_f", [(16, 64), (4096, 4096), (14336, 4096), (4096, 14336), (1040, 1088)])
 def test_cuda_8bit_kernel_matches_reference(out_f, in_f, kind, dtype, monkeypatch) -> None:
-    """The CUDA 8-bit kernel (turned on by COMPRESS_CUDA_8BIT=1) against the dequantized weight, at 1-8 tokens and
-    every block size: int8 (absmax) and uint8 with zero points per channel, E4M3 with a scale a channel or one for
+    """The CUDA 8-bit kernel (given one token too by COMPRESS_CUDA_8BIT=1) against the dequantized weight, at 1-8
+    tokens and every block size: int8 (absmax) and uint8 with zero points per channel, E4M3 with a scale a channel or one for
     the tensor (subnormal codes included: the weights span 2**-12 to 2**2 of the scale)."""
     from compress.formats.fp8 import Fp8Linear
     from compress.kernels import cuda_8bit, gemv
