@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -694,8 +693,14 @@ def test_compiled_steps_through_a_static_cache_with_the_dense_kernel() -> None:
     tokens, dense = {}, attention.dense_decode_attention
     for on in (False, True):
         attention.read_caches_directly(model, on)
-        seen = types.SimpleNamespace(dense=False)  # written, never read, by the traced step: no guard, no recompile
-        attention.dense_decode_attention = lambda *a, **kw: (setattr(seen, "dense", True), dense(*a, **kw))[1]
+        seen = []  # one entry at most: the traced step guards on its length, so it recompiles once, not every step
+
+        def spy(*args, seen=seen, **kwargs):
+            if not seen:
+                seen.append(1)
+            return dense(*args, **kwargs)
+
+        attention.dense_decode_attention = spy
         try:
             step, compiled = decode_step(model, StaticCache(config=model.config, max_cache_len=200))
             token, out = step(ids, positions[:100]), []
@@ -706,7 +711,7 @@ def test_compiled_steps_through_a_static_cache_with_the_dense_kernel() -> None:
         finally:
             attention.dense_decode_attention = dense
         tokens[on] = torch.cat(out, 1)
-        assert seen.dense == on  # traced into the compiled step once it is on, never before
+        assert bool(seen) == on  # traced into the compiled step once it is on, never before
     assert (tokens[True] == tokens[False]).float().mean() > 0.95
 
 
