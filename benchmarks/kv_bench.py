@@ -211,7 +211,6 @@ def speed(args: argparse.Namespace) -> None:
           f"{args.context}, {args.steps} steps, median of {args.repeats}")
     if "eager" in args.modes:  # untimed: the first scheme's eager steps otherwise pay for the allocator's first
         _time_steps(model, None, prompt, args.steps, 1)  # growth (H100, 32k: bf16 13.2 tok/s first, 35.4 last)
-        torch.cuda.empty_cache()
     base: dict = {}
     for text in args.schemes.split(","):
         scheme, dense = _scheme(text), text == "bf16+attn"
