@@ -209,8 +209,10 @@ def speed(args: argparse.Namespace) -> None:
                            generator=torch.Generator("cuda").manual_seed(0))
     print(f"{args.shape} (random weights, bf16) on {torch.cuda.get_device_name()}, batch {args.batch}, context "
           f"{args.context}, {args.steps} steps, median of {args.repeats}")
-    if "eager" in args.modes:  # untimed: the first scheme's eager steps otherwise pay for first uses (most likely the
-        _time_steps(model, None, prompt, args.steps, 1)  # allocator's growth; H100, 32k: bf16 13.2 tok/s first, 35.4 last)
+    if "eager" in args.modes:
+        # untimed: the first scheme's eager steps otherwise pay for first uses (most likely the allocator's growth;
+        # H100, 32k: bf16 13.2 tok/s when first, 35.4 when last in one run)
+        _time_steps(model, None, prompt, args.steps, 1)
     base: dict = {}
     for text in args.schemes.split(","):
         scheme, dense = _scheme(text), text == "bf16+attn"
