@@ -46,7 +46,7 @@ from benchmarks.bench import random_model
 def _scheme(text: str, residual: int = 128):
     """``int4:32`` (name, group size) -> KVScheme; ``bf16`` -> None (transformers' own cache; ``bf16+attn``: the
     same, attended by compress's kernel, which the run turns on for it); ``quanto:4`` or ``hqq:4`` -> (backend,
-    bits) of transformers' QuantizedCache (group 64, its default axes: keys and values per token), eager only."""
+    bits) of transformers' QuantizedCache (group 64 along its default axis 0; quanto's: per token), eager only."""
     from compress.kv import KVScheme
 
     if text in ("bf16", "bf16+attn"):
