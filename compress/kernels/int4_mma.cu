@@ -15,9 +15,6 @@
 //   activations: the same pairs of columns (s, s + 4), made by one prmt from the two words holding them.
 // A chunk's product is scaled in float32 by its group's scale (rows g and g + 8).
 
-#ifndef AHEAD
-#define AHEAD 1  // chunks of codes loaded ahead of the one computed (a benchmark's choice: kernel_bench)
-#endif
 #ifndef CORR_RANK
 #define CORR_RANK 0  // > 0: add a low-rank correction x A^T B^T (the ``corrected`` format) in the same launch
 #endif
@@ -217,13 +214,8 @@ int4_mma(const u16* __restrict__ x, const u8* __restrict__ q, const u16* __restr
         acc[1] += d[1] * sg;
         acc[2] += d[2] * sh;
         acc[3] += d[3] * sh;
-#pragma unroll
-        for (int a = 0; a + 1 < AHEAD; ++a) {
-            wg[a] = wg[a + 1];
-            wh[a] = wh[a + 1];
-        }
-        wg[AHEAD - 1] = ng;
-        wh[AHEAD - 1] = nh;
+        push(wg, ng);
+        push(wh, nh);
     }
     share_sums(partial, acc);
 #if CORR_RANK

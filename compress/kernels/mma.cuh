@@ -121,3 +121,15 @@ __device__ __forceinline__ void store_rows(u16* __restrict__ y, const float* sum
         y[(long)m1 * N + row_h] = to16(sum[3] * sh);
     }
 }
+
+#ifndef AHEAD
+#define AHEAD 1  // chunks of weights a warp loads ahead of the one it computes (a benchmark's choice)
+#endif
+
+// The chunks in flight, oldest first: the oldest (just computed) leaves, ``next`` joins at the end.
+template <typename T>
+__device__ __forceinline__ void push(T* fifo, T next) {
+#pragma unroll
+    for (int a = 0; a + 1 < AHEAD; ++a) fifo[a] = fifo[a + 1];
+    fifo[AHEAD - 1] = next;
+}

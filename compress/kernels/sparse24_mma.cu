@@ -20,9 +20,6 @@
 #ifndef CODES
 #define CODES 0
 #endif
-#ifndef AHEAD
-#define AHEAD 1  // chunks loaded ahead of the one computed (a benchmark's choice, as in int4_mma.cu)
-#endif
 #if defined(MIN_BLOCKS) && MIN_BLOCKS > 1  // (a bound of 1 block, spelt out, changes nvcc's allocation: 68 -> 87)
 #define BOUNDS __launch_bounds__(WARPS * 32, MIN_BLOCKS)
 #else
@@ -163,13 +160,8 @@ sparse24_mma(const u16* __restrict__ x, const u8* __restrict__ w, const unsigned
         acc[1] += d[1] * sg;
         acc[2] += d[2] * sh;
         acc[3] += d[3] * sh;
-#pragma unroll
-        for (int a = 0; a + 1 < AHEAD; ++a) {
-            cg[a] = cg[a + 1];
-            ch[a] = ch[a + 1];
-        }
-        cg[AHEAD - 1] = ncg;
-        ch[AHEAD - 1] = nch;
+        push(cg, ncg);
+        push(ch, nch);
 #else
         const unsigned vg[8] = {ag[0].x, ag[0].y, ag[0].z, ag[0].w, bg[0].x, bg[0].y, bg[0].z, bg[0].w};
         const unsigned vh[8] = {ah[0].x, ah[0].y, ah[0].z, ah[0].w, bh[0].x, bh[0].y, bh[0].z, bh[0].w};
@@ -182,25 +174,13 @@ sparse24_mma(const u16* __restrict__ x, const u8* __restrict__ w, const unsigned
         acc[1] += d[1];
         acc[2] += d[2];
         acc[3] += d[3];
-#pragma unroll
-        for (int a = 0; a + 1 < AHEAD; ++a) {
-            ag[a] = ag[a + 1];
-            bg[a] = bg[a + 1];
-            ah[a] = ah[a + 1];
-            bh[a] = bh[a + 1];
-        }
-        ag[AHEAD - 1] = nag;
-        bg[AHEAD - 1] = nbg;
-        ah[AHEAD - 1] = nah;
-        bh[AHEAD - 1] = nbh;
+        push(ag, nag);
+        push(bg, nbg);
+        push(ah, nah);
+        push(bh, nbh);
 #endif
-#pragma unroll
-        for (int a = 0; a + 1 < AHEAD; ++a) {
-            pos_g[a] = pos_g[a + 1];
-            pos_h[a] = pos_h[a + 1];
-        }
-        pos_g[AHEAD - 1] = npos_g;
-        pos_h[AHEAD - 1] = npos_h;
+        push(pos_g, npos_g);
+        push(pos_h, npos_h);
     }
     share_sums(partial, acc);
     __syncthreads();
