@@ -21,7 +21,6 @@ import torch
 from compress.kernels import cuda_int4
 
 CHUNK = 64  # columns (bytes) of a row a warp takes at a time: K must be a multiple of it
-KINDS = {0: "int8", 1: "uint8 with zero points", 2: "float8 E4M3"}  # gemv.kernel_args_8bit's kinds
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -51,8 +50,9 @@ def applies(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: 
 def byte_mma(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, kind: int,
              warps: int | None = None) -> torch.Tensor:
     """``x`` [M, K] (contiguous, 1-8 tokens) times the 8-bit weight: [M, N] in ``x``'s dtype; ``weight`` the codes'
-    bytes [N, K] of ``kind`` (:data:`KINDS`), ``scales`` [N] flat, ``zeros`` [N] uint8 for kind 1 (check
-    :func:`applies` first). ``warps`` overrides the block's warps (1, 2, 4, 8 or 16; for benchmarks)."""
+    bytes [N, K] of ``kind`` (0 int8, 1 uint8 with zero points, 2 E4M3, as
+    :func:`compress.kernels.gemv.kernel_args_8bit` gives them), ``scales`` [N] flat, ``zeros`` [N] uint8 for kind 1
+    (check :func:`applies` first). ``warps`` overrides the block's warps (1, 2, 4, 8 or 16; for benchmarks)."""
     M, K = x.shape
     N = weight.shape[0]
     warps = warps or cuda_int4.default_warps(N, K * cuda_int4.CHUNK // CHUNK)  # as many chunks as the 4-bit kernel

@@ -238,9 +238,9 @@ def sparse24_mma(x: torch.Tensor, weights: torch.Tensor, meta: torch.Tensor, sca
     values [N, K/2], or with ``scales`` the kept 4-bit codes [N, K/4] (``zeros``, ``group_size`` and ``zero_const`` as
     :func:`gemv_24_int4`). ``warps`` overrides the block's warps, ``min_blocks`` the blocks an SM must hold, which
     caps the kernel's registers (``sparse24_mma.cu``'s MIN_BLOCKS), and ``ahead`` the chunks a warp loads ahead of
-    the one it computes (AHEAD; 1 as measured); for benchmarks. By default 4-bit codes hold 32
-    warps an SM (64 registers, nothing spilled; 60-72 uncapped), 16-bit values take what the compiler gives them
-    (64-74; capped they spill)."""
+    the one it computes (AHEAD; 1 as measured); for benchmarks. By default 4-bit codes hold 32 warps an SM (64
+    registers, nothing spilled; 60-72 uncapped), 16-bit values take what the compiler gives them (64-74; capped they
+    spill)."""
     M, K = x.shape
     N = meta.shape[0]
     warps = warps or cuda_int4.default_warps(N, K)
