@@ -231,6 +231,18 @@ def cuda_applies(x: torch.Tensor, weights: torch.Tensor, meta: torch.Tensor, gro
     return cuda_int4.usable(x.device.index or 0)
 
 
+def default_warps(n: int, k: int, codes: bool) -> int:
+    """Warps a block of the CUDA kernel splits its 16 rows' chunks over: the dense int4 kernel's choice
+    (:func:`compress.kernels.cuda_int4.default_warps`), but at most 8 for 16-bit values where the rows are short (at
+    most 32 chunks of 128) and fill 256 blocks or more. H200, one token, us at 8 / 16 warps (``kernel_bench``,
+    2026-12-07): 4096 x 4096 8.1 / 8.8, and for the shapes this leaves alone 1024 x 4096 5.8 / 4.4, 4096 x 14336
+    23.3 / 23.0; 4-bit codes 4096 x 4096 6.2 / 6.3."""
+    warps = cuda_int4.default_warps(n, k)
+    if not codes and warps > 8 and n // cuda_int4.ROWS >= 256 and k // cuda_int4.CHUNK <= 32:
+        return 8
+    return warps
+
+
 def sparse24_mma(x: torch.Tensor, weights: torch.Tensor, meta: torch.Tensor, scales: torch.Tensor | None = None,
                  zeros: torch.Tensor | None = None, group_size: int = 0, zero_const: float = 0.0,
                  warps: int | None = None, min_blocks: int | None = None, ahead: int = 1) -> torch.Tensor:
@@ -243,8 +255,8 @@ def sparse24_mma(x: torch.Tensor, weights: torch.Tensor, meta: torch.Tensor, sca
     spill)."""
     M, K = x.shape
     N = meta.shape[0]
-    warps = warps or cuda_int4.default_warps(N, K)
     codes = scales is not None
+    warps = warps or default_warps(N, K, codes)
     if min_blocks is None:
         min_blocks = 32 // warps if codes else 1
     shift = 31 if not codes or group_size >= K else (group_size // cuda_int4.CHUNK).bit_length() - 1
