@@ -136,6 +136,12 @@ def main() -> None:
                             lambda warps=warps, blocks=uncapped: sparse24.sparse24_mma(
                                 x, sp24i.qweight, sp24i.meta, sp24i.scales, None, 128, 8.0, warps, blocks),
                             n * k * 3 // 8)
+                    kernels[f"sparse24 cuda {warps} warps mma.sp"] = (
+                        lambda warps=warps: sparse24.sparse24_mma(x, sp24.values, sp24.meta, warps=warps,
+                                                                  sparse_mma=True), n * k * 9 // 8)
+                    kernels[f"sparse24-int4 cuda {warps} warps spread"] = (  # codes default to mma.sp
+                        lambda warps=warps: sparse24.sparse24_mma(x, sp24i.qweight, sp24i.meta, sp24i.scales, None,
+                                                                  128, 8.0, warps, sparse_mma=False), n * k * 3 // 8)
                     for ahead in (2, 3):  # more of the (smaller) chunks of codes and positions in flight
                         kernels[f"sparse24-int4 cuda {warps} warps {ahead} ahead"] = (
                             lambda warps=warps, ahead=ahead: sparse24.sparse24_mma(

@@ -173,6 +173,18 @@ def test_the_24_kernel_compiles_with_and_without_a_register_cap(codes: int) -> N
             assert capped["spilled"] == 0
 
 
+def test_the_24_kernel_compiles_for_the_sparse_tensor_cores() -> None:
+    """``SPARSE_MMA`` (mma.sp): 16-bit values take 80-82 registers unbounded, without spilling; symmetric 4-bit codes,
+    bounded as by default, 64 without spilling (zero points spill 76 bytes under the bound: measured first)."""
+    for warps in (1, 4, 8, 16):
+        for bf16 in (0, 1):
+            values = _compiled_for_sm90("sparse24_mma.cu", "sparse24_mma", IS_BF16=bf16, WARPS=warps, SPARSE_MMA=1)
+            assert values["spilled"] == 0 and values["registers"] <= 84, (warps, bf16, values)
+            codes = _compiled_for_sm90("sparse24_mma.cu", "sparse24_mma", IS_BF16=bf16, WARPS=warps, CODES=1,
+                                       MIN_BLOCKS=32 // warps, SPARSE_MMA=1)
+            assert codes["spilled"] == 0 and codes["registers"] <= 64, (warps, bf16, codes)
+
+
 @pytest.mark.parametrize("kind", [0, 1, 2])
 def test_the_8bit_kernel_compiles_for_sm90_within_64_registers(kind: int) -> None:
     """The 8-bit kernel (int8, uint8 with zero points, E4M3) at each block size and 16-bit type, scales in that

@@ -334,8 +334,8 @@ def _sparse24_layer(out_f: int, in_f: int, bits: int | None, symmetric: bool, gr
 @pytest.mark.parametrize("out_f, in_f", [(16, 128), (4096, 4096), (4096, 14336), (1040, 1152)])
 def test_cuda_sparse24_kernel_matches_reference(out_f, in_f, bits, symmetric, group, dtype) -> None:
     """The CUDA 2:4 kernel (compress/kernels/sparse24_mma.cu), bf16/fp16 values or kept codes, at every block size
-    and token count it takes, with either register bound and with 2 or 3 chunks loaded ahead (kernel_bench's
-    variants)."""
+    and token count it takes, with either register bound, with 2 or 3 chunks loaded ahead, and on the sparse tensor
+    cores (kernel_bench's variants)."""
     from compress.kernels import cuda_int4, sparse24
 
     if group and in_f % group:
@@ -346,18 +346,22 @@ def test_cuda_sparse24_kernel_matches_reference(out_f, in_f, bits, symmetric, gr
     for tokens in range(1, cuda_int4.MAX_TOKENS + 1):
         x = torch.randn(tokens, in_f, device="cuda", generator=g, dtype=dtype)
         want = x.float() @ reference.t()
-        for warps, blocks, ahead in [(1, None, 1), (2, None, 1), (4, None, 1), (8, None, 1), (16, None, 1),
-                                     (4, 1, 1), (16, 2, 1), (1, None, 3), (4, None, 2), (16, None, 3)]:
+        for warps, blocks, ahead, sp in [(1, None, 1, False), (2, None, 1, False), (4, None, 1, False),
+                                         (8, None, 1, False), (16, None, 1, False), (4, 1, 1, False),
+                                         (16, 2, 1, False), (1, None, 3, False), (4, None, 2, False),
+                                         (16, None, 3, False), (1, None, 1, True), (4, None, 1, True),
+                                         (16, None, 1, True), (8, None, 2, True)]:
             if bits is None:
                 assert sparse24.cuda_applies(x, layer.values, layer.meta, in_f)
-                y = sparse24.sparse24_mma(x, layer.values, layer.meta, warps=warps, min_blocks=blocks, ahead=ahead)
+                y = sparse24.sparse24_mma(x, layer.values, layer.meta, warps=warps, min_blocks=blocks, ahead=ahead,
+                                          sparse_mma=sp)
             else:
                 size = group or in_f
                 assert sparse24.cuda_applies(x, layer.qweight, layer.meta, size)
                 y = sparse24.sparse24_mma(x, layer.qweight, layer.meta, layer.scales, layer.zeros, size,
-                                          layer.int_scheme.sym_zero, warps, blocks, ahead)
-            assert y.dtype == dtype and torch.isfinite(y).all(), (tokens, warps, blocks, ahead)
-            assert rel(y, want) <= 1e-2, (tokens, warps, blocks, ahead, rel(y, want))
+                                          layer.int_scheme.sym_zero, warps, blocks, ahead, sp)
+            assert y.dtype == dtype and torch.isfinite(y).all(), (tokens, warps, blocks, ahead, sp)
+            assert rel(y, want) <= 1e-2, (tokens, warps, blocks, ahead, sp, rel(y, want))
 
 
 def test_cuda_sparse24_kernel_is_taken_only_where_it_applies(monkeypatch) -> None:
