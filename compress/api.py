@@ -238,7 +238,7 @@ def _examples(spec: TrainingSpec, tokenizer, seq_len: int) -> CalibrationSet:
     :func:`compress.calibration.data.instruction_examples`), in an order shuffled by ``spec.seed``."""
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if spec.chat_template and not has_template:
-        raise UsageError(f"training.chat_template: true, but the tokenizer of this model has no chat template; set "
+        raise UsageError("training.chat_template: true, but the tokenizer of this model has no chat template; set "
                          "chat_template: false to train on the prompts as they are, or use a model whose tokenizer "
                          "has one")
     use_template = has_template if spec.chat_template is None else spec.chat_template
