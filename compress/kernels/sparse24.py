@@ -248,16 +248,15 @@ def sparse24_mma(x: torch.Tensor, weights: torch.Tensor, meta: torch.Tensor, sca
                  zeros: torch.Tensor | None = None, group_size: int = 0, zero_const: float = 0.0,
                  warps: int | None = None, min_blocks: int | None = None, ahead: int = 1,
                  sparse_mma: bool | None = None) -> torch.Tensor:
-    """``x`` [M, K] times a 2:4 weight on the CUDA kernel (check :func:`cuda_applies` first): ``weights`` the kept 16-bit
-    values [N, K/2], or with ``scales`` the kept 4-bit codes [N, K/4] (``zeros``, ``group_size`` and ``zero_const`` as
-    :func:`gemv_24_int4`). ``warps`` overrides the block's warps, ``min_blocks`` the blocks an SM must hold, which
-    caps the kernel's registers (``sparse24_mma.cu``'s MIN_BLOCKS), and ``ahead`` the chunks a warp loads ahead of
-    the one it computes (AHEAD; 1 as measured), and ``sparse_mma`` whether the products run on the sparse tensor cores
-    (``mma.sp``, SPARSE_MMA) or the kept entries are spread to dense ones: by default on for 4-bit codes, off for
-    16-bit values, as the model decodes faster (H100, Llama-3-8B shape: codes 289.7 against 262.1 tok/s, values
-    198.2 against 208.6; docs/kernels.md). By default 4-bit
-    codes hold 32 warps an SM (64 registers, nothing spilled; 60-72 uncapped), 16-bit values take what the compiler
-    gives them (64-74; capped they spill)."""
+    """``x`` [M, K] times a 2:4 weight on the CUDA kernel (check :func:`cuda_applies` first): ``weights`` the kept
+    16-bit values [N, K/2], or with ``scales`` the kept 4-bit codes [N, K/4] (``zeros``, ``group_size`` and
+    ``zero_const`` as :func:`gemv_24_int4`). ``warps`` overrides the block's warps, ``min_blocks`` the blocks an SM
+    must hold, which caps the kernel's registers (``sparse24_mma.cu``'s MIN_BLOCKS), ``ahead`` the chunks a warp
+    loads ahead of the one it computes (AHEAD; 1 as measured), and ``sparse_mma`` whether the products run on the
+    sparse tensor cores (``mma.sp``, SPARSE_MMA) or the kept entries are spread to dense ones: by default on for 4-bit
+    codes, off for 16-bit values, as the model decodes faster (H100, Llama-3-8B shape: codes 289.7 against 262.1
+    tok/s, values 198.2 against 208.6; docs/kernels.md). By default 4-bit codes hold 32 warps an SM (64 registers,
+    nothing spilled; 60-72 uncapped), 16-bit values take what the compiler gives them (64-74; capped they spill)."""
     M, K = x.shape
     N = meta.shape[0]
     codes = scales is not None
