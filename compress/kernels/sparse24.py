@@ -16,8 +16,9 @@ row's bytes come in fours, else byte by byte.
   projection went from 28.3 to 26.4 us (H200, one token; bf16 cuBLAS 30.4 us).
 * The CUDA decode kernel (1-8 tokens, compute capability 8.0 on): over 16-bit values each lane spreads a run's
   kept pair to the dense positions its 2-bit meta names, with ``prmt`` byte selectors looked up in a table of 16,
-  and feeds ``mma.m16n8k16`` as the dense int4 kernel does (``mma.cuh`` holds what the two share); over 4-bit codes
-  it gives the kept pairs to the sparse tensor cores (``mma.sp.m16n8k32``) with their positions as metadata.
+  and feeds ``mma.m16n8k16`` as the dense int4 kernel does (``mma.cuh`` holds what the two share); over symmetric
+  4-bit codes it gives the kept pairs to the sparse tensor cores (``mma.sp.m16n8k32``) with their positions as
+  metadata.
   Llama-3-8B decode step, H100: 1.45x bf16 where the Triton gather gave 1.29x; 2:4 + int4 0.97x dense int4 (0.92x
   spreading, 0.76x with Triton). ``COMPRESS_CUDA_SPARSE24=0`` turns it off.
 * Prefill (more tokens): :func:`decompress_24` and :func:`decompress_24_int4` write the dense weight in one pass
@@ -253,15 +254,17 @@ def sparse24_mma(x: torch.Tensor, weights: torch.Tensor, meta: torch.Tensor, sca
     ``zero_const`` as :func:`gemv_24_int4`). ``warps`` overrides the block's warps, ``min_blocks`` the blocks an SM
     must hold, which caps the kernel's registers (``sparse24_mma.cu``'s MIN_BLOCKS), ``ahead`` the chunks a warp
     loads ahead of the one it computes (AHEAD; 1 as measured), and ``sparse_mma`` whether the products run on the
-    sparse tensor cores (``mma.sp``, SPARSE_MMA) or the kept entries are spread to dense ones: by default on for 4-bit
-    codes, off for 16-bit values, as the model decodes faster (H100, Llama-3-8B shape: codes 289.7 against 262.1
-    tok/s, values 198.2 against 208.6; docs/kernels.md). By default 4-bit codes hold 32 warps an SM (64 registers,
-    nothing spilled; 60-72 uncapped), 16-bit values take what the compiler gives them (64-74; capped they spill)."""
+    sparse tensor cores (``mma.sp``, SPARSE_MMA) or the kept entries are spread to dense ones: by default on for
+    symmetric 4-bit codes, off for 16-bit values, as the model decodes faster (H100, Llama-3-8B shape: codes 289.7
+    against 262.1 tok/s, values 198.2 against 208.6; docs/kernels.md), and off for codes with zero points, whose
+    ``mma.sp`` path spills 76 bytes under the register bound and was not timed. By default 4-bit codes hold 32 warps
+    an SM (64 registers, nothing spilled; 60-72 uncapped), 16-bit values take what the compiler gives them (64-74;
+    capped they spill)."""
     M, K = x.shape
     N = meta.shape[0]
     codes = scales is not None
     warps = warps or default_warps(N, K, codes)
-    sparse_mma = codes if sparse_mma is None else sparse_mma
+    sparse_mma = codes and zeros is None if sparse_mma is None else sparse_mma
     if min_blocks is None:
         min_blocks = 32 // warps if codes else 1
     shift = 31 if not codes or group_size >= K else (group_size // cuda_int4.CHUNK).bit_length() - 1
