@@ -175,7 +175,8 @@ def test_the_24_kernel_compiles_with_and_without_a_register_cap(codes: int) -> N
 
 def test_the_24_kernel_compiles_for_the_sparse_tensor_cores() -> None:
     """``SPARSE_MMA`` (mma.sp): 16-bit values take 80-82 registers unbounded, without spilling; symmetric 4-bit codes,
-    bounded as by default, 64 without spilling (zero points spill 76 bytes under the bound: measured first)."""
+    bounded as by default, 64 without spilling (zero points spill 76 bytes under the bound, so codes with zero points
+    keep spreading by default)."""
     for warps in (1, 4, 8, 16):
         for bf16 in (0, 1):
             values = _compiled_for_sm90("sparse24_mma.cu", "sparse24_mma", IS_BF16=bf16, WARPS=warps, SPARSE_MMA=1)

@@ -18,9 +18,8 @@ row's bytes come in fours, else byte by byte.
   kept pair to the dense positions its 2-bit meta names, with ``prmt`` byte selectors looked up in a table of 16,
   and feeds ``mma.m16n8k16`` as the dense int4 kernel does (``mma.cuh`` holds what the two share); over symmetric
   4-bit codes it gives the kept pairs to the sparse tensor cores (``mma.sp.m16n8k32``) with their positions as
-  metadata.
-  Llama-3-8B decode step, H100: 1.45x bf16 where the Triton gather gave 1.29x; 2:4 + int4 0.97x dense int4 (0.92x
-  spreading, 0.76x with Triton). ``COMPRESS_CUDA_SPARSE24=0`` turns it off.
+  metadata. Llama-3-8B decode step, H100: 1.45x bf16 where the Triton gather gave 1.29x; 2:4 + int4 0.97x dense
+  int4 (0.92x spreading, 0.76x with Triton). ``COMPRESS_CUDA_SPARSE24=0`` turns it off.
 * Prefill (more tokens): :func:`decompress_24` and :func:`decompress_24_int4` write the dense weight in one pass
   for cuBLAS (79% of the copy bandwidth on Llama-3-8B's MLP, H200). PyTorch's own 2:4 matmul does not help on
   Hopper: its CUTLASS kernels run on compute capability 8.x only, and cuSPARSELt took 1.0 ms where dense cuBLAS
